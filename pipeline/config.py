@@ -1,0 +1,213 @@
+"""Typed configuration: dataclass defaults <- TOML file <- command-line flags.
+
+Every field carries its help text, so the CLI flags and their ``--help`` are
+generated from these dataclasses and cannot drift from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _opt("fashion-mnist", "dataset name under --data-root, or a path to a folder of class subfolders")
+    data_root: str = _opt("data", "folder holding prepared datasets")
+    val_fraction: float = _opt(0.15, "fraction carved out for validation when the dataset has no val/ folder")
+    test_fraction: float = _opt(0.15, "fraction carved out for test when the dataset has no test/ folder")
+    seed: int = _opt(0, "seed for splits, subsets and weight initialisation")
+    metadata: str | None = _opt(None, "metadata CSV, one row per image (default: <dataset>/metadata.csv when present)")
+    id_column: str | None = _opt(
+        None, "metadata column holding the image id (default: image_id, id, filename or the first column)"
+    )
+
+
+@dataclass
+class PrepareConfig:
+    n_train: int = _opt(3000, "training images to take from an embedded dataset (0 = all)")
+    n_val: int = _opt(1000, "validation images (0 = all the rest of the training set)")
+    n_test: int = _opt(2000, "test images (0 = all)")
+
+
+@dataclass
+class BackboneConfig:
+    backbone: str = _opt("efficientnet_lite0", "backbone name (see `python -m pipeline backbones`)")
+    weights: str = _opt(
+        "default",
+        "'default' (packaged weights, or 'imagenet' from the Keras cache), 'imagenet', a weights file "
+        "path, or 'none' (random, for tests only)",
+    )
+    input_size: int | None = _opt(None, "input side in pixels (default: the backbone's native size)")
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = _opt(32, "images per forward pass (also the resume granularity)")
+    strict: bool = _opt(False, "fail on the first unreadable image instead of skipping it with a warning")
+    mixed_precision: bool = _opt(True, "use float16 compute when a GPU is visible (ignored on CPU)")
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    artifacts: str = _opt("artifacts", "folder for every artifact the pipeline writes")
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+
+    @property
+    def dataset_dir(self) -> Path:
+        p = Path(self.data.dataset)
+        if p.is_dir() and (len(p.parts) > 1 or not (Path(self.data.data_root) / p).is_dir()):
+            return p
+        return Path(self.data.data_root) / self.data.dataset
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset_dir.resolve().name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "artifacts"}
+
+
+def _base_type(tp):
+    """Strip ``Optional`` so argparse gets the callable that parses the value."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -> None:
+    """Add one flag per field of the named sections (plus --artifacts and --config)."""
+    parser.add_argument("--config", metavar="TOML", help="TOML file with [section] tables overriding defaults")
+    parser.add_argument(
+        "--artifacts",
+        default=None,
+        metavar="DIR",
+        help="folder for every artifact the pipeline writes (default: artifacts)",
+    )
+    types_ = _section_types()
+    for section in sections:
+        cls = types_[section]
+        group = parser.add_argument_group(f"{section} options")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            tp = _base_type(hints[f.name])
+            help_ = f.metadata["help"]
+            if f.default is not None and "default" not in help_:
+                help_ += f" (default: {f.default})"
+            dest = f"{section}.{f.name}"
+            meta = f.name.upper()
+            if tp is bool:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            elif typing.get_origin(tp) in (tuple, list):
+                inner = typing.get_args(tp)[0]
+                group.add_argument(flag, dest=dest, type=inner, nargs="+", default=None, metavar=meta, help=help_)
+            else:
+                group.add_argument(flag, dest=dest, type=tp, default=None, metavar=meta, help=help_)
+
+
+def _apply(obj, values: dict[str, Any], where: str) -> None:
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise PipelineError(f"unknown option {where}.{key} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise PipelineError(f"{where}.{key} must be a table")
+            _apply(current, value, f"{where}.{key}")
+        else:
+            setattr(obj, key, tuple(value) if isinstance(value, list) else value)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Defaults, then the TOML file, then explicitly given flags."""
+    cfg = Config()
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        try:
+            with open(path, "rb") as f:
+                _apply(cfg, tomllib.load(f), "config")
+        except FileNotFoundError:
+            raise PipelineError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise PipelineError(f"config file {path} is not valid TOML: {e}") from None
+    if getattr(args, "artifacts", None):
+        cfg.artifacts = args.artifacts
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            section, name = dest.split(".", 1)
+            setattr(getattr(cfg, section), name, tuple(value) if isinstance(value, list) else value)
+    return cfg
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of everything that can change a number in our artifacts."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("numpy", "h5py", "scikit-learn", "pandas", "joblib", "tensorflow", "tensorflow-cpu", "keras"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def run_record(cfg: Config, stage: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": cfg.to_dict(),
+        "versions": library_versions(),
+        **extra,
+    }
+
+
+def writable_dir(path: Path) -> Path:
+    """Create an artifact folder up front, so an unwritable one fails before any work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise PipelineError(f"cannot write to {path}: {e.strerror or e}") from None
+    return path
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temp file so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)

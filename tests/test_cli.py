@@ -1,0 +1,93 @@
+import json
+
+import pytest
+from conftest import TINY
+
+from pipeline.cli import build_parser, main
+from pipeline.config import DataConfig, ExtractConfig, resolve_config
+
+
+def test_every_stage_has_help_documenting_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["extract", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    import dataclasses
+
+    for cls in (DataConfig, ExtractConfig):
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in out
+
+
+def test_toml_then_flags_override_defaults(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('artifacts = "out"\n[extract]\nbatch_size = 8\nstrict = true\n[data]\nseed = 3\n')
+    args = build_parser().parse_args(["extract", "--config", str(toml), "--batch-size", "16"])
+    cfg = resolve_config(args)
+    assert (cfg.artifacts, cfg.extract.batch_size, cfg.extract.strict, cfg.data.seed) == ("out", 16, True, 3)
+    assert cfg.backbone.backbone == "efficientnet_lite0"
+
+
+def test_unknown_toml_key_is_a_one_line_error(tmp_path, capsys):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("[extract]\nbatchsize = 8\n")
+    assert main(["extract", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown option config.extract.batchsize") and "\n" not in err
+
+
+def test_cli_extract_end_to_end_and_cache_hit(presplit, tmp_path, capsys):
+    argv = [
+        "extract",
+        "--dataset",
+        str(presplit),
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--artifacts",
+        str(tmp_path / "a"),
+        "--batch-size",
+        "8",
+    ]
+    assert main(argv) == 0
+    sidecar = json.loads((tmp_path / "a" / "features" / "toy" / f"{TINY}.json").read_text())
+    assert sidecar["config"]["extract"]["batch_size"] == 8 and "numpy" in sidecar["versions"]
+    assert main(argv) == 0
+    assert "cache hit" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_one_line_errors_without_traceback(presplit, tmp_path, capsys):
+    (presplit / "train" / "purple").mkdir()
+    assert main(["extract", "--dataset", str(presplit), "--backbone", TINY, "--artifacts", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: class folder toy/train/purple has no images (.bmp, .gif, .jpeg, .jpg, .png)"
+    ]
+    (presplit / "train" / "purple").rmdir()
+    assert main(["extract", "--dataset", str(presplit), "--backbone", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "unknown backbone 'nope'" in err
+
+
+def test_unwritable_artifacts_is_a_one_line_error(presplit, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert (
+        main(
+            [
+                "extract",
+                "--dataset",
+                str(presplit),
+                "--backbone",
+                TINY,
+                "--weights",
+                "none",
+                "--artifacts",
+                str(blocker),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot write to {blocker}/features/toy")
+    assert "Traceback" not in err

@@ -1,0 +1,122 @@
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import write_images
+
+from pipeline.data import image_dataset, load_dataset, load_metadata, stratified_split
+from pipeline.errors import PipelineError
+
+
+def test_presplit_folders_are_read_with_sorted_ids_and_labels(presplit):
+    ds = load_dataset(presplit)
+    assert ds.class_names == ["blue", "green", "red"]
+    assert [len(ds.splits[s]) for s in ("train", "val", "test")] == [18, 9, 9]
+    assert ds.splits["train"].ids[0] == "train/blue/blue_000.png"
+    assert ds.splits["train"].ids == sorted(ds.splits["train"].ids)
+    assert set(ds.splits["train"].labels.tolist()) == {0, 1, 2}
+    assert all(ds.class_names[y] in i for i, y in zip(ds.splits["test"].ids, ds.splits["test"].labels))
+
+
+def test_flat_folder_gets_a_seeded_stratified_split(flat):
+    a = load_dataset(flat, 0.2, 0.2, seed=1)
+    b = load_dataset(flat, 0.2, 0.2, seed=1)
+    c = load_dataset(flat, 0.2, 0.2, seed=2)
+    assert a.splits["val"].ids == b.splits["val"].ids
+    assert a.splits["val"].ids != c.splits["val"].ids
+    for s, n in (("train", 6), ("val", 2), ("test", 2)):
+        assert np.bincount(a.splits[s].labels).tolist() == [n, n, n]
+    all_ids = [i for s in ("train", "val", "test") for i in a.splits[s].ids]
+    assert len(all_ids) == len(set(all_ids)) == 30
+
+
+def test_stratified_split_partitions_indices():
+    y = np.repeat([0, 1, 2], [50, 30, 20])
+    parts = stratified_split(y, [0.1, 0.2], seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(100))
+    assert np.bincount(y[parts[2]]).tolist() == [10, 6, 4]
+
+
+def test_empty_class_folder_is_a_clear_error(flat):
+    (flat / "purple").mkdir()
+    with pytest.raises(PipelineError, match="class folder flat/purple has no images"):
+        load_dataset(flat)
+
+
+def test_single_class_is_a_clear_error(tmp_path):
+    write_images(tmp_path / "one", 5, classes=("only",))
+    with pytest.raises(PipelineError, match="single class"):
+        load_dataset(tmp_path / "one")
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(PipelineError, match="does not exist"):
+        load_dataset(tmp_path / "nope")
+
+
+def test_non_image_files_are_ignored_and_listed(flat):
+    (flat / "red" / "notes.txt").write_text("hello")
+    ds = load_dataset(flat)
+    assert ds.ignored == ["red/notes.txt"]
+    assert not any(i.endswith(".txt") for s in ds.splits.values() for i in s.ids)
+
+
+def test_fingerprint_changes_with_the_file_list(presplit):
+    before = load_dataset(presplit).fingerprint()
+    assert load_dataset(presplit).fingerprint() == before
+    (presplit / "train" / "red" / "red_000.png").unlink()
+    assert load_dataset(presplit).fingerprint() != before
+
+
+def test_metadata_joins_by_filename_like_celeba_in_any_row_order(flat, tmp_path):
+    ds = load_dataset(flat)
+    ids = [i for s in ("train", "val", "test") for i in ds.splits[s].ids]
+    # CelebA's list_attr_celeba.csv: image_id is the bare filename, attributes are +-1.
+    glasses = {i: (1 if k % 3 == 0 else -1) for k, i in enumerate(ids)}
+    rows = [(i.split("/")[-1], glasses[i]) for i in ids][::-1]
+    csv = tmp_path / "list_attr_celeba.csv"
+    pd.DataFrame(rows, columns=["image_id", "Eyeglasses"]).to_csv(csv, index=False)
+    meta = load_metadata(csv, ds)
+    assert meta.loc[ids, "Eyeglasses"].tolist() == [glasses[i] for i in ids]
+
+
+def test_metadata_keyed_by_relative_path_when_filenames_repeat_across_splits(presplit, tmp_path):
+    ds = load_dataset(presplit)
+    ids = [i for s in ("train", "val", "test") for i in ds.splits[s].ids]
+    csv = tmp_path / "m.csv"
+    pd.DataFrame({"id": ids, "n": range(len(ids))}).to_csv(csv, index=False)
+    assert load_metadata(csv, ds).loc[ids[-1], "n"] == len(ids) - 1
+    pd.DataFrame({"id": [i.split("/")[-1] for i in ids[:5]], "n": range(5)}).to_csv(csv, index=False)
+    with pytest.raises(PipelineError, match="match no image"):
+        load_metadata(csv, ds)  # bare filenames are ambiguous here: refuse, never guess
+
+
+def test_metadata_by_relative_path_duplicates_and_unknown_ids(flat, tmp_path):
+    ds = load_dataset(flat)
+    ids = [i for s in ("train", "val", "test") for i in ds.splits[s].ids]
+    csv = tmp_path / "m.csv"
+    pd.DataFrame({"filename": [i.split("/")[-1] for i in ids], "age": range(len(ids))}).to_csv(csv, index=False)
+    meta = load_metadata(csv, ds)
+    assert meta.index.name == "id" and set(meta.index) == set(ids)
+    assert meta.loc[ids[3], "age"] == 3
+
+    pd.DataFrame({"filename": ["red_000.png", "red_000.png"], "age": [1, 2]}).to_csv(csv, index=False)
+    with pytest.raises(PipelineError, match="duplicate ids.*red_000.png"):
+        load_metadata(csv, ds)
+    pd.DataFrame({"filename": ["red_000.png", "ghost.png"], "age": [1, 2]}).to_csv(csv, index=False)
+    with pytest.raises(PipelineError, match="1 ids not in dataset flat: ghost.png"):
+        load_metadata(csv, ds)
+
+
+def test_image_dataset_decodes_gray_to_rgb_resizes_and_skips_corrupt(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((10, 12), 200, np.uint8)).save(tmp_path / "gray.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "black.jpg")
+    paths = [str(tmp_path / n) for n in ("gray.png", "bad.png", "black.jpg")]
+    batches = list(image_dataset(paths, 16, batch_size=8))
+    images, index = batches[0]
+    assert images.shape == (2, 16, 16, 3)
+    assert index.numpy().tolist() == [0, 2]
+    assert np.allclose(images.numpy()[0], 200, atol=1)
+    assert np.allclose(images.numpy()[1], 0, atol=1)
