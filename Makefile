@@ -15,7 +15,7 @@ COMMON := --dataset $(DATA) --artifacts $(ARTIFACTS)
 STAMP  := $(VENV)/.installed-$(TF)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data extract demo test lint bench clean
+.PHONY: help setup data extract svm finetune report demo test lint bench clean
 
 help: ## list targets and variables
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,8 +35,11 @@ data: setup ## prepare DATA under data/ (embedded datasets) or check a user's fo
 extract: data ## frozen BACKBONE -> HDF5 embedding cache (cached, resumable)
 	$(RUN) extract $(COMMON) --backbone $(BACKBONE) $(ARGS)
 
-demo: extract ## set up, prepare the default data and run the whole comparison
-	@echo "demo done: features in $(ARTIFACTS)/features/"
+svm: extract ## tuned, timed sklearn heads on the cached embeddings (+ metadata when present)
+	$(RUN) heads $(COMMON) --backbone $(BACKBONE) $(ARGS)
+
+demo: svm ## set up, prepare the default data and run the whole comparison
+	@echo "demo done: results in $(ARTIFACTS)/results/"
 
 test: setup ## run the test suite (fast: tiny backbones and generated images)
 	$(BIN)/python -m pytest -q

@@ -24,6 +24,12 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
         ["data", "backbone", "extract"],
         "pipeline.extract:run",
     ),
+    "heads": (
+        "fit tuned, timed scikit-learn heads (linear SVM, RBF SVM, logistic regression) on the cached "
+        "embeddings of BACKBONE, with and without the dataset's metadata; needs `extract` first",
+        ["data", "backbone", "heads"],
+        "pipeline.heads:run",
+    ),
 }
 
 

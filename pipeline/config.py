@@ -66,6 +66,28 @@ class ExtractConfig:
 
 
 @dataclass
+class HeadsConfig:
+    heads: tuple[str, ...] = _opt(("linear_svm", "rbf_svm", "logreg"), "heads to fit: linear_svm rbf_svm logreg")
+    features: tuple[str, ...] = _opt(
+        ("image", "image+meta", "image+meta_norm"),
+        "feature sets: image, image+meta (raw metadata appended), image+meta_norm (standardised, weighted); "
+        "the metadata ones run only when the dataset has metadata",
+    )
+    c_grid: tuple[float, ...] = _opt(
+        (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4), "regularisation C values tried on the validation split"
+    )
+    meta_weights: tuple[float, ...] = _opt(
+        (0.5, 1.0, 2.0), "image+meta_norm: weights of the metadata block tried (1 = as much variance as the embedding)"
+    )
+    meta_columns: tuple[str, ...] = _opt((), "metadata columns to use (default: all but id and label-like columns)")
+    metadata_missing: str = _opt("error", "images without metadata: error | drop | impute")
+    refit: str = _opt("train", "after tuning, refit on 'train' or 'train+val'")
+    rbf_max_train: int = _opt(10000, "rbf_svm is O(N^2): above this many training images, subsample (stratified)")
+    max_iter: int = _opt(1000, "iteration cap for liblinear / lbfgs solvers")
+    n_jobs: int = _opt(-1, "parallel jobs for the grid search (-1 = all cores)")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -74,6 +96,7 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
 
     @property
     def dataset_dir(self) -> Path:
@@ -81,6 +104,14 @@ class Config:
         if p.is_dir() and (len(p.parts) > 1 or not (Path(self.data.data_root) / p).is_dir()):
             return p
         return Path(self.data.data_root) / self.data.dataset
+
+    @property
+    def metadata_path(self) -> Path | None:
+        """The configured metadata CSV, else <dataset>/metadata.csv when it exists."""
+        if self.data.metadata:
+            return Path(self.data.metadata)
+        default = self.dataset_dir / "metadata.csv"
+        return default if default.exists() else None
 
     @property
     def dataset_name(self) -> str:

@@ -42,6 +42,9 @@ class Dataset:
     splits: dict[str, Split]
     ignored: list[str] = field(default_factory=list)
 
+    def all_ids(self) -> list[str]:
+        return [i for s in SPLITS for i in self.splits[s].ids]
+
     def paths(self, split: str) -> list[str]:
         return [str(self.root / i) for i in self.splits[split].ids]
 
@@ -143,12 +146,15 @@ def load_dataset(root: Path, val_fraction: float = 0.15, test_fraction: float = 
     return Dataset(root.resolve().name, root, class_names, splits, ignored)
 
 
-def load_metadata(path: Path, dataset: Dataset, id_column: str | None = None) -> pd.DataFrame:
+def load_metadata(
+    path: Path, ids: list[str], id_column: str | None = None, dataset_name: str = "the dataset"
+) -> pd.DataFrame:
     """Read a metadata CSV and index it by dataset id (one row per image, validated).
 
-    Metadata files name images by filename (CelebA), stem, or relative path; we
-    accept whichever of those matches, and refuse duplicates or unknown ids
-    rather than guess an alignment.
+    ``ids`` are the dataset's image ids (relative paths). Metadata files name
+    images by filename (CelebA), stem, or relative path; we accept whichever of
+    those matches uniquely, and refuse duplicates or unknown ids rather than
+    guess an alignment. Images without a row are the caller's policy to handle.
     """
     path = Path(path)
     try:
@@ -166,22 +172,20 @@ def load_metadata(path: Path, dataset: Dataset, id_column: str | None = None) ->
     if len(dup):
         raise PipelineError(f"metadata {path} has duplicate ids in '{id_column}': {', '.join(dup[:5])}")
 
-    all_ids = [i for s in SPLITS for i in dataset.splits[s].ids]
+    all_ids = list(ids)
     for keyfn in (lambda i: i, lambda i: i.rsplit("/", 1)[-1], lambda i: i.rsplit("/", 1)[-1].rsplit(".", 1)[0]):
         mapped = [keyfn(i) for i in all_ids]
         if len(set(mapped)) == len(mapped) and keys.isin(mapped).any():
             break
     else:
         raise PipelineError(
-            f"metadata {path} ids in '{id_column}' (e.g. {keys.iloc[0]}) match no image of {dataset.name} "
+            f"metadata {path} ids in '{id_column}' (e.g. {keys.iloc[0]}) match no image of {dataset_name} "
             f"by relative path, filename or stem (e.g. {all_ids[0]})"
         )
     lookup = dict(zip(mapped, all_ids))
     unknown = keys[~keys.isin(lookup)]
     if len(unknown):
-        raise PipelineError(
-            f"metadata {path} has {len(unknown)} ids not in dataset {dataset.name}: {', '.join(unknown[:5])}"
-        )
+        raise PipelineError(f"metadata {path} has {len(unknown)} ids not in {dataset_name}: {', '.join(unknown[:5])}")
     df = df.assign(**{id_column: keys.map(lookup)}).set_index(id_column)
     df.index.name = "id"
     return df

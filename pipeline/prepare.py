@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.data import load_dataset, stratified_split
+from pipeline.data import load_dataset, load_metadata, stratified_split
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -150,4 +150,14 @@ def run(cfg: Config) -> Path:
         PREPARERS[name](target, p.n_train, p.n_val, p.n_test, cfg.data.seed)
     ds = load_dataset(target, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
     log.info("%s", ds.summary())
+    if cfg.metadata_path is not None:
+        meta = load_metadata(cfg.metadata_path, ds.all_ids(), cfg.data.id_column, ds.name)
+        without = len(ds.all_ids()) - len(meta)
+        log.info(
+            "metadata %s: %d rows, columns %s%s",
+            cfg.metadata_path,
+            len(meta),
+            ", ".join(map(str, meta.columns[:8])),
+            f"; {without} images have no row" if without else "",
+        )
     return target

@@ -75,7 +75,7 @@ def test_metadata_joins_by_filename_like_celeba_in_any_row_order(flat, tmp_path)
     rows = [(i.split("/")[-1], glasses[i]) for i in ids][::-1]
     csv = tmp_path / "list_attr_celeba.csv"
     pd.DataFrame(rows, columns=["image_id", "Eyeglasses"]).to_csv(csv, index=False)
-    meta = load_metadata(csv, ds)
+    meta = load_metadata(csv, ds.all_ids(), dataset_name=ds.name)
     assert meta.loc[ids, "Eyeglasses"].tolist() == [glasses[i] for i in ids]
 
 
@@ -84,10 +84,10 @@ def test_metadata_keyed_by_relative_path_when_filenames_repeat_across_splits(pre
     ids = [i for s in ("train", "val", "test") for i in ds.splits[s].ids]
     csv = tmp_path / "m.csv"
     pd.DataFrame({"id": ids, "n": range(len(ids))}).to_csv(csv, index=False)
-    assert load_metadata(csv, ds).loc[ids[-1], "n"] == len(ids) - 1
+    assert load_metadata(csv, ds.all_ids(), dataset_name=ds.name).loc[ids[-1], "n"] == len(ids) - 1
     pd.DataFrame({"id": [i.split("/")[-1] for i in ids[:5]], "n": range(5)}).to_csv(csv, index=False)
     with pytest.raises(PipelineError, match="match no image"):
-        load_metadata(csv, ds)  # bare filenames are ambiguous here: refuse, never guess
+        load_metadata(csv, ds.all_ids(), dataset_name=ds.name)  # bare filenames are ambiguous here: refuse, never guess
 
 
 def test_metadata_by_relative_path_duplicates_and_unknown_ids(flat, tmp_path):
@@ -95,16 +95,16 @@ def test_metadata_by_relative_path_duplicates_and_unknown_ids(flat, tmp_path):
     ids = [i for s in ("train", "val", "test") for i in ds.splits[s].ids]
     csv = tmp_path / "m.csv"
     pd.DataFrame({"filename": [i.split("/")[-1] for i in ids], "age": range(len(ids))}).to_csv(csv, index=False)
-    meta = load_metadata(csv, ds)
+    meta = load_metadata(csv, ds.all_ids(), dataset_name=ds.name)
     assert meta.index.name == "id" and set(meta.index) == set(ids)
     assert meta.loc[ids[3], "age"] == 3
 
     pd.DataFrame({"filename": ["red_000.png", "red_000.png"], "age": [1, 2]}).to_csv(csv, index=False)
     with pytest.raises(PipelineError, match="duplicate ids.*red_000.png"):
-        load_metadata(csv, ds)
+        load_metadata(csv, ds.all_ids(), dataset_name=ds.name)
     pd.DataFrame({"filename": ["red_000.png", "ghost.png"], "age": [1, 2]}).to_csv(csv, index=False)
-    with pytest.raises(PipelineError, match="1 ids not in dataset flat: ghost.png"):
-        load_metadata(csv, ds)
+    with pytest.raises(PipelineError, match="1 ids not in flat: ghost.png"):
+        load_metadata(csv, ds.all_ids(), dataset_name=ds.name)
 
 
 def test_image_dataset_decodes_gray_to_rgb_resizes_and_skips_corrupt(tmp_path):

@@ -1,0 +1,179 @@
+"""Read embedding caches and build X / y per split, optionally fused with metadata.
+
+Alignment is always by image id, never by row order: the cache stores each
+embedding's id, and the metadata table is indexed by the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from pipeline.data import SPLITS, load_metadata
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+LABEL_LIKE = {"label", "labels", "class", "class_name", "target", "y", "category"}
+MISSING_POLICIES = ("error", "drop", "impute")
+
+
+@dataclass
+class SplitData:
+    X: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+
+    def take(self, mask: np.ndarray) -> SplitData:
+        return SplitData(self.X[mask], self.y[mask], self.ids[mask])
+
+
+@dataclass
+class FeatureSet:
+    path: Path
+    splits: dict[str, SplitData]
+    class_names: list[str]
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def backbone(self) -> str:
+        return str(self.attrs["backbone"])
+
+    @property
+    def extract_seconds(self) -> float:
+        return float(self.attrs.get("extract_seconds", 0.0))
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.splits["train"].X.shape[1]
+
+
+def load_features(path: Path, backbone: str | None = None) -> FeatureSet:
+    """Read a complete cache; refuse a partial one or one made by another backbone."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"no embedding cache at {path}: run `make extract` (python -m pipeline extract) first")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise PipelineError(f"{path} is not a readable HDF5 cache ({e}); delete it and rerun `make extract`") from None
+    with f:
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        if not attrs.get("complete"):
+            raise PipelineError(f"{path} is incomplete; rerun `make extract` to finish it")
+        if backbone is not None and attrs.get("backbone") != backbone:
+            raise PipelineError(f"{path} was made by backbone {attrs.get('backbone')}, not {backbone}")
+        splits = {
+            s: SplitData(f[s]["embeddings"][()], f[s]["labels"][()], f[s]["ids"].asstr()[()].astype(object))
+            for s in SPLITS
+        }
+    return FeatureSet(path, splits, json.loads(attrs["class_names"]), attrs)
+
+
+def _label_columns(meta: pd.DataFrame, fs: FeatureSet) -> list[str]:
+    """Columns that are, or encode one-to-one, the class label: never features."""
+    train = fs.splits["train"]
+    known = meta.reindex(train.ids)
+    y = pd.Series(train.y, index=known.index)
+    names = pd.Series(np.asarray(fs.class_names, dtype=object)[train.y], index=known.index)
+    bad = []
+    for col in meta.columns:
+        values = known[col]
+        if str(col).lower() in LABEL_LIKE:
+            bad.append(col)
+            continue
+        ok = values.notna()
+        if ok.sum() < 2 or values[ok].nunique() < 2:
+            continue
+        same_as_names = (values[ok].astype(str) == names[ok]).all()
+        one_to_one = values[ok].groupby(y[ok]).nunique().max() == 1 and y[ok].groupby(values[ok]).nunique().max() == 1
+        if same_as_names or (one_to_one and values[ok].nunique() == y[ok].nunique()):
+            bad.append(col)
+    return bad
+
+
+def metadata_table(
+    meta_path: Path, fs: FeatureSet, columns: tuple[str, ...] = (), id_column: str | None = None
+) -> pd.DataFrame:
+    """The metadata columns to fuse, indexed by id, with the label kept out."""
+    all_ids = [i for s in SPLITS for i in fs.splits[s].ids]
+    meta = load_metadata(meta_path, all_ids, id_column, dataset_name=fs.path.parent.name)
+    label_cols = _label_columns(meta, fs)
+    if columns:
+        unknown = [c for c in columns if c not in meta.columns]
+        if unknown:
+            raise PipelineError(f"metadata has no column(s) {', '.join(unknown)} (has: {', '.join(meta.columns[:12])})")
+        leaking = [c for c in columns if c in label_cols]
+        if leaking:
+            raise PipelineError(
+                f"metadata column(s) {', '.join(leaking)} encode the class label; they cannot be features"
+            )
+        return meta[list(columns)]
+    if label_cols:
+        log.info("leaving out metadata column(s) that encode the label: %s", ", ".join(map(str, label_cols)))
+    return meta.drop(columns=label_cols)
+
+
+def encode_metadata(meta: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Numeric columns as they are, categorical ones one-hot (categories from the whole table).
+
+    Returns the encoded table and the names of its numeric (not one-hot) columns.
+    A missing categorical value stays NaN in its one-hot columns, so the
+    missing-value policy sees it instead of an all-zero row.
+    """
+    numeric = meta.select_dtypes(include=["number", "bool"]).astype(float)
+    categorical = meta.drop(columns=numeric.columns)
+    parts = [numeric]
+    if len(categorical.columns):
+        dummies = pd.get_dummies(categorical.astype("string"), prefix_sep="=", dtype=float)
+        for col in categorical.columns:
+            cols = [c for c in dummies.columns if c.startswith(f"{col}=")]
+            dummies.loc[categorical[col].isna().to_numpy(), cols] = np.nan
+        parts.append(dummies)
+    encoded = pd.concat(parts, axis=1)
+    encoded.columns = list(map(str, encoded.columns))
+    return encoded, list(map(str, numeric.columns))
+
+
+def fuse(fs: FeatureSet, meta: pd.DataFrame, missing: str = "error") -> tuple[dict[str, SplitData], list[str]]:
+    """Concatenate [embedding | metadata] per split, joined by id.
+
+    ``missing``: ``error`` names the first images lacking a row or value; ``drop``
+    removes them from every split; ``impute`` fills with the training median
+    (numeric) or an all-zero one-hot (categorical, i.e. "unknown").
+    """
+    if missing not in MISSING_POLICIES:
+        raise PipelineError(f"--metadata-missing must be one of {', '.join(MISSING_POLICIES)}, not {missing}")
+    encoded, numeric = encode_metadata(meta)
+    names = list(encoded.columns)
+    fill = pd.Series(0.0, index=names)
+    fill[numeric] = encoded.reindex(fs.splits["train"].ids)[numeric].median().fillna(0.0)
+    out: dict[str, SplitData] = {}
+    for s in SPLITS:
+        d = fs.splits[s]
+        block = encoded.reindex(d.ids)
+        no_row = ~pd.Index(d.ids).isin(encoded.index)
+        incomplete = block.isna().any(axis=1).to_numpy()
+        if incomplete.any():
+            bad = d.ids[incomplete]
+            what = "no metadata row" if no_row[incomplete].all() else "missing metadata values"
+            if missing == "error":
+                raise PipelineError(
+                    f"{incomplete.sum()} {s} images have {what}, e.g. {', '.join(bad[:5])} "
+                    f"(use --metadata-missing drop|impute to proceed)"
+                )
+            if missing == "drop":
+                log.warning("warning: dropping %d %s images with %s, e.g. %s", len(bad), s, what, ", ".join(bad[:3]))
+                d, block = d.take(~incomplete), block[~incomplete]
+            else:
+                log.warning("warning: imputing metadata for %d %s images, e.g. %s", len(bad), s, ", ".join(bad[:3]))
+                block = block.fillna(fill)
+        X = np.hstack([d.X, block.to_numpy(dtype=np.float32)])
+        out[s] = SplitData(X, d.y, d.ids)
+    return out, names

@@ -1,0 +1,80 @@
+"""The one results table every training stage appends to: artifacts/results/<dataset>.csv.
+
+One row per (dataset, backbone, method, features); rerunning a configuration
+replaces its row instead of duplicating it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+KEY = ["dataset", "backbone", "method", "features"]
+COLUMNS = KEY + [
+    "val_accuracy",
+    "test_accuracy",
+    "test_balanced_accuracy",
+    "test_macro_f1",
+    "train_seconds",
+    "tune_seconds",
+    "fit_seconds",
+    "extract_seconds",
+    "n_train",
+    "n_test",
+    "params",
+    "weights",
+    "timestamp",
+]
+
+
+def results_path(artifacts: str | Path, dataset: str) -> Path:
+    return Path(artifacts) / "results" / f"{dataset}.csv"
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Accuracy plus the imbalance-aware metrics reported beside it."""
+    return {
+        "test_accuracy": float(accuracy_score(y_true, y_pred)),
+        "test_balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "test_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    if not Path(path).exists():
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.read_csv(path)
+
+
+def upsert(path: Path, row: dict) -> pd.DataFrame:
+    """Replace the row with the same key (or append), written atomically."""
+    row = {"timestamp": datetime.now(UTC).isoformat(timespec="seconds"), **row}
+    table = read_results(path)
+    if len(table):
+        same = np.ones(len(table), dtype=bool)
+        for k in KEY:
+            same &= table[k].astype(str).to_numpy() == str(row[k])
+        table = table[~same]
+    new = pd.DataFrame([row])
+    table = new if table.empty else pd.concat([table, new], ignore_index=True)
+    extra = [c for c in table.columns if c not in COLUMNS]
+    table = table.reindex(columns=COLUMNS + extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return table
+
+
+def write_predictions(path: Path, ids, y_true, y_pred, class_names: list[str]) -> None:
+    """Per-image test predictions, so the report can slice them by any metadata column."""
+    names = np.asarray(class_names, dtype=object)
+    df = pd.DataFrame({"id": ids, "y_true": y_true, "y_pred": y_pred, "true": names[y_true], "pred": names[y_pred]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
