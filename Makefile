@@ -38,7 +38,10 @@ extract: data ## frozen BACKBONE -> HDF5 embedding cache (cached, resumable)
 svm: extract ## tuned, timed sklearn heads on the cached embeddings (+ metadata when present)
 	$(RUN) heads $(COMMON) --backbone $(BACKBONE) $(ARGS)
 
-demo: svm ## set up, prepare the default data and run the whole comparison
+finetune: data ## fine-tune BACKBONE end to end (two phases, timed): the baseline the heads are compared to
+	$(RUN) finetune $(COMMON) --backbone $(BACKBONE) $(ARGS)
+
+demo: svm finetune ## set up, prepare the default data and run the whole comparison
 	@echo "demo done: results in $(ARTIFACTS)/results/"
 
 test: setup ## run the test suite (fast: tiny backbones and generated images)

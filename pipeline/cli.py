@@ -30,6 +30,12 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
         ["data", "backbone", "heads"],
         "pipeline.heads:run",
     ),
+    "finetune": (
+        "fine-tune BACKBONE end to end (phase 1: head only; phase 2: top layers unfrozen), timed; "
+        "defaults take ~15 min or less on 2 CPU cores for the demo subset: scale epochs and data up",
+        ["data", "backbone", "extract", "finetune"],
+        "pipeline.finetune:run",
+    ),
 }
 
 

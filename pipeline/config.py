@@ -88,6 +88,26 @@ class HeadsConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    epochs_head: int = _opt(2, "phase 1 epochs: backbone frozen, new head trained")
+    epochs_finetune: int = _opt(2, "phase 2 epochs: top of the backbone unfrozen (BatchNorm stays in inference mode)")
+    unfreeze_layers: int = _opt(40, "phase 2: backbone layers made trainable, counted from the top (-1 = all)")
+    batch_size: int = _opt(32, "images per training step")
+    learning_rate: float = _opt(1e-3, "phase 1 learning rate")
+    finetune_lr_factor: float = _opt(0.1, "phase 2 learning rate = learning_rate x this")
+    optimizer: str = _opt("adam", "any keras.optimizers name: adam, sgd, rmsprop, adamw, ...")
+    dropout: float = _opt(0.2, "dropout before the new softmax layer")
+    augment: tuple[str, ...] = _opt(
+        ("flip", "zoom", "translate"),
+        "augmentation layers: flip zoom translate (leave out flip where it changes the class)",
+    )
+    patience: int = _opt(2, "EarlyStopping patience on val_accuracy (best weights restored)")
+    steps_per_epoch: int | None = _opt(None, "cap on steps per epoch, for smoke runs (default: the whole training set)")
+    resume: bool = _opt(False, "continue an interrupted fine-tune from its last checkpoint")
+    tensorboard: str | None = _opt(None, "write TensorBoard logs to this folder")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -97,6 +117,7 @@ class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def dataset_dir(self) -> Path:

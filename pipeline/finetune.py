@@ -1,0 +1,266 @@
+"""`make finetune`: the fully fine-tuned Keras baseline, timed on the same splits.
+
+Two phases, as in the Keras transfer-learning guide: (1) backbone frozen, train
+the new head; (2) unfreeze the top of the backbone and train on at a ~10x lower
+learning rate. BatchNorm layers must stay in inference mode when unfrozen: in
+Keras 3 ``fit`` overrides the ``training=False`` of ``base(x, training=False)``
+(keras-team/keras#20285), so they are also kept ``trainable=False``, which is
+what makes BatchNormalization use its moving statistics. Same backbone, weights,
+input size and preprocessing as ``extract``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import backbones, results
+from pipeline.config import Config, run_record, writable_dir, write_json_atomic
+from pipeline.data import Dataset, image_dataset, load_dataset
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    model_path: Path
+    val_accuracy: float
+    scores: dict
+    phase_seconds: list[float]
+    epochs_run: list[int]
+
+    @property
+    def train_seconds(self) -> float:
+        return float(sum(self.phase_seconds))
+
+
+def model_path(cfg: Config) -> Path:
+    return Path(cfg.artifacts) / "models" / cfg.dataset_name / f"{cfg.backbone.backbone}-finetuned.keras"
+
+
+def build_model(base, spec: backbones.BackboneSpec, n_classes: int, cfg: Config):
+    """raw RGB -> [augmentation] -> preprocessing -> base(training=False) -> dropout -> softmax."""
+    import keras
+    from keras import layers
+
+    from pipeline.backbones.layers import Preprocess
+
+    aug = {
+        "flip": lambda: layers.RandomFlip("horizontal", seed=cfg.data.seed),
+        "zoom": lambda: layers.RandomZoom(0.1, seed=cfg.data.seed),
+        "translate": lambda: layers.RandomTranslation(0.1, 0.1, seed=cfg.data.seed),
+    }
+    unknown = [a for a in cfg.finetune.augment if a not in aug]
+    if unknown:
+        raise PipelineError(f"unknown augmentation(s) {', '.join(unknown)} (known: {', '.join(aug)})")
+    inputs = keras.Input(shape=base.input_shape[1:], name="image")
+    x = inputs
+    for name in cfg.finetune.augment:
+        x = aug[name]()(x)  # active only while training
+    x = Preprocess(spec.preprocess_kind, name="preprocess")(x)
+    x = base(x, training=False)
+    x = layers.Dropout(cfg.finetune.dropout, name="head_dropout")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="head")(x)
+    return keras.Model(inputs, outputs, name=f"{spec.name}_finetuned")
+
+
+def set_trainable(base, phase: int, unfreeze_layers: int) -> int:
+    """Phase 1: all frozen. Phase 2: the top ``unfreeze_layers`` layers (or all), BatchNorm
+    excepted. Returns how many layers were unfrozen."""
+    from keras import layers
+
+    if phase == 1:
+        base.trainable = False
+        return 0
+    base.trainable = True
+    with_weights = [layer for layer in base.layers if layer.weights]
+    n = len(with_weights) if unfreeze_layers < 0 else min(unfreeze_layers, len(with_weights))
+    for layer in with_weights[: len(with_weights) - n]:
+        layer.trainable = False
+    for layer in base.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.trainable = False
+    return n
+
+
+def _optimizer(name: str, lr: float):
+    import keras
+
+    try:
+        opt = keras.optimizers.get(name)
+    except ValueError:
+        raise PipelineError(f"unknown optimizer '{name}'") from None
+    opt.learning_rate = lr
+    return opt
+
+
+def fit_phase(model, phase: int, epochs: int, train, val, cfg: Config, work: Path, initial_epoch: int = 0):
+    """One compiled model.fit with the phase's callbacks; returns (seconds, epochs run)."""
+    import keras
+
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            "val_accuracy", patience=cfg.finetune.patience, restore_best_weights=True, mode="max"
+        ),
+        keras.callbacks.ModelCheckpoint(
+            work / f"phase{phase}.best.weights.h5",
+            "val_accuracy",
+            save_best_only=True,
+            save_weights_only=True,
+            mode="max",
+        ),
+        keras.callbacks.CSVLogger(work / "training_log.csv", append=True),
+        keras.callbacks.BackupAndRestore(work / f"backup-phase{phase}"),
+    ]
+    if cfg.finetune.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(Path(cfg.finetune.tensorboard) / f"phase{phase}"))
+    t0 = time.perf_counter()
+    history = model.fit(
+        train,
+        validation_data=val,
+        epochs=epochs,
+        steps_per_epoch=cfg.finetune.steps_per_epoch,
+        callbacks=callbacks,
+        verbose=2,
+    )
+    return time.perf_counter() - t0, len(history.epoch)
+
+
+def run(cfg: Config, dataset: Dataset | None = None) -> FinetuneResult:
+    """Fine-tune, evaluate once on test, save the model and a `finetune` results row."""
+    import keras
+    import tensorflow as tf
+
+    ft = cfg.finetune
+    ds = dataset or load_dataset(cfg.dataset_dir, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
+    spec = backbones.get(cfg.backbone.backbone)
+    size = cfg.backbone.input_size or spec.input_size
+    weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
+    out = model_path(cfg)
+    work = writable_dir(out.with_name(out.stem + ".work"))
+    state_file = work / "state.json"
+    if not ft.resume:
+        shutil.rmtree(work)
+        work.mkdir()
+    state = json.loads(state_file.read_text()) if state_file.exists() else {"phase_seconds": [], "epochs_run": []}
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    policy = keras.mixed_precision.global_policy().name
+    if gpu and cfg.extract.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        base = backbones.build_backbone(spec, weights, size, cfg.data.seed)
+        keras.utils.set_random_seed(cfg.data.seed)
+        model = build_model(base, spec, len(ds.class_names), cfg)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    log.info(
+        "fine-tuning %s on %s (%s, %dpx) on %s: %d + %d epochs",
+        spec.name,
+        ds.summary(),
+        weights.describe(),
+        size,
+        "GPU" if gpu else "CPU",
+        ft.epochs_head,
+        ft.epochs_finetune,
+    )
+
+    def split(name, shuffle):
+        return image_dataset(
+            ds.paths(name), size, ft.batch_size, ds.splits[name].labels, shuffle_seed=cfg.data.seed if shuffle else None
+        )
+
+    train, val = split("train", True), split("val", False)
+    phases = [(1, ft.epochs_head, ft.learning_rate), (2, ft.epochs_finetune, ft.learning_rate * ft.finetune_lr_factor)]
+    for phase, epochs, lr in phases:
+        done = work / f"phase{phase}.done.weights.h5"
+        n = set_trainable(base, phase, ft.unfreeze_layers)
+        model.compile(_optimizer(ft.optimizer, lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
+        if done.exists():
+            model.load_weights(done)
+            log.info("phase %d already done (resumed from %s)", phase, done.name)
+            continue
+        if epochs <= 0:
+            continue
+        log.info(
+            "phase %d: %s, learning rate %g",
+            phase,
+            "backbone frozen" if phase == 1 else f"top {n} backbone layers trainable",
+            lr,
+        )
+        seconds, ran = fit_phase(model, phase, epochs, train, val, cfg, work)
+        model.save_weights(done)
+        state["phase_seconds"].append(seconds)
+        state["epochs_run"].append(ran)
+        write_json_atomic(state_file, state)
+
+    _, val_acc = model.evaluate(val, verbose=0)
+    test = split("test", False)
+    y_true, y_pred, ids = [], [], []
+    for images, labels in test:
+        y_pred.append(np.argmax(model(images, training=False), axis=1))
+        y_true.append(labels.numpy())
+    y_true, y_pred = np.concatenate(y_true), np.concatenate(y_pred)
+    scores = results.scores(y_true, y_pred)
+    if len(y_true) != len(ds.splits["test"]):
+        raise PipelineError("some test images could not be read; run `make extract` to see which")
+    ids = ds.splits["test"].ids
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.keras")
+    model.save(tmp)
+    tmp.replace(out)
+    res = FinetuneResult(out, float(val_acc), scores, state["phase_seconds"], state["epochs_run"])
+    results.write_predictions(out.with_name(out.stem + ".predictions.csv"), ids, y_true, y_pred, ds.class_names)
+    write_json_atomic(
+        out.with_name(out.stem + ".json"),
+        run_record(
+            cfg,
+            "finetune",
+            weights=weights.source,
+            val_accuracy=res.val_accuracy,
+            scores=scores,
+            phase_seconds=res.phase_seconds,
+            epochs_run=res.epochs_run,
+            device="GPU" if gpu else "CPU",
+        ),
+    )
+    results.upsert(
+        results.results_path(cfg.artifacts, cfg.dataset_name),
+        {
+            "dataset": cfg.dataset_name,
+            "backbone": spec.name,
+            "method": "finetune",
+            "features": "image",
+            "val_accuracy": res.val_accuracy,
+            **scores,
+            "train_seconds": res.train_seconds,
+            "tune_seconds": 0.0,
+            "fit_seconds": res.train_seconds,
+            "extract_seconds": 0.0,
+            "n_train": len(ds.splits["train"]),
+            "n_test": len(y_true),
+            "params": json.dumps(
+                {
+                    "epochs_run": res.epochs_run,
+                    "unfreeze_layers": ft.unfreeze_layers,
+                    "learning_rate": ft.learning_rate,
+                    "phase_seconds": [round(s, 1) for s in res.phase_seconds],
+                }
+            ),
+            "weights": weights.source,
+        },
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"\nfinetune {spec.name}: val {res.val_accuracy:.4f}  test {scores['test_accuracy']:.4f}  "
+        f"train {res.train_seconds:.1f}s (phases {', '.join(f'{s:.1f}s' for s in res.phase_seconds)})  -> {out}"
+    )
+    return res

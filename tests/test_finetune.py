@@ -1,0 +1,91 @@
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import finetune, results
+
+
+@pytest.fixture
+def ft_cfg(cfg):
+    cfg.finetune.epochs_head = 1
+    cfg.finetune.epochs_finetune = 1
+    cfg.finetune.steps_per_epoch = 1
+    cfg.finetune.batch_size = 6
+    cfg.finetune.unfreeze_layers = -1
+    cfg.finetune.learning_rate = 0.05
+    return cfg
+
+
+def _backbone_weights(model):
+    base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    return base, [w.copy() for w in base.get_weights()]
+
+
+def test_phase_two_unfreezes_and_changes_the_backbone_while_phase_one_does_not(ft_cfg, monkeypatch):
+    seen = {}
+    real = finetune.fit_phase
+
+    def spy(model, phase, *a, **k):
+        base, before = _backbone_weights(model)
+        seen[phase] = {"trainable": len(base.trainable_weights), "before": before}
+        out = real(model, phase, *a, **k)
+        seen[phase]["after"] = _backbone_weights(model)[1]
+        return out
+
+    monkeypatch.setattr(finetune, "fit_phase", spy)
+    res = finetune.run(ft_cfg)
+    assert seen[1]["trainable"] == 0
+    assert all(np.array_equal(a, b) for a, b in zip(seen[1]["before"], seen[1]["after"]))
+    assert seen[2]["trainable"] > 0
+    conv_kernel = 0  # conv1's kernel is the backbone's first weight
+    assert not np.allclose(seen[2]["before"][conv_kernel], seen[2]["after"][conv_kernel])
+    assert len(res.phase_seconds) == 2 and res.train_seconds > 0 and res.epochs_run == [1, 1]
+
+    row = results.read_results(results.results_path(ft_cfg.artifacts, "toy")).iloc[0]
+    assert (row["method"], row["features"], row["n_test"]) == ("finetune", "image", 9)
+    assert row["train_seconds"] == pytest.approx(res.train_seconds)
+    assert json.loads(row["params"])["epochs_run"] == [1, 1]
+    reloaded = keras.models.load_model(res.model_path)  # preprocessing layer is serialisable
+    assert reloaded.output_shape == (None, 3)
+    pred = pd.read_csv(res.model_path.with_name("tiny_cnn-finetuned.predictions.csv"))
+    assert len(pred) == 9 and set(pred.columns) >= {"id", "y_true", "y_pred"}
+    assert not res.model_path.with_name("tiny_cnn-finetuned.work").exists()
+
+
+def test_batchnorm_stays_in_inference_mode_when_unfrozen(ft_cfg, monkeypatch):
+    real = finetune.fit_phase
+    stats = {}
+
+    def spy(model, phase, *a, **k):
+        base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+        bn = base.get_layer("bn1")
+        before = bn.moving_mean.numpy().copy()
+        out = real(model, phase, *a, **k)
+        stats[phase] = np.array_equal(before, bn.moving_mean.numpy())
+        return out
+
+    monkeypatch.setattr(finetune, "fit_phase", spy)
+    finetune.run(ft_cfg)
+    assert stats == {1: True, 2: True}
+
+
+def test_interrupted_finetune_resumes_after_the_finished_phase(ft_cfg, monkeypatch):
+    real = finetune.fit_phase
+    calls = []
+
+    def crash_in_phase_two(model, phase, *a, **k):
+        calls.append(phase)
+        if phase == 2 and calls.count(2) == 1:
+            raise KeyboardInterrupt
+        return real(model, phase, *a, **k)
+
+    monkeypatch.setattr(finetune, "fit_phase", crash_in_phase_two)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(ft_cfg)
+    ft_cfg.finetune.resume = True
+    res = finetune.run(ft_cfg)
+    assert calls == [1, 2, 2]  # phase 1 was not trained again
+    assert len(res.phase_seconds) == 2
