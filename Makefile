@@ -41,8 +41,11 @@ svm: extract ## tuned, timed sklearn heads on the cached embeddings (+ metadata 
 finetune: data ## fine-tune BACKBONE end to end (two phases, timed): the baseline the heads are compared to
 	$(RUN) finetune $(COMMON) --backbone $(BACKBONE) $(ARGS)
 
+report: setup ## accuracy-vs-time report from whatever results exist
+	$(RUN) report $(COMMON) $(ARGS)
+
 demo: svm finetune ## set up, prepare the default data and run the whole comparison
-	@echo "demo done: results in $(ARTIFACTS)/results/"
+	$(RUN) report $(COMMON)
 
 test: setup ## run the test suite (fast: tiny backbones and generated images)
 	$(BIN)/python -m pytest -q

@@ -33,8 +33,13 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
     "finetune": (
         "fine-tune BACKBONE end to end (phase 1: head only; phase 2: top layers unfrozen), timed; "
         "defaults take ~15 min or less on 2 CPU cores for the demo subset: scale epochs and data up",
-        ["data", "backbone", "extract", "finetune"],
+        ["data", "backbone", "finetune"],
         "pipeline.finetune:run",
+    ),
+    "report": (
+        "build artifacts/reports/<dataset>/ (report.md, report.html, summary.csv, plots) from whatever results exist",
+        ["data", "report"],
+        "pipeline.report:run",
     ),
 }
 

@@ -56,13 +56,13 @@ class BackboneConfig:
         "path, or 'none' (random, for tests only)",
     )
     input_size: int | None = _opt(None, "input side in pixels (default: the backbone's native size)")
+    mixed_precision: bool = _opt(True, "use float16 compute when a GPU is visible (ignored on CPU)")
 
 
 @dataclass
 class ExtractConfig:
     batch_size: int = _opt(32, "images per forward pass (also the resume granularity)")
     strict: bool = _opt(False, "fail on the first unreadable image instead of skipping it with a warning")
-    mixed_precision: bool = _opt(True, "use float16 compute when a GPU is visible (ignored on CPU)")
 
 
 @dataclass
@@ -108,6 +108,14 @@ class FinetuneConfig:
 
 
 @dataclass
+class ReportConfig:
+    gradcam_images: int = _opt(6, "Grad-CAM overlays of the fine-tuned model (half correct, half wrong); 0 = none")
+    subgroup_max_values: int = _opt(
+        12, "metadata columns with more distinct values than this are not used for subgroups"
+    )
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -118,6 +126,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
     def dataset_dir(self) -> Path:

@@ -153,7 +153,7 @@ def run(cfg: Config, dataset: Dataset | None = None) -> FinetuneResult:
 
     gpu = bool(tf.config.list_physical_devices("GPU"))
     policy = keras.mixed_precision.global_policy().name
-    if gpu and cfg.extract.mixed_precision:
+    if gpu and cfg.backbone.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         base = backbones.build_backbone(spec, weights, size, cfg.data.seed)

@@ -89,3 +89,16 @@ def test_interrupted_finetune_resumes_after_the_finished_phase(ft_cfg, monkeypat
     res = finetune.run(ft_cfg)
     assert calls == [1, 2, 2]  # phase 1 was not trained again
     assert len(res.phase_seconds) == 2
+
+
+def test_report_of_a_finetuned_model_has_confusion_matrices_and_gradcam(ft_cfg):
+    from pipeline import report
+
+    res = finetune.run(ft_cfg)
+    cams, cls = report.gradcam(keras.models.load_model(res.model_path), np.full((2, 16, 16, 3), 100.0, np.float32))
+    assert cams.shape == (2, 16, 16) and cams.min() >= 0 and cams.max() <= 1 and cls.shape == (2,)
+    out = report.run(ft_cfg)
+    d = out.parent
+    assert (d / "gradcam.png").exists() and (d / "confusion_0_finetune.png").exists()
+    text = (d / "report.md").read_text()
+    assert "Grad-CAM" in text and "fine-tuned tiny_cnn" in text and "| finetune | image | ok |" in text
