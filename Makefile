@@ -29,7 +29,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(TF),test]"
 	touch $@
 
-data: setup ## prepare DATA under data/ (embedded datasets) or check a user's folder
+data: setup ## prepare DATA under data/ (embedded: fashion-mnist, elpv) or check a user's folder
+ifeq ($(DATA),elpv)
+	@$(BIN)/python -c "import elpv_dataset" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[$(TF),test,elpv]"
+endif
 	$(RUN) data --dataset $(DATA)
 
 extract: data ## frozen BACKBONE -> HDF5 embedding cache (cached, resumable)
@@ -49,6 +52,10 @@ demo: svm finetune ## set up, prepare the default data and run the whole compari
 
 test: setup ## run the test suite (fast: tiny backbones and generated images)
 	$(BIN)/python -m pytest -q
+
+bench: data ## extraction throughput ratios + heads-vs-finetune cost (writes artifacts/bench/*.json)
+	$(BIN)/python benchmarks/extract_throughput.py --backbone $(BACKBONE) --artifacts $(ARTIFACTS) --source data/$(DATA)/train
+	$(BIN)/python benchmarks/heads_vs_finetune.py --dataset $(DATA) --artifacts $(ARTIFACTS) || true
 
 lint: setup ## ruff
 	$(BIN)/ruff check pipeline tests benchmarks

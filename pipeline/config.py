@@ -45,6 +45,9 @@ class PrepareConfig:
     n_train: int = _opt(3000, "training images to take from an embedded dataset (0 = all)")
     n_val: int = _opt(1000, "validation images (0 = all the rest of the training set)")
     n_test: int = _opt(2000, "test images (0 = all)")
+    elpv_classes: int = _opt(
+        2, "elpv: 2 (defective if probability >= 0.5, else functional) or 4 (the probability levels)"
+    )
 
 
 @dataclass
@@ -90,7 +93,7 @@ class HeadsConfig:
 @dataclass
 class FinetuneConfig:
     epochs_head: int = _opt(2, "phase 1 epochs: backbone frozen, new head trained")
-    epochs_finetune: int = _opt(2, "phase 2 epochs: top of the backbone unfrozen (BatchNorm stays in inference mode)")
+    epochs_finetune: int = _opt(4, "phase 2 epochs: top of the backbone unfrozen (BatchNorm stays in inference mode)")
     unfreeze_layers: int = _opt(40, "phase 2: backbone layers made trainable, counted from the top (-1 = all)")
     batch_size: int = _opt(32, "images per training step")
     learning_rate: float = _opt(1e-3, "phase 1 learning rate")

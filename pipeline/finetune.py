@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,14 +123,17 @@ def fit_phase(model, phase: int, epochs: int, train, val, cfg: Config, work: Pat
     if cfg.finetune.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(Path(cfg.finetune.tensorboard) / f"phase{phase}"))
     t0 = time.perf_counter()
-    history = model.fit(
-        train,
-        validation_data=val,
-        epochs=epochs,
-        steps_per_epoch=cfg.finetune.steps_per_epoch,
-        callbacks=callbacks,
-        verbose=2,
-    )
+    with warnings.catch_warnings():  # tf.data of unknown length: Keras learns the epoch end by running out
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        history = model.fit(
+            train,
+            validation_data=val,
+            epochs=epochs,
+            steps_per_epoch=cfg.finetune.steps_per_epoch,
+            callbacks=callbacks,
+            verbose=2,
+            shuffle=False,  # the tf.data pipeline shuffles; this only silences Keras' warning
+        )
     return time.perf_counter() - t0, len(history.epoch)
 
 

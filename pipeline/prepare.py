@@ -138,16 +138,79 @@ def prepare_fashion_mnist(target: Path, n_train: int, n_val: int, n_test: int, s
     return target
 
 
-PREPARERS = {"fashion-mnist": prepare_fashion_mnist}
+ELPV_LEVELS = {0.0: "prob_0", 1 / 3: "prob_1_3", 2 / 3: "prob_2_3", 1.0: "prob_1"}
+
+
+def load_elpv() -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(file names, images, defect probabilities, cell types) from the ``elpv-dataset`` wheel."""
+    try:
+        from elpv_dataset.utils import load_dataset as elpv_load
+    except ImportError:
+        raise PipelineError("the elpv data needs `pip install -e .[elpv]` (make data DATA=elpv does it)") from None
+    import elpv_dataset
+
+    labels = Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
+    names = [line.split()[0].rsplit("/", 1)[-1] for line in labels.read_text().splitlines() if line.strip()]
+    images, proba, types = elpv_load()
+    return names, images, np.asarray(proba, dtype=float), np.asarray(types)
+
+
+def elpv_class(p: float, n_classes: int) -> str:
+    if n_classes == 2:
+        return "defective" if p >= 0.5 else "functional"
+    level = min(ELPV_LEVELS, key=lambda v: abs(v - p))
+    return ELPV_LEVELS[level]
+
+
+def prepare_elpv(target: Path, n_classes: int, val_fraction: float, test_fraction: float, seed: int) -> Path:
+    """Solar-cell EL images -> data/elpv/{train,val,test}/<class>/cellNNNN.png + metadata.csv.
+
+    Split stratified on class x type; the metadata holds the cell type only,
+    nothing derived from the defect probability (that is the label).
+    """
+    from PIL import Image
+
+    if n_classes not in (2, 4):
+        raise PipelineError(f"--elpv-classes must be 2 or 4, not {n_classes}")
+    params = {"dataset": "elpv", "classes": n_classes, "val": val_fraction, "test": test_fraction, "seed": seed}
+    if _check_target(target, params):
+        log.info("%s is already prepared (%s)", target, ", ".join(f"{k}={v}" for k, v in params.items()))
+        return target
+    names, images, proba, types = load_elpv()
+    classes = np.asarray([elpv_class(p, n_classes) for p in proba])
+    strata = np.unique(np.char.add(np.char.add(classes.astype(str), "|"), types.astype(str)), return_inverse=True)[1]
+    parts = stratified_split(strata, [val_fraction, test_fraction], seed)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, idx in zip(("train", "val", "test"), parts):
+        for i in idx:
+            folder = tmp / split / classes[i]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(folder / names[i])
+    import pandas as pd
+
+    pd.DataFrame({"image_id": names, "type": types}).to_csv(tmp / "metadata.csv", index=False)
+    (tmp / STAMP).write_text(json.dumps(params, indent=2) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.replace(target)
+    log.info(
+        "wrote %s: %s; data licence CC BY-NC-SA 4.0 (non-commercial)",
+        target,
+        ", ".join(f"{s} {len(p)}" for s, p in zip(("train", "val", "test"), parts)),
+    )
+    return target
 
 
 def run(cfg: Config) -> Path:
     """Prepare an embedded dataset, or validate a user's folder and summarise it."""
     target = cfg.dataset_dir
     name = cfg.data.dataset
-    if name in PREPARERS:
-        p = cfg.prepare
-        PREPARERS[name](target, p.n_train, p.n_val, p.n_test, cfg.data.seed)
+    p = cfg.prepare
+    if name == "fashion-mnist":
+        prepare_fashion_mnist(target, p.n_train, p.n_val, p.n_test, cfg.data.seed)
+    elif name == "elpv":
+        prepare_elpv(target, p.elpv_classes, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
     ds = load_dataset(target, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
     log.info("%s", ds.summary())
     if cfg.metadata_path is not None:

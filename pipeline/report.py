@@ -255,8 +255,9 @@ def plot_gradcam(
     from pipeline.backbones import layers as _registered  # noqa: F401  (Preprocess must be registered)
     from pipeline.data import image_dataset
 
-    right = pred[pred["y_true"] == pred["y_pred"]].head(n - n // 2)
-    wrong = pred[pred["y_true"] != pred["y_pred"]].head(n // 2)
+    right, wrong = pred[pred["y_true"] == pred["y_pred"]], pred[pred["y_true"] != pred["y_pred"]]
+    right = right.sample(min(len(right), n - n // 2), random_state=0)  # seeded, spread over classes
+    wrong = wrong.sample(min(len(wrong), n // 2), random_state=0)
     chosen = pd.concat([right, wrong])
     if chosen.empty:
         return False

@@ -1,0 +1,157 @@
+"""Extraction throughput, measured side by side in one run on the same backbone and batch:
+
+(a) raw forward pass on in-memory tensors (compiled, no I/O),
+(b) the pipeline's `extract` from image files on disk to the HDF5 cache,
+(c) the idiomatic Keras way: image_dataset_from_directory + model.predict.
+
+Prints images/s and the ratios (b)/(a) and (b)/(c), plus the peak RSS of
+`extract` on two dataset sizes (memory must not grow with the dataset).
+Usage: python benchmarks/extract_throughput.py [--images 960] [--backbone efficientnet_lite0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from _common import write  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def make_images(folder: Path, n: int, source: Path | None, seed: int = 0) -> Path:
+    """n PNGs in class subfolders: copies of the default data when present, else generated."""
+    rng = np.random.default_rng(seed)
+    files = sorted(source.rglob("*.png")) if source and source.is_dir() else []
+    for i in range(n):
+        cls = folder / f"c{i % 10}"
+        cls.mkdir(parents=True, exist_ok=True)
+        if files:
+            shutil.copy(files[i % len(files)], cls / f"{i:06d}.png")
+        else:
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(cls / f"{i:06d}.png")
+    return folder
+
+
+def raw_forward(model, size: int, batch: int, n: int) -> float:
+    import tensorflow as tf
+
+    x = tf.random.uniform((batch, size, size, 3), 0, 255)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
+    def forward(t):
+        return model(t, training=False)
+
+    forward(x).numpy()  # trace once, as extract's first batch does
+    steps = n // batch
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        forward(x).numpy()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def keras_idiomatic(model, folder: Path, size: int, batch: int) -> float:
+    import keras
+
+    t0 = time.perf_counter()
+    ds = keras.utils.image_dataset_from_directory(
+        folder, labels=None, image_size=(size, size), batch_size=batch, shuffle=False, verbose=False
+    )
+    out = model.predict(ds, verbose=0)
+    return len(out) / (time.perf_counter() - t0)
+
+
+def pipeline_extract(folder: Path, artifacts: Path, backbone: str, batch: int, size: int | None) -> tuple[float, float]:
+    """Runs the real stage; returns (images/s over its whole run, images/s over its extraction loop)."""
+    from pipeline import extract
+    from pipeline.config import Config
+
+    cfg = Config()
+    cfg.artifacts = str(artifacts)
+    cfg.data.dataset = str(folder)
+    cfg.data.val_fraction = cfg.data.test_fraction = 0.1
+    cfg.backbone.backbone = backbone
+    cfg.backbone.input_size = size
+    cfg.extract.batch_size = batch
+    t0 = time.perf_counter()
+    res = extract.run(cfg)
+    wall = time.perf_counter() - t0
+    return res.n_images / wall, res.n_images / res.seconds
+
+
+def peak_rss_mb(folder: Path, artifacts: Path, backbone: str, batch: int, size: int) -> float:
+    """Peak RSS of a fresh `python -m pipeline extract` process, in MiB."""
+    code = (
+        "import resource, sys; from pipeline.cli import main; "
+        f"rc = main(['extract', '--dataset', {str(folder)!r}, '--artifacts', {str(artifacts)!r}, '--backbone', {backbone!r}, "
+        f"'--batch-size', '{batch}', '--input-size', '{size}', '--val-fraction', '0.1', '--test-fraction', '0.1']); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--weights", default="default")
+    ap.add_argument("--images", type=int, default=960, help="images for the throughput comparison")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rss-sizes", type=int, nargs=2, default=(2000, 8000))
+    ap.add_argument("--rss-input-size", type=int, default=96, help="smaller input keeps the RSS runs short")
+    ap.add_argument("--source", default="data/fashion-mnist/train")
+    ap.add_argument("--artifacts", default="artifacts")
+    args = ap.parse_args()
+
+    from pipeline import backbones
+
+    spec = backbones.get(args.backbone)
+    size = spec.input_size
+    weights = backbones.resolve_weights(spec, args.weights, Path(args.artifacts), size)
+    model = backbones.feature_model(spec, backbones.build_backbone(spec, weights, size))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = make_images(tmp / "images", args.images, Path(args.source))
+        b_wall, b_loop = pipeline_extract(folder, tmp / "art", args.backbone, args.batch_size, None)
+        a = raw_forward(model, size, args.batch_size, args.images)
+        c = keras_idiomatic(model, folder, size, args.batch_size)
+        rss = {}
+        for n in args.rss_sizes:
+            f = make_images(tmp / f"rss{n}", n, Path(args.source))
+            rss[str(n)] = round(peak_rss_mb(f, tmp / f"art{n}", args.backbone, args.batch_size, args.rss_input_size), 1)
+            shutil.rmtree(f)
+
+    result = {
+        "backbone": args.backbone,
+        "weights": weights.source,
+        "input_size": size,
+        "batch_size": args.batch_size,
+        "images": args.images,
+        "a_raw_forward_img_s": round(a, 2),
+        "b_pipeline_extract_img_s": round(b_loop, 2),
+        "b_pipeline_extract_wall_img_s": round(b_wall, 2),
+        "c_keras_idiomatic_img_s": round(c, 2),
+        "ratio_b_over_a": round(b_loop / a, 3),
+        "ratio_b_over_c": round(b_loop / c, 3),
+        "ratio_b_wall_over_c": round(b_wall / c, 3),
+        "peak_rss_mb_by_images": rss,
+        "rss_input_size": args.rss_input_size,
+    }
+    path = write("extract_throughput", result, args.artifacts)
+    for k, v in result.items():
+        print(f"{k:32s} {v}")
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
