@@ -197,43 +197,54 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
 
 
 def _extract_splits(f: h5py.File, ds: Dataset, forward, size: int, cfg: Config) -> None:
+    """One tf.data pipeline over every split's remaining images, so decoding never restarts
+    (and the forward pass never waits) at a split boundary; rows go to their split's group."""
     from tqdm.auto import tqdm
 
-    todo = {s: len(ds.splits[s]) - int(f[s].attrs["next_index"]) for s in SPLITS}
-    bar = tqdm(total=sum(todo.values()), unit="img", desc="extract", disable=None, smoothing=0.1)
+    todo = [(s, i) for s in SPLITS for i in range(int(f[s].attrs["next_index"]), len(ds.splits[s]))]
+    paths = [str(ds.root / ds.splits[s].ids[i]) for s, i in todo]
+    split_of = np.asarray([SPLITS.index(s) for s, _ in todo], dtype=np.int64)
+    local = np.asarray([i for _, i in todo], dtype=np.int64)
+    bar = tqdm(total=len(todo), unit="img", desc="extract", disable=None, smoothing=0.1)
+    pos = 0
+    t0 = time.perf_counter()
     try:
-        for split in SPLITS:
-            g = f[split]
-            ids = ds.splits[split].ids
-            labels = ds.splits[split].labels
-            start = int(g.attrs["next_index"])
-            batches = image_dataset(ds.paths(split), size, cfg.extract.batch_size, start=start)
-            t0 = time.perf_counter()
-            for images, index in batches:
-                emb = forward(images).numpy().astype(np.float32, copy=False)
-                index = index.numpy()
-                end = int(index[-1]) + 1
-                lost = end - start - len(index)
-                if lost and cfg.extract.strict:
-                    bad = sorted(set(range(start, end)) - set(index.tolist()))
-                    raise PipelineError(f"unreadable image {ids[bad[0]]} (--strict; drop --strict to skip such files)")
-                append_rows(g, emb, labels[index], [ids[i] for i in index], end)
-                f.attrs["extract_seconds"] = float(f.attrs["extract_seconds"]) + time.perf_counter() - t0
-                t0 = time.perf_counter()
-                bar.update(end - start)
-                start = end
-            if start < len(ids) and cfg.extract.strict:
-                raise PipelineError(f"unreadable image {ids[start]} (--strict; drop --strict to skip such files)")
-            g.attrs["next_index"] = len(ids)
-            written = set(g["ids"].asstr()[()])
-            skipped = [i for i in ids if i not in written]
-            if "skipped" in g:
-                del g["skipped"]
-            g.create_dataset("skipped", data=np.asarray(skipped, dtype=object), dtype=h5py.string_dtype())
-            if skipped:
-                log.warning(
-                    "warning: skipped %d unreadable file(s) in %s: %s", len(skipped), split, ", ".join(skipped[:10])
-                )
-            f.flush()
+        for images, index in image_dataset(paths, size, cfg.extract.batch_size):
+            emb = forward(images).numpy().astype(np.float32, copy=False)
+            index = index.numpy()
+            end = int(index[-1]) + 1
+            if cfg.extract.strict and end - pos != len(index):
+                first = sorted(set(range(pos, end)) - set(index.tolist()))[0]
+                _unreadable(ds, *todo[first])
+            for k, split in enumerate(SPLITS):
+                sel = split_of[index] == k
+                if sel.any():
+                    rows = local[index[sel]]
+                    s = ds.splits[split]
+                    append_rows(f[split], emb[sel], s.labels[rows], [s.ids[i] for i in rows], int(rows[-1]) + 1)
+            now = time.perf_counter()
+            f.attrs["extract_seconds"] = float(f.attrs["extract_seconds"]) + now - t0
+            t0 = now
+            bar.update(end - pos)
+            pos = end
     finally:
         bar.close()
+    if cfg.extract.strict and pos < len(todo):
+        _unreadable(ds, *todo[pos])
+    for split in SPLITS:
+        g = f[split]
+        g.attrs["next_index"] = len(ds.splits[split])
+        written = set(g["ids"].asstr()[()])
+        skipped = [i for i in ds.splits[split].ids if i not in written]
+        if "skipped" in g:
+            del g["skipped"]
+        g.create_dataset("skipped", data=np.asarray(skipped, dtype=object), dtype=h5py.string_dtype())
+        if skipped:
+            log.warning(
+                "warning: skipped %d unreadable file(s) in %s: %s", len(skipped), split, ", ".join(skipped[:10])
+            )
+    f.flush()
+
+
+def _unreadable(ds: Dataset, split: str, i: int):
+    raise PipelineError(f"unreadable image {ds.splits[split].ids[i]} (--strict; drop --strict to skip such files)")

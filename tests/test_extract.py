@@ -81,7 +81,7 @@ def test_interrupted_extraction_resumes_to_the_same_cache(cfg, tmp_path, monkeyp
         lambda *a, **k: (calls.__setitem__("resumed", calls.get("resumed", 0) + 1), real(*a, **k)),
     )
     resumed = extract.run(cfg)
-    assert calls["resumed"] == 2 + 3 + 3  # only the 6 remaining train rows (2 batches), then val and test
+    assert calls["resumed"] == 2 + 3 + 3  # the 24 images left: 6 batches, 2 straddling a split boundary
     got = _read(resumed.path)[0]
     for s in ("train", "val", "test"):
         assert got[s]["ids"].tolist() == reference[s]["ids"].tolist()
