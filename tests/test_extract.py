@@ -89,7 +89,8 @@ def test_interrupted_extraction_resumes_to_the_same_cache(cfg, tmp_path, monkeyp
 
 
 def test_corrupt_image_is_skipped_and_recorded_or_fails_with_strict(cfg, presplit, caplog):
-    (presplit / "val" / "green" / "green_001.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    victim = presplit / "val" / "green" / "green_001.png"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated mid-stream
     (presplit / "train" / "red" / "red_002.png").write_text("this is text")
     res = extract.run(cfg)
     data, _ = _read(res.path)
