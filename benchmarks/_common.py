@@ -19,6 +19,7 @@ def machine() -> dict:
     except OSError:
         pass
     info = {"cores": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "python": platform.python_version()}
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         import tensorflow as tf
 

@@ -7,6 +7,7 @@ generated from these dataclasses and cannot drift from them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -269,9 +270,21 @@ def writable_dir(path: Path) -> Path:
     return path
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temp file so a reader never sees half a file."""
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = ""):
+    """Yield a temp path beside ``path``; it replaces ``path`` only if the block succeeds,
+    so a reader never sees half a file and a failed write leaves the old one intact.
+    ``suffix`` keeps an extension some writers insist on (Keras: ``.keras``, ``.weights.h5``)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")

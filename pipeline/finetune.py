@@ -11,6 +11,7 @@ input size and preprocessing as ``extract``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import backbones, results
-from pipeline.config import Config, run_record, writable_dir, write_json_atomic
+from pipeline.config import Config, atomic_path, run_record, writable_dir, write_json_atomic
 from pipeline.data import Dataset, image_dataset, load_dataset
 from pipeline.errors import PipelineError
 
@@ -102,6 +103,14 @@ def _optimizer(name: str, lr: float):
     return opt
 
 
+@contextlib.contextmanager
+def _quiet_end_of_data():
+    """tf.data of unknown length (unreadable files are skipped): Keras learns the end by running out."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        yield
+
+
 def fit_phase(model, phase: int, epochs: int, train, val, cfg: Config, work: Path, initial_epoch: int = 0):
     """One compiled model.fit with the phase's callbacks; returns (seconds, epochs run)."""
     import keras
@@ -123,8 +132,7 @@ def fit_phase(model, phase: int, epochs: int, train, val, cfg: Config, work: Pat
     if cfg.finetune.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(Path(cfg.finetune.tensorboard) / f"phase{phase}"))
     t0 = time.perf_counter()
-    with warnings.catch_warnings():  # tf.data of unknown length: Keras learns the epoch end by running out
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
+    with _quiet_end_of_data():
         history = model.fit(
             train,
             validation_data=val,
@@ -205,7 +213,8 @@ def run(cfg: Config, dataset: Dataset | None = None) -> FinetuneResult:
         state["epochs_run"].append(ran)
         write_json_atomic(state_file, state)
 
-    _, val_acc = model.evaluate(val, verbose=0)
+    with _quiet_end_of_data():
+        _, val_acc = model.evaluate(val, verbose=0)
     test = split("test", False)
     y_true, y_pred, ids = [], [], []
     for images, labels in test:
@@ -217,10 +226,8 @@ def run(cfg: Config, dataset: Dataset | None = None) -> FinetuneResult:
         raise PipelineError("some test images could not be read; run `make extract` to see which")
     ids = ds.splits["test"].ids
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.keras")
-    model.save(tmp)
-    tmp.replace(out)
+    with atomic_path(out, ".keras") as tmp:
+        model.save(tmp)
     res = FinetuneResult(out, float(val_acc), scores, state["phase_seconds"], state["epochs_run"])
     results.write_predictions(out.with_name(out.stem + ".predictions.csv"), ids, y_true, y_pred, ds.class_names)
     write_json_atomic(

@@ -27,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from pipeline import results
-from pipeline.config import Config, run_record, writable_dir, write_json_atomic
+from pipeline.config import Config, atomic_path, run_record, writable_dir, write_json_atomic
 from pipeline.data import stratified_split
 from pipeline.errors import PipelineError
 from pipeline.extract import cache_path
@@ -240,9 +240,8 @@ def run(cfg: Config) -> list[HeadResult]:
 
 def _save(stem: Path, model: Pipeline, r: HeadResult, fs: FeatureSet, cfg: Config, meta_names: list[str]) -> None:
     """joblib model + JSON sidecar (what scikit-learn's persistence guide asks to keep beside it)."""
-    tmp = stem.with_name(stem.name + ".joblib.tmp")
-    joblib.dump(model, tmp)
-    tmp.replace(stem.with_name(stem.name + ".joblib"))
+    with atomic_path(stem.with_name(stem.name + ".joblib")) as tmp:
+        joblib.dump(model, tmp)
     write_json_atomic(
         stem.with_name(stem.name + ".json"),
         run_record(

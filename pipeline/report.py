@@ -381,22 +381,7 @@ def run(cfg: Config) -> Path:
 
     table = comparison_table(res, with_meta=meta is not None)
     table.to_csv(out_dir / "summary.csv", index=False)
-    shown = table[
-        [
-            "backbone",
-            "method",
-            "features",
-            "status",
-            "test_accuracy",
-            "val_accuracy",
-            "test_balanced_accuracy",
-            "test_macro_f1",
-            "train_seconds",
-            "extract_seconds",
-            "total_seconds",
-            "vs_finetune",
-        ]
-    ]
+    shown = table.drop(columns=["delta_pt", "time_ratio", "params"])
     sections.append(
         (
             "Comparison",

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
+from pipeline.config import atomic_path
+
 KEY = ["dataset", "backbone", "method", "features"]
 COLUMNS = KEY + [
     "val_accuracy",
@@ -63,10 +65,8 @@ def upsert(path: Path, row: dict) -> pd.DataFrame:
     table = new if table.empty else pd.concat([table, new], ignore_index=True)
     extra = [c for c in table.columns if c not in COLUMNS]
     table = table.reindex(columns=COLUMNS + extra)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
     return table
 
 
@@ -74,7 +74,5 @@ def write_predictions(path: Path, ids, y_true, y_pred, class_names: list[str]) -
     """Per-image test predictions, so the report can slice them by any metadata column."""
     names = np.asarray(class_names, dtype=object)
     df = pd.DataFrame({"id": ids, "y_true": y_true, "y_pred": y_pred, "true": names[y_true], "pred": names[y_pred]})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)

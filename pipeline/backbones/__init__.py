@@ -18,6 +18,7 @@ from pathlib import Path
 from unittest import mock
 
 from pipeline.backbones import efficientnet_lite
+from pipeline.config import atomic_path
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,8 @@ def _convert_lite(spec: BackboneSpec, pth_path: Path, sha: str, weights_dir: Pat
     weights_dir.mkdir(parents=True, exist_ok=True)
     model = efficientnet_lite.build(int(spec.name[-1]), (spec.input_size, spec.input_size, 3))
     efficientnet_lite.load_torch_weights(model, pth.load_state_dict(pth_path))
-    tmp = weights_dir / f"{spec.name}.tmp{os.getpid()}.weights.h5"
-    model.save_weights(tmp)
-    tmp.replace(target)
+    with atomic_path(target, ".weights.h5") as tmp:
+        model.save_weights(tmp)
     stamp.write_text(json.dumps({"source": str(pth_path), "source_sha256": sha}, indent=2) + "\n")
     log.info("converted %s -> %s", pth_path.name, target)
     return target
