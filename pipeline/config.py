@@ -84,8 +84,8 @@ class HeadsConfig:
         (0.5, 1.0, 2.0), "image+meta_norm: weights of the metadata block tried (1 = as much variance as the embedding)"
     )
     meta_columns: tuple[str, ...] = _opt((), "metadata columns to use (default: all but id and label-like columns)")
-    metadata_missing: str = _opt("error", "images without metadata: error | drop | impute")
-    refit: str = _opt("train", "after tuning, refit on 'train' or 'train+val'")
+    metadata_missing: str = _opt("error", "images without metadata", choices=("error", "drop", "impute"))
+    refit: str = _opt("train", "after tuning, refit on train or train+val", choices=("train", "train+val"))
     rbf_max_train: int = _opt(10000, "rbf_svm is O(N^2): above this many training images, subsample (stratified)")
     max_iter: int = _opt(1000, "iteration cap for liblinear / lbfgs solvers")
     n_jobs: int = _opt(-1, "parallel jobs for the grid search (-1 = all cores)")
@@ -196,7 +196,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -
                 inner = typing.get_args(tp)[0]
                 group.add_argument(flag, dest=dest, type=inner, nargs="+", default=None, metavar=meta, help=help_)
             else:
-                group.add_argument(flag, dest=dest, type=tp, default=None, metavar=meta, help=help_)
+                choices = f.metadata.get("choices")
+                group.add_argument(
+                    flag,
+                    dest=dest,
+                    type=tp,
+                    default=None,
+                    metavar=None if choices else meta,
+                    choices=choices,
+                    help=help_,
+                )
 
 
 def _apply(obj, values: dict[str, Any], where: str) -> None:
