@@ -165,6 +165,7 @@ def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     colours = {b: plt.cm.tab10(i % 10) for i, b in enumerate(sorted(ok["backbone"].unique()))}
     fills = {"image": "full", "image+meta": "left", "image+meta_norm": "none"}
+    placed: dict[tuple, int] = {}
     for _, r in ok.iterrows():
         ax.plot(
             r["total_seconds"],
@@ -176,8 +177,14 @@ def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None
             linestyle="none",
         )
         label = r["method"] + ("" if r["features"] == "image" else f" ({r['features'].replace('image+', '')})")
+        spot = (round(float(np.log10(r["total_seconds"])), 1), round(float(r["test_accuracy"]), 3))
+        k = placed[spot] = placed.get(spot, -1) + 1  # stack the labels of coinciding points
         ax.annotate(
-            label, (r["total_seconds"], r["test_accuracy"]), textcoords="offset points", xytext=(7, 4), fontsize=7
+            label,
+            (r["total_seconds"], r["test_accuracy"]),
+            textcoords="offset points",
+            xytext=(7, 4 - 9 * k),
+            fontsize=7,
         )
     front = pareto_front(table)
     ax.plot(front["total_seconds"], front["test_accuracy"], "--", color="grey", linewidth=1, label="Pareto front")
@@ -185,6 +192,9 @@ def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None
         ax.plot([], [], "o", color=c, label=b)
     for m, mk in MARKERS.items():
         ax.plot([], [], mk, color="black", fillstyle="none", label=m)
+    if (ok["features"] != "image").any():
+        for f, fill in fills.items():
+            ax.plot([], [], "o", color="grey", fillstyle=fill, label=f"features: {f}")
     ax.set_xscale("log")
     ax.set_xlabel("total training seconds (log scale; heads include feature extraction)")
     ax.set_ylabel("test accuracy")
