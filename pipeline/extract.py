@@ -119,12 +119,6 @@ def append_rows(group: h5py.Group, embeddings: np.ndarray, labels: np.ndarray, i
     group.file.flush()
 
 
-def _use_gpu(cfg: Config) -> bool:
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
 def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
     """Extract embeddings for every split of the configured dataset, or reuse the cache."""
     ds = dataset or load_dataset(cfg.dataset_dir, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
@@ -145,18 +139,10 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
                 return ExtractResult(out, True, n, float(f.attrs["extract_seconds"]), skipped)
         log.info("cache %s is stale (%s changed); re-extracting", out, ", ".join(_differences(old, key)))
 
-    import keras
     import tensorflow as tf
 
-    gpu = _use_gpu(cfg)
-    policy = keras.mixed_precision.global_policy().name
-    if gpu and cfg.backbone.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        base = backbones.build_backbone(spec, weights, size, cfg.data.seed)
-        model = backbones.feature_model(spec, base)
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
+    with backbones.device_policy(cfg.backbone.mixed_precision) as gpu:
+        model = backbones.feature_model(spec, backbones.build_backbone(spec, weights, size, cfg.data.seed))
     dim = int(model.output_shape[-1])
     log.info(
         "extracting %s with %s (%s, %dpx, %s) on %s",

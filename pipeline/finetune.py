@@ -111,7 +111,7 @@ def _quiet_end_of_data():
         yield
 
 
-def fit_phase(model, phase: int, epochs: int, train, val, cfg: Config, work: Path, initial_epoch: int = 0):
+def fit_phase(model, phase: int, epochs: int, train, val, cfg: Config, work: Path):
     """One compiled model.fit with the phase's callbacks; returns (seconds, epochs run)."""
     import keras
 
@@ -148,7 +148,6 @@ def fit_phase(model, phase: int, epochs: int, train, val, cfg: Config, work: Pat
 def run(cfg: Config, dataset: Dataset | None = None) -> FinetuneResult:
     """Fine-tune, evaluate once on test, save the model and a `finetune` results row."""
     import keras
-    import tensorflow as tf
 
     ft = cfg.finetune
     ds = dataset or load_dataset(cfg.dataset_dir, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
@@ -163,16 +162,10 @@ def run(cfg: Config, dataset: Dataset | None = None) -> FinetuneResult:
         work.mkdir()
     state = json.loads(state_file.read_text()) if state_file.exists() else {"phase_seconds": [], "epochs_run": []}
 
-    gpu = bool(tf.config.list_physical_devices("GPU"))
-    policy = keras.mixed_precision.global_policy().name
-    if gpu and cfg.backbone.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
+    with backbones.device_policy(cfg.backbone.mixed_precision) as gpu:
         base = backbones.build_backbone(spec, weights, size, cfg.data.seed)
         keras.utils.set_random_seed(cfg.data.seed)
         model = build_model(base, spec, len(ds.class_names), cfg)
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
     log.info(
         "fine-tuning %s on %s (%s, %dpx) on %s: %d + %d epochs",
         spec.name,

@@ -8,6 +8,7 @@ may be downloaded at run time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -220,6 +221,23 @@ def resolve_weights(spec: BackboneSpec, weights: str, artifacts: Path, input_siz
     if not path.is_file():
         raise PipelineError(f"weights file {path} does not exist")
     return Weights(f"file ({path.name})", sha256_file(path), path)
+
+
+@contextlib.contextmanager
+def device_policy(mixed_precision: bool = True):
+    """Yields whether a GPU is visible; models built inside use float16 compute there
+    (Keras mixed precision) and float32 on CPU. The global policy is restored after."""
+    import keras
+    import tensorflow as tf
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    previous = keras.mixed_precision.global_policy().name
+    if gpu and mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield gpu
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def build_backbone(spec: BackboneSpec, weights: Weights, input_size: int | None = None, seed: int = 0):
