@@ -189,7 +189,9 @@ def run(cfg: Config, dataset: Dataset | None = None) -> FinetuneResult:
         n = set_trainable(base, phase, ft.unfreeze_layers)
         model.compile(_optimizer(ft.optimizer, lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
         if done.exists():
-            model.load_weights(done)
+            with warnings.catch_warnings():  # a finished phase's optimizer state is not wanted back
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                model.load_weights(done)
             log.info("phase %d already done (resumed from %s)", phase, done.name)
             continue
         if epochs <= 0:
