@@ -81,7 +81,6 @@ def _label_columns(meta: pd.DataFrame, fs: FeatureSet) -> list[str]:
     train = fs.splits["train"]
     known = meta.reindex(train.ids)
     y = pd.Series(train.y, index=known.index)
-    names = pd.Series(np.asarray(fs.class_names, dtype=object)[train.y], index=known.index)
     bad = []
     for col in meta.columns:
         values = known[col]
@@ -91,9 +90,8 @@ def _label_columns(meta: pd.DataFrame, fs: FeatureSet) -> list[str]:
         ok = values.notna()
         if ok.sum() < 2 or values[ok].nunique() < 2:
             continue
-        same_as_names = (values[ok].astype(str) == names[ok]).all()
-        one_to_one = values[ok].groupby(y[ok]).nunique().max() == 1 and y[ok].groupby(values[ok]).nunique().max() == 1
-        if same_as_names or (one_to_one and values[ok].nunique() == y[ok].nunique()):
+        v, t = values[ok], y[ok]
+        if v.groupby(t).nunique().max() == 1 and t.groupby(v).nunique().max() == 1:  # a relabelling of y
             bad.append(col)
     return bad
 
