@@ -160,3 +160,39 @@ def test_rbf_svm_subsamples_large_training_sets_with_a_notice(synth, caplog):
     fs = load_features(heads.cache_path(synth))
     _, r = heads.fit_head("rbf_svm", "image", fs.splits, fs.embedding_dim, synth)
     assert r.n_train == 60 and "subsample of 60 of 240" in caplog.text
+
+
+def test_cli_heads_parses_list_options_and_prints_the_table(synth, capsys):
+    from pipeline.cli import main
+
+    argv = [
+        "heads",
+        "--dataset",
+        synth.data.dataset,
+        "--artifacts",
+        synth.artifacts,
+        "--backbone",
+        "fake_net",
+        "--heads",
+        "logreg",
+        "--features",
+        "image",
+        "--c-grid",
+        "0.01",
+        "1",
+        "--n-jobs",
+        "1",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "logreg" in out and "image" in out
+    table = results.read_results(results.results_path(synth.artifacts, "synth"))
+    assert list(table["method"]) == ["logreg"] and json.loads(table["params"][0])["C"] in (0.01, 1.0)
+
+
+def test_cli_heads_bad_choice_is_rejected(synth):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["heads", "--dataset", synth.data.dataset, "--metadata-missing", "never"])
+    assert e.value.code == 2
