@@ -9,9 +9,13 @@ BACKBONE  ?= efficientnet_lite0
 ARTIFACTS ?= artifacts
 TF        ?= cpu
 ARGS      ?=
+CONFIG    ?=
 
 RUN    := $(BIN)/python -m pipeline
-COMMON := --dataset $(DATA) --artifacts $(ARTIFACTS)
+# ARGS go only to the stage named on the command line (`make finetune ARGS=...`), not to its prerequisites.
+STAGE_ARGS = $(if $(filter $@,$(MAKECMDGOALS)),$(ARGS))
+CFG    := $(if $(CONFIG),--config $(CONFIG))
+COMMON := --dataset $(DATA) --artifacts $(ARTIFACTS) $(CFG)
 STAMP  := $(VENV)/.installed-$(TF)
 
 .DEFAULT_GOAL := help
@@ -19,7 +23,7 @@ STAMP  := $(VENV)/.installed-$(TF)
 
 help: ## list targets and variables
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: DATA=$(DATA) BACKBONE=$(BACKBONE) ARTIFACTS=$(ARTIFACTS) TF=$(TF) (cpu|gpu) ARGS=..."
+	@echo "  variables: DATA=$(DATA) BACKBONE=$(BACKBONE) ARTIFACTS=$(ARTIFACTS) TF=$(TF) (cpu|gpu) CONFIG=run.toml ARGS=..."
 
 setup: $(STAMP) ## create .venv and install the project (editable) with test extras
 
@@ -33,19 +37,19 @@ data: setup ## prepare DATA under data/ (embedded: fashion-mnist, elpv) or check
 ifeq ($(DATA),elpv)
 	@$(BIN)/python -c "import elpv_dataset" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[$(TF),test,elpv]"
 endif
-	$(RUN) data --dataset $(DATA)
+	$(RUN) data --dataset $(DATA) $(CFG) $(STAGE_ARGS)
 
 extract: data ## frozen BACKBONE -> HDF5 embedding cache (cached, resumable)
-	$(RUN) extract $(COMMON) --backbone $(BACKBONE) $(ARGS)
+	$(RUN) extract $(COMMON) --backbone $(BACKBONE) $(STAGE_ARGS)
 
 svm: extract ## tuned, timed sklearn heads on the cached embeddings (+ metadata when present)
-	$(RUN) heads $(COMMON) --backbone $(BACKBONE) $(ARGS)
+	$(RUN) heads $(COMMON) --backbone $(BACKBONE) $(STAGE_ARGS)
 
 finetune: data ## fine-tune BACKBONE end to end (two phases, timed): the baseline the heads are compared to
-	$(RUN) finetune $(COMMON) --backbone $(BACKBONE) $(ARGS)
+	$(RUN) finetune $(COMMON) --backbone $(BACKBONE) $(STAGE_ARGS)
 
 report: setup ## accuracy-vs-time report from whatever results exist
-	$(RUN) report $(COMMON) $(ARGS)
+	$(RUN) report $(COMMON) $(STAGE_ARGS)
 
 demo: svm finetune ## set up, prepare the default data and run the whole comparison
 	$(RUN) report $(COMMON)
