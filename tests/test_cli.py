@@ -91,3 +91,23 @@ def test_unwritable_artifacts_is_a_one_line_error(presplit, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith(f"error: cannot write to {blocker}/features/toy")
     assert "Traceback" not in err
+
+
+def test_missing_weights_file_is_one_line_and_debug_shows_the_traceback(presplit, tmp_path, capsys):
+    argv = [
+        "extract",
+        "--dataset",
+        str(presplit),
+        "--backbone",
+        TINY,
+        "--weights",
+        str(tmp_path / "gone.weights.h5"),
+        "--artifacts",
+        str(tmp_path / "a"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"error: weights file {tmp_path / 'gone.weights.h5'} does not exist"
+    assert "Traceback" not in err
+    assert main(["--debug", *argv]) == 2
+    assert "Traceback" in capsys.readouterr().err
