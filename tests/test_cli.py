@@ -7,6 +7,21 @@ from pipeline.cli import build_parser, main
 from pipeline.config import DataConfig, ExtractConfig, resolve_config
 
 
+def extract_argv(dataset, artifacts, weights="none", *extra):
+    return [
+        "extract",
+        "--dataset",
+        str(dataset),
+        "--backbone",
+        TINY,
+        "--weights",
+        str(weights),
+        "--artifacts",
+        str(artifacts),
+        *extra,
+    ]
+
+
 def test_every_stage_has_help_documenting_every_option(capsys):
     with pytest.raises(SystemExit) as e:
         main(["extract", "--help"])
@@ -37,19 +52,7 @@ def test_unknown_toml_key_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_cli_extract_end_to_end_and_cache_hit(presplit, tmp_path, capsys):
-    argv = [
-        "extract",
-        "--dataset",
-        str(presplit),
-        "--backbone",
-        TINY,
-        "--weights",
-        "none",
-        "--artifacts",
-        str(tmp_path / "a"),
-        "--batch-size",
-        "8",
-    ]
+    argv = extract_argv(presplit, tmp_path / "a", "none", "--batch-size", "8")
     assert main(argv) == 0
     sidecar = json.loads((tmp_path / "a" / "features" / "toy" / f"{TINY}.json").read_text())
     assert sidecar["config"]["extract"]["batch_size"] == 8 and "numpy" in sidecar["versions"]
@@ -72,39 +75,14 @@ def test_bad_inputs_are_one_line_errors_without_traceback(presplit, tmp_path, ca
 def test_unwritable_artifacts_is_a_one_line_error(presplit, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert (
-        main(
-            [
-                "extract",
-                "--dataset",
-                str(presplit),
-                "--backbone",
-                TINY,
-                "--weights",
-                "none",
-                "--artifacts",
-                str(blocker),
-            ]
-        )
-        == 2
-    )
+    assert main(extract_argv(presplit, blocker)) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith(f"error: cannot write to {blocker}/features/toy")
     assert "Traceback" not in err
 
 
 def test_missing_weights_file_is_one_line_and_debug_shows_the_traceback(presplit, tmp_path, capsys):
-    argv = [
-        "extract",
-        "--dataset",
-        str(presplit),
-        "--backbone",
-        TINY,
-        "--weights",
-        str(tmp_path / "gone.weights.h5"),
-        "--artifacts",
-        str(tmp_path / "a"),
-    ]
+    argv = extract_argv(presplit, tmp_path / "a", tmp_path / "gone.weights.h5")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == f"error: weights file {tmp_path / 'gone.weights.h5'} does not exist"
