@@ -197,8 +197,6 @@ def image_dataset(
     batch_size: int,
     labels: np.ndarray | None = None,
     *,
-    start: int = 0,
-    skip_errors: bool = True,
     shuffle_seed: int | None = None,
 ):
     """Parallel decode + resize + batch + prefetch, overlapped with the consumer.
@@ -206,24 +204,21 @@ def image_dataset(
     Elements are ``(images, index)`` batches (``(images, labels)`` when labels are
     given): images are float32 0-255 RGB, ``image_size`` square (gray is
     replicated to three channels); ``index`` is each image's position in
-    ``paths``. With ``skip_errors`` an unreadable file is dropped rather than
-    aborting the run; the caller sees which by the gap in ``index``.
+    ``paths``. An unreadable file is dropped rather than aborting the run; the
+    caller sees which by the gap in ``index``.
     """
     import tensorflow as tf
 
     autotune = tf.data.AUTOTUNE
-    idx = np.arange(start, len(paths), dtype=np.int64)
-    second = idx if labels is None else np.asarray(labels, dtype=np.int64)[start:]
-    ds = tf.data.Dataset.from_tensor_slices((np.asarray(paths[start:], dtype=object), second))
+    second = np.arange(len(paths), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((np.asarray(paths, dtype=object), second))
     if shuffle_seed is not None:
-        ds = ds.shuffle(len(idx), seed=shuffle_seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
 
     def load(path, tag):
         img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         img = tf.image.resize(img, (image_size, image_size))
         return tf.ensure_shape(img, (image_size, image_size, 3)), tag
 
-    ds = ds.map(load, num_parallel_calls=autotune, deterministic=True)
-    if skip_errors:
-        ds = ds.ignore_errors()
+    ds = ds.map(load, num_parallel_calls=autotune, deterministic=True).ignore_errors()
     return ds.batch(batch_size).prefetch(autotune)

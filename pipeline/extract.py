@@ -72,6 +72,12 @@ def _differences(old: dict, new: dict) -> list[str]:
     return [k for k in KEY_FIELDS if old.get(k) != new.get(k)]
 
 
+def _contents(f: h5py.File) -> tuple[int, dict[str, list[str]]]:
+    """Embeddings stored, and the ids skipped as unreadable, per split."""
+    n = sum(f[s]["ids"].shape[0] for s in SPLITS)
+    return n, {s: f[s]["skipped"].asstr()[()].tolist() for s in SPLITS}
+
+
 def _open_partial(path: Path, key: dict, dim: int) -> h5py.File:
     """Reopen a partial cache made with the same key, or start a new one."""
     if path.exists():
@@ -133,8 +139,7 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
         with h5py.File(out, "r") as f:
             old = read_key(f)
             if old == key:
-                n = sum(f[s]["ids"].shape[0] for s in SPLITS)
-                skipped = {s: [x.decode() for x in f[s]["skipped"][()]] for s in SPLITS}
+                n, skipped = _contents(f)
                 log.info("cache hit: %s (%d embeddings, no forward pass needed)", out, n)
                 return ExtractResult(out, True, n, float(f.attrs["extract_seconds"]), skipped)
         log.info("cache %s is stale (%s changed); re-extracting", out, ", ".join(_differences(old, key)))
@@ -172,12 +177,11 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
             weights_path=str(weights.path or ""),
         )
         seconds = float(f.attrs["extract_seconds"])
-        skipped = {s: [x.decode() for x in f[s]["skipped"][()]] for s in SPLITS}
+        n, skipped = _contents(f)
     finally:
         f.close()
     partial.replace(out)
     write_json_atomic(out.with_suffix(".json"), run_record(cfg, "extract", key=key, seconds=seconds, skipped=skipped))
-    n = sum(len(ds.splits[s]) for s in SPLITS) - sum(map(len, skipped.values()))
     log.info("wrote %s: %d x %d embeddings in %.1fs (%.1f img/s)", out, n, dim, seconds, n / max(seconds, 1e-9))
     return ExtractResult(out, False, n, seconds, skipped)
 

@@ -49,6 +49,9 @@ class FeatureSet:
     def extract_seconds(self) -> float:
         return float(self.attrs.get("extract_seconds", 0.0))
 
+    def all_ids(self) -> list[str]:
+        return [i for s in SPLITS for i in self.splits[s].ids]
+
     @property
     def embedding_dim(self) -> int:
         return self.splits["train"].X.shape[1]
@@ -100,8 +103,7 @@ def metadata_table(
     meta_path: Path, fs: FeatureSet, columns: tuple[str, ...] = (), id_column: str | None = None
 ) -> pd.DataFrame:
     """The metadata columns to fuse, indexed by id, with the label kept out."""
-    all_ids = [i for s in SPLITS for i in fs.splits[s].ids]
-    meta = load_metadata(meta_path, all_ids, id_column, dataset_name=fs.path.parent.name)
+    meta = load_metadata(meta_path, fs.all_ids(), id_column, dataset_name=fs.path.parent.name)
     label_cols = _label_columns(meta, fs)
     if columns:
         unknown = [c for c in columns if c not in meta.columns]
