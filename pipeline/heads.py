@@ -32,6 +32,7 @@ from pipeline.data import stratified_split
 from pipeline.errors import PipelineError
 from pipeline.extract import cache_path
 from pipeline.features import FeatureSet, SplitData, fuse, load_features, metadata_table
+from pipeline.results import head_name
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class HeadResult:
     tune_seconds: float
     fit_seconds: float
     n_train: int
+    test_pred: np.ndarray
 
 
 def _subsample(d: SplitData, n: int, seed: int) -> SplitData:
@@ -141,7 +143,7 @@ def fit_head(
         best.fit(X_fit, y_fit)
         fit_seconds = time.perf_counter() - t0
     pred = best.predict(test.X)
-    params = {k.split("__")[-1] if k == "clf__C" else "meta_weight": v for k, v in search.best_params_.items()}
+    params = {"C" if k == "clf__C" else "meta_weight": v for k, v in search.best_params_.items()}
     res = HeadResult(
         head,
         features,
@@ -151,12 +153,9 @@ def fit_head(
         tune_seconds,
         fit_seconds,
         len(y_fit),
+        pred,
     )
     return best, res
-
-
-def head_name(head: str, features: str) -> str:
-    return head + {"image": "", "image+meta": "+meta", "image+meta_norm": "+meta_norm"}[features]
 
 
 def run(cfg: Config) -> list[HeadResult]:
@@ -202,7 +201,7 @@ def run(cfg: Config) -> list[HeadResult]:
                 out_dir / f"{name}.predictions.csv",
                 splits["test"].ids,
                 splits["test"].y,
-                model.predict(splits["test"].X),
+                r.test_pred,
                 fs.class_names,
             )
             results.upsert(

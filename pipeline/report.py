@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config, library_versions, writable_dir
-from pipeline.results import read_results, results_path
+from pipeline.results import head_name, read_results, results_path
 
 log = logging.getLogger(__name__)
 
@@ -411,12 +411,10 @@ def run(cfg: Config) -> Path:
     models: list[tuple[str, pd.DataFrame, Path]] = []
     if len(best_head):
         b = best_head.iloc[0]
-        suffix = {"image": "", "image+meta": "+meta", "image+meta_norm": "+meta_norm"}[b["features"]]
-        p = art / "heads" / dataset / b["backbone"] / f"{b['method']}{suffix}.predictions.csv"
+        name = head_name(b["method"], b["features"])
+        p = art / "heads" / dataset / b["backbone"] / f"{name}.predictions.csv"
         if p.exists():
-            models.append(
-                (f"best head by validation accuracy: {b['backbone']} {b['method']}{suffix}", pd.read_csv(p), p)
-            )
+            models.append((f"best head by validation accuracy: {b['backbone']} {name}", pd.read_csv(p), p))
     for bb in ok[ok["method"] == "finetune"]["backbone"]:
         p = art / "models" / dataset / f"{bb}-finetuned.predictions.csv"
         if p.exists():

@@ -33,6 +33,11 @@ COLUMNS = KEY + [
 ]
 
 
+def head_name(head: str, features: str) -> str:
+    """How a head's artifacts are named: ``logreg``, ``logreg+meta``, ``logreg+meta_norm``."""
+    return head + {"image": "", "image+meta": "+meta", "image+meta_norm": "+meta_norm"}[features]
+
+
 def results_path(artifacts: str | Path, dataset: str) -> Path:
     return Path(artifacts) / "results" / f"{dataset}.csv"
 
