@@ -235,6 +235,7 @@ def run(cfg: Config, dataset: Dataset | None = None) -> FinetuneResult:
             scores=scores,
             phase_seconds=res.phase_seconds,
             epochs_run=res.epochs_run,
+            class_names=ds.class_names,
             device="GPU" if gpu else "CPU",
         ),
     )

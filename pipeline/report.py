@@ -13,6 +13,7 @@ import html
 import json
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -361,6 +362,15 @@ def _render(sections: list[tuple[str, object]], title: str, out_dir: Path) -> No
     (out_dir / "report.html").write_text("\n".join(ht) + "\n")
 
 
+class Evaluated(NamedTuple):
+    """A model whose per-image test predictions the report analyses."""
+
+    name: str
+    pred: pd.DataFrame
+    path: Path
+    finetuned: str | None = None  # the backbone, for a fine-tuned model
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -408,61 +418,59 @@ def run(cfg: Config) -> Path:
     ok = table[table["status"] == "ok"]
     head_rows = ok[ok["method"] != "finetune"]
     best_head = head_rows.sort_values("val_accuracy", ascending=False).head(1)
-    models: list[tuple[str, pd.DataFrame, Path]] = []
+    models: list[Evaluated] = []
     if len(best_head):
         b = best_head.iloc[0]
         name = head_name(b["method"], b["features"])
         p = art / "heads" / dataset / b["backbone"] / f"{name}.predictions.csv"
         if p.exists():
-            models.append((f"best head by validation accuracy: {b['backbone']} {name}", pd.read_csv(p), p))
+            models.append(Evaluated(f"best head by validation accuracy: {b['backbone']} {name}", pd.read_csv(p), p))
     for bb in ok[ok["method"] == "finetune"]["backbone"]:
         p = art / "models" / dataset / f"{bb}-finetuned.predictions.csv"
         if p.exists():
-            models.append((f"fine-tuned {bb}", pd.read_csv(p), p))
+            models.append(Evaluated(f"fine-tuned {bb}", pd.read_csv(p), p, finetuned=bb))
+    records = {m.name: _read_json(m.path.with_name(m.path.name.replace(".predictions.csv", ".json"))) for m in models}
 
-    class_names = _class_names(models)
-    for k, (name, pred, _) in enumerate(models):
-        png = out_dir / f"confusion_{k}_{'finetune' if name.startswith('fine') else 'head'}.png"
-        plot_confusion(pred, class_names, png, name)
-        sections.append((f"Confusion matrices: {name}", png))
-        sections.append((f"Per-class precision / recall / F1: {name}", per_class_table(pred, class_names)))
+    class_names = next((r["class_names"] for r in records.values() if r and "class_names" in r), None)
+    class_names = class_names or _class_names_seen(models)
+    for k, m in enumerate(models):
+        png = out_dir / f"confusion_{k}_{'finetune' if m.finetuned else 'head'}.png"
+        plot_confusion(m.pred, class_names, png, m.name)
+        sections.append((f"Confusion matrices: {m.name}", png))
+        sections.append((f"Per-class precision / recall / F1: {m.name}", per_class_table(m.pred, class_names)))
 
     if meta is not None:
-        for name, pred, _ in models:
-            sub = subgroup_accuracy(pred, meta, cfg.report.subgroup_max_values)
-            overall = float((pred["y_true"] == pred["y_pred"]).mean())
+        for m in models:
+            sub = subgroup_accuracy(m.pred, meta, cfg.report.subgroup_max_values)
+            overall = float((m.pred["y_true"] == m.pred["y_pred"]).mean())
             sections.append(
                 (
-                    f"Accuracy per metadata subgroup: {name} (overall {overall:.4f})",
+                    f"Accuracy per metadata subgroup: {m.name} (overall {overall:.4f})",
                     sub if len(sub) else "no binary/categorical metadata columns",
                 )
             )
 
-    ft_models = [(name, pred) for name, pred, _ in models if name.startswith("fine-tuned")]
-    if ft_models and cfg.report.gradcam_images > 0:
-        bb = ft_models[0][0].split(" ", 1)[1]
+    finetuned = [m for m in models if m.finetuned]
+    if finetuned and cfg.report.gradcam_images > 0:
+        m = finetuned[0]
         png = out_dir / "gradcam.png"
-        model_file = art / "models" / dataset / f"{bb}-finetuned.keras"
+        model_file = art / "models" / dataset / f"{m.finetuned}-finetuned.keras"
         try:
             if model_file.exists() and plot_gradcam(
-                model_file, ft_models[0][1], cfg.dataset_dir, class_names, cfg.report.gradcam_images, png
+                model_file, m.pred, cfg.dataset_dir, class_names, cfg.report.gradcam_images, png
             ):
                 sections.append(("Grad-CAM (fine-tuned model)", png))
         except (OSError, ValueError) as e:
             log.warning("warning: Grad-CAM skipped: %s", str(e).splitlines()[0])
 
-    records = {}
-    for name, _, p in models:
-        rec = _read_json(p.with_name(p.name.replace(".predictions.csv", ".json")))
-        if rec:
-            records[name] = {
-                "config": rec.get("config"),
-                "versions": rec.get("versions"),
-                "timestamp": rec.get("timestamp"),
-            }
-    records["report"] = {"versions": library_versions()}
+    shown_records = {
+        name: {"config": r.get("config"), "versions": r.get("versions"), "timestamp": r.get("timestamp")}
+        for name, r in records.items()
+        if r
+    }
+    shown_records["report"] = {"versions": library_versions()}
     sections.append(
-        ("Configuration and library versions", "```\n" + json.dumps(records, indent=2, default=str) + "\n```")
+        ("Configuration and library versions", "```\n" + json.dumps(shown_records, indent=2, default=str) + "\n```")
     )
 
     _render(sections, f"Transfer learning on {dataset}: frozen features + heads vs fine-tuning", out_dir)
@@ -470,11 +478,12 @@ def run(cfg: Config) -> Path:
     return out_dir / "report.html"
 
 
-def _class_names(models) -> list[str]:
+def _class_names_seen(models: list[Evaluated]) -> list[str]:
+    """Fallback for run records without class names: the classes the predictions mention."""
     names: dict[int, str] = {}
-    for _, pred, _ in models:
-        names.update(dict(zip(pred["y_true"], pred["true"])))
-        names.update(dict(zip(pred["y_pred"], pred["pred"])))
+    for m in models:
+        names.update(dict(zip(m.pred["y_true"], m.pred["true"])))
+        names.update(dict(zip(m.pred["y_pred"], m.pred["pred"])))
     return [names[i] for i in sorted(names)] if names else []
 
 
