@@ -8,6 +8,7 @@ without a stamp is the user's and is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -88,22 +89,37 @@ def _subset(labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return chosen, rest
 
 
-def _check_target(target: Path, params: dict) -> bool:
-    """True when target already holds exactly this preparation."""
+def _up_to_date(target: Path, params: dict) -> bool:
+    """True (and says so) when target already holds exactly this preparation; refuses a user's folder."""
     stamp = target / STAMP
     if not target.exists():
         return False
     if not stamp.exists():
         raise PipelineError(f"{target} exists and was not made by `make data`; move it away or use another DATA name")
-    return json.loads(stamp.read_text()) == params
+    if json.loads(stamp.read_text()) != params:
+        return False
+    log.info("%s is already prepared (%s)", target, ", ".join(f"{k}={v}" for k, v in params.items()))
+    return True
+
+
+@contextlib.contextmanager
+def _staged(target: Path, params: dict):
+    """Yield an empty folder beside target; on success it is stamped and swapped in whole."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    (tmp / STAMP).write_text(json.dumps(params, indent=2) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.replace(target)
 
 
 def prepare_fashion_mnist(target: Path, n_train: int, n_val: int, n_test: int, seed: int) -> Path:
     from PIL import Image
 
     params = {"dataset": "fashion-mnist", "n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed}
-    if _check_target(target, params):
-        log.info("%s is already prepared (%s)", target, ", ".join(f"{k}={v}" for k, v in params.items()))
+    if _up_to_date(target, params):
         return target
     ensure_fashion_package()
     x_tr, y_tr = read_idx(_idx("train-images-idx3-ubyte")), read_idx(_idx("train-labels-idx1-ubyte"))
@@ -119,21 +135,16 @@ def prepare_fashion_mnist(target: Path, n_train: int, n_val: int, n_test: int, s
         train_idx, val_idx = train_idx[train_local], train_idx[val_local]
     test_idx, _ = _subset(y_te, n_test, seed + 2)
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, images, labels, idx, prefix in (
-        ("train", x_tr, y_tr, train_idx, "train"),
-        ("val", x_tr, y_tr, val_idx, "train"),
-        ("test", x_te, y_te, test_idx, "t10k"),
-    ):
-        for c in FASHION_CLASSES:
-            (tmp / split / c).mkdir(parents=True, exist_ok=True)
-        for i in idx:
-            Image.fromarray(images[i]).save(tmp / split / FASHION_CLASSES[labels[i]] / f"{prefix}-{i:05d}.png")
-    (tmp / STAMP).write_text(json.dumps(params, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.replace(target)
+    with _staged(target, params) as tmp:
+        for split, images, labels, idx, prefix in (
+            ("train", x_tr, y_tr, train_idx, "train"),
+            ("val", x_tr, y_tr, val_idx, "train"),
+            ("test", x_te, y_te, test_idx, "t10k"),
+        ):
+            for c in FASHION_CLASSES:
+                (tmp / split / c).mkdir(parents=True, exist_ok=True)
+            for i in idx:
+                Image.fromarray(images[i]).save(tmp / split / FASHION_CLASSES[labels[i]] / f"{prefix}-{i:05d}.png")
     log.info("wrote %s: train %d, val %d, test %d images", target, len(train_idx), len(val_idx), len(test_idx))
     return target
 
@@ -173,27 +184,21 @@ def prepare_elpv(target: Path, n_classes: int, val_fraction: float, test_fractio
     if n_classes not in (2, 4):
         raise PipelineError(f"--elpv-classes must be 2 or 4, not {n_classes}")
     params = {"dataset": "elpv", "classes": n_classes, "val": val_fraction, "test": test_fraction, "seed": seed}
-    if _check_target(target, params):
-        log.info("%s is already prepared (%s)", target, ", ".join(f"{k}={v}" for k, v in params.items()))
+    if _up_to_date(target, params):
         return target
     names, images, proba, types = load_elpv()
     classes = np.asarray([elpv_class(p, n_classes) for p in proba])
     strata = np.unique(np.char.add(np.char.add(classes.astype(str), "|"), types.astype(str)), return_inverse=True)[1]
     parts = stratified_split(strata, [val_fraction, test_fraction], seed)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, idx in zip(("train", "val", "test"), parts):
-        for i in idx:
-            folder = tmp / split / classes[i]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i]).save(folder / names[i])
     import pandas as pd
 
-    pd.DataFrame({"image_id": names, "type": types}).to_csv(tmp / "metadata.csv", index=False)
-    (tmp / STAMP).write_text(json.dumps(params, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.replace(target)
+    with _staged(target, params) as tmp:
+        for split, idx in zip(("train", "val", "test"), parts):
+            for i in idx:
+                folder = tmp / split / classes[i]
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images[i]).save(folder / names[i])
+        pd.DataFrame({"image_id": names, "type": types}).to_csv(tmp / "metadata.csv", index=False)
     log.info(
         "wrote %s: %s; data licence CC BY-NC-SA 4.0 (non-commercial)",
         target,
