@@ -2,9 +2,11 @@
 
 (a) raw forward pass on in-memory tensors (compiled, no I/O),
 (b) the pipeline's `extract` from image files on disk to the HDF5 cache,
-(c) the idiomatic Keras way: image_dataset_from_directory + model.predict.
+(c) the idiomatic Keras way: image_dataset_from_directory + model.predict,
+(d) `extract` with the default taps (every resolution stage pooled in the same pass).
 
-Prints images/s and the ratios (b)/(a) and (b)/(c), plus the peak RSS of
+(b) runs with `--taps none`, so (a)-(c) compare the same single output.
+Prints images/s and the ratios (b)/(a), (b)/(c) and (d)/(b), plus the peak RSS of
 `extract` on two dataset sizes (memory must not grow with the dataset).
 Usage: python benchmarks/extract_throughput.py [--images 960] [--backbone efficientnet_lite0]
 """
@@ -70,7 +72,9 @@ def keras_idiomatic(model, folder: Path, size: int, batch: int) -> float:
     return len(out) / (time.perf_counter() - t0)
 
 
-def pipeline_extract(folder: Path, artifacts: Path, backbone: str, batch: int, size: int | None) -> tuple[float, float]:
+def pipeline_extract(
+    folder: Path, artifacts: Path, backbone: str, batch: int, size: int | None, taps: tuple[str, ...] = ("none",)
+) -> tuple[float, float]:
     """Runs the real stage; returns (images/s over its whole run, images/s over its extraction loop)."""
     from pipeline import extract
     from pipeline.config import Config
@@ -82,6 +86,7 @@ def pipeline_extract(folder: Path, artifacts: Path, backbone: str, batch: int, s
     cfg.backbone.backbone = backbone
     cfg.backbone.input_size = size
     cfg.extract.batch_size = batch
+    cfg.extract.taps = taps
     t0 = time.perf_counter()
     res = extract.run(cfg)
     wall = time.perf_counter() - t0
@@ -138,10 +143,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = make_images(tmp / "images", args.images, Path(args.source))
-        a = b_wall = b_loop = c = 0.0
-        for r in range(args.repeats):  # interleaved, so drift in machine speed hits all three alike
+        a = b_wall = b_loop = c = d_loop = 0.0
+        for r in range(args.repeats):  # interleaved, so drift in machine speed hits all of them alike
             bw, bl = pipeline_extract(folder, tmp / f"art-{r}", args.backbone, args.batch_size, None)
             b_wall, b_loop = max(b_wall, bw), max(b_loop, bl)
+            _, dl = pipeline_extract(folder, tmp / f"taps-{r}", args.backbone, args.batch_size, None, ("stages",))
+            d_loop = max(d_loop, dl)
             a = max(a, raw_forward(model, size, args.batch_size, args.images))
             c = max(c, keras_idiomatic(model, folder, size, args.batch_size))
         rss = {}
@@ -161,6 +168,8 @@ def main() -> None:
         "b_pipeline_extract_img_s": round(b_loop, 2),
         "b_pipeline_extract_wall_img_s": round(b_wall, 2),
         "c_keras_idiomatic_img_s": round(c, 2),
+        "d_pipeline_extract_default_taps_img_s": round(d_loop, 2),
+        "ratio_d_taps_over_b_no_taps": round(d_loop / b_loop, 3),
         "ratio_b_over_a": round(b_loop / a, 3),
         "ratio_b_over_c": round(b_loop / c, 3),
         "ratio_b_wall_over_c": round(b_wall / c, 3),

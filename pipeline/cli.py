@@ -44,9 +44,19 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
 }
 
 
-def _list_backbones(_args) -> None:
+def _list_backbones(args) -> None:
     from pipeline import backbones
 
+    if args.taps:
+        from pipeline import taps
+
+        spec = backbones.get(args.taps)
+        size = args.input_size or spec.input_size
+        base = spec.build(None, size)  # the graph only: no weights needed to list layers
+        print(f"{spec.name} at {size}px: layers that can be tapped (* = default 'stages' taps)")
+        for layer, shape, default in taps.describe(base):
+            print(f"{'*' if default else ' '} {layer:40s} {shape}")
+        return
     for name, spec in sorted(backbones.REGISTRY.items()):
         print(f"{name:24s} {spec.input_size:4d}px  {spec.family:6s} {spec.preprocessing}")
 
@@ -62,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         add_config_arguments(p, sections)
-    sub.add_parser("backbones", help="list the registered backbones", description="list the registered backbones")
+    bb = sub.add_parser("backbones", help="list the registered backbones", description="list the registered backbones")
+    bb.add_argument("--taps", metavar="BACKBONE", help="list BACKBONE's layers that extract --taps can pool")
+    bb.add_argument("--input-size", type=int, default=None, help="input side for --taps (default: native)")
     return parser
 
 

@@ -67,11 +67,26 @@ class BackboneConfig:
 class ExtractConfig:
     batch_size: int = _opt(32, "images per forward pass (also the resume granularity)")
     strict: bool = _opt(False, "fail on the first unreadable image instead of skipping it with a warning")
+    taps: tuple[str, ...] = _opt(
+        ("stages",),
+        "intermediate layers pooled in the same forward pass: 'stages' (the last layer of each resolution "
+        "stage, found from the graph), 'none', or layer names (`python -m pipeline backbones --taps BACKBONE`)",
+    )
+    tap_grid: int = _opt(1, "pool each tap to GRID x GRID cells and flatten (1 = global average)")
+    views: int = _opt(0, "also cache this many augmented views of every training image (heads: --train-views)")
 
 
 @dataclass
 class HeadsConfig:
-    heads: tuple[str, ...] = _opt(("linear_svm", "rbf_svm", "logreg"), "heads to fit: linear_svm rbf_svm logreg")
+    heads: tuple[str, ...] = _opt(
+        ("linear_svm", "rbf_svm", "logreg", "mlp", "knn"), "heads to fit: linear_svm rbf_svm logreg mlp knn"
+    )
+    layers: tuple[str, ...] = _opt(
+        ("last", "auto"),
+        "layer sets the heads read, each its own results row: last (final embedding), all (every cached tap + "
+        "last), auto (chosen on val), or tap layer names (together one set)",
+    )
+    train_views: int = _opt(0, "also fit on this many cached augmented views of each training image (extract --views)")
     features: tuple[str, ...] = _opt(
         ("image", "image+meta", "image+meta_norm"),
         "feature sets: image, image+meta (raw metadata appended), image+meta_norm (standardised, weighted); "
@@ -86,6 +101,9 @@ class HeadsConfig:
     meta_columns: tuple[str, ...] = _opt((), "metadata columns to use (default: all but id and label-like columns)")
     metadata_missing: str = _opt("error", "images without metadata", choices=("error", "drop", "impute"))
     refit: str = _opt("train", "after tuning, refit on train or train+val", choices=("train", "train+val"))
+    k_grid: tuple[int, ...] = _opt((1, 3, 5, 10, 20, 50), "knn: neighbour counts tried on the validation split")
+    mlp_hidden: int = _opt(1024, "mlp: hidden units")
+    mlp_dropout: tuple[float, ...] = _opt((0.25, 0.5), "mlp: dropout rates tried on the validation split")
     rbf_max_train: int = _opt(10000, "rbf_svm is O(N^2): above this many training images, subsample (stratified)")
     max_iter: int = _opt(1000, "iteration cap for liblinear / lbfgs solvers")
     n_jobs: int = _opt(-1, "parallel jobs for the grid search (-1 = all cores)")

@@ -5,6 +5,11 @@ hash, input size, preprocessing, the exact file list); a hit does no forward
 pass, a miss never reuses stale features. Rows are appended batch by batch to
 ``<backbone>.h5.partial`` and flushed, so an interrupted run resumes from its
 last complete batch; the file is renamed into place only when complete.
+
+Taps (``pipeline.taps``) add one dataset per tapped layer under each split's
+``taps/`` group, written with the final embedding from the same forward pass.
+``--views K`` adds a ``views`` group: K augmented passes over the training
+images (the fine-tune's own augmentation layers), for heads' ``--train-views``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import h5py
 import numpy as np
 
 from pipeline import backbones
+from pipeline import taps as taps_mod
 from pipeline.config import Config, library_versions, run_record, writable_dir, write_json_atomic
 from pipeline.data import SPLITS, Dataset, image_dataset, load_dataset
 from pipeline.errors import PipelineError
@@ -35,7 +41,10 @@ KEY_FIELDS = (
     "preprocessing",
     "dataset_fingerprint",
     "class_names",
+    "taps",
+    "views",
 )
+VIEWS = "views"  # augmented training views, a group beside the split groups
 
 
 @dataclass
@@ -51,7 +60,17 @@ def cache_path(cfg: Config) -> Path:
     return Path(cfg.artifacts) / "features" / cfg.dataset_name / f"{cfg.backbone.backbone}.h5"
 
 
-def cache_key(spec: backbones.BackboneSpec, weights: backbones.Weights, size: int, ds: Dataset) -> dict:
+def cache_key(
+    spec: backbones.BackboneSpec, weights: backbones.Weights, size: int, ds: Dataset, cfg: Config | None = None
+) -> dict:
+    """What makes the numbers. Taps are keyed as requested (resolving names needs the model,
+    which a cache hit must not build); without taps or views the key is what older caches have."""
+    extra = {}
+    if cfg is not None and cfg.extract.taps and list(cfg.extract.taps) != [taps_mod.NONE]:
+        extra["taps"] = json.dumps({"taps": list(cfg.extract.taps), "grid": cfg.extract.tap_grid})
+    if cfg is not None and cfg.extract.views:
+        views = {"views": cfg.extract.views, "augment": list(cfg.finetune.augment), "seed": cfg.data.seed}
+        extra["views"] = json.dumps(views)
     return {
         "format": CACHE_FORMAT,
         "backbone": spec.name,
@@ -61,6 +80,7 @@ def cache_key(spec: backbones.BackboneSpec, weights: backbones.Weights, size: in
         "preprocessing": spec.preprocessing,
         "dataset_fingerprint": ds.fingerprint(),
         "class_names": json.dumps(ds.class_names),
+        **extra,
     }
 
 
@@ -78,7 +98,27 @@ def _contents(f: h5py.File) -> tuple[int, dict[str, list[str]]]:
     return n, {s: f[s]["skipped"].asstr()[()].tolist() for s in SPLITS}
 
 
-def _open_partial(path: Path, key: dict, dim: int) -> h5py.File:
+def _create_rows(g: h5py.Group, dim: int, taps: list[taps_mod.Tap]) -> None:
+    g.create_dataset("embeddings", (0, dim), "float32", maxshape=(None, dim), chunks=(256, dim))
+    g.create_dataset("labels", (0,), "int64", maxshape=(None,), chunks=(4096,))
+    g.create_dataset("ids", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(4096,))
+    if taps:
+        tg = g.create_group("taps")
+        for t in taps:
+            d = tg.create_dataset(t.layer, (0, t.width), "float32", maxshape=(None, t.width), chunks=(256, t.width))
+            d.attrs.update(layer=t.layer, width=t.width, shape=list(t.shape), grid=t.grid)
+    g.attrs.update(rows=0, next_index=0)
+
+
+def row_datasets(g: h5py.Group) -> list[str]:
+    """Every per-row dataset of a group: embeddings, labels, ids, then its taps in order."""
+    names = ["embeddings", "labels", "ids"]
+    if "taps" in g:
+        names += [f"taps/{n}" for n in json.loads(g.file.attrs["tap_layers"])]
+    return names
+
+
+def _open_partial(path: Path, key: dict, dim: int, taps: list[taps_mod.Tap], groups: tuple[str, ...]) -> h5py.File:
     """Reopen a partial cache made with the same key, or start a new one."""
     if path.exists():
         try:
@@ -87,13 +127,13 @@ def _open_partial(path: Path, key: dict, dim: int) -> h5py.File:
             log.warning("warning: %s is unreadable (killed mid-write?); starting over", path.name)
             path.unlink()
         else:
-            if read_key(f) == key and all(s in f for s in SPLITS):
-                for s in SPLITS:
+            if read_key(f) == key and all(s in f for s in groups):
+                for s in groups:
                     g = f[s]
                     rows = int(g.attrs["rows"])
-                    for name in ("embeddings", "labels", "ids"):
+                    for name in row_datasets(g):
                         g[name].resize(rows, axis=0)
-                done = sum(int(f[s].attrs["rows"]) for s in SPLITS)
+                done = sum(int(f[s].attrs["rows"]) for s in groups)
                 log.info("resuming %s: %d embeddings already written", path.name, done)
                 return f
             f.close()
@@ -103,21 +143,26 @@ def _open_partial(path: Path, key: dict, dim: int) -> h5py.File:
     f = h5py.File(path, "w")
     f.attrs.update(key)
     f.attrs["extract_seconds"] = 0.0
-    for s in SPLITS:
-        g = f.create_group(s)
-        g.create_dataset("embeddings", (0, dim), "float32", maxshape=(None, dim), chunks=(256, dim))
-        g.create_dataset("labels", (0,), "int64", maxshape=(None,), chunks=(4096,))
-        g.create_dataset("ids", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(4096,))
-        g.attrs.update(rows=0, next_index=0)
+    f.attrs["tap_layers"] = json.dumps([t.layer for t in taps])
+    for s in groups:
+        _create_rows(f.create_group(s), dim, taps)
     f.flush()
     return f
 
 
-def append_rows(group: h5py.Group, embeddings: np.ndarray, labels: np.ndarray, ids: list[str], next_index: int) -> None:
-    """Append one batch and only then advance the resume point (crash-consistent order)."""
+def append_rows(
+    group: h5py.Group,
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    ids: list[str],
+    next_index: int,
+    taps: list[np.ndarray] = (),
+) -> None:
+    """Append one batch (and its taps) and only then advance the resume point (crash-consistent order)."""
     rows = int(group.attrs["rows"])
     n = len(ids)
-    for name, values in (("embeddings", embeddings), ("labels", labels), ("ids", np.asarray(ids, dtype=object))):
+    columns = [embeddings, labels, np.asarray(ids, dtype=object), *taps]
+    for name, values in zip(row_datasets(group), columns, strict=True):
         group[name].resize(rows + n, axis=0)
         group[name][rows:] = values
     group.file.flush()
@@ -131,7 +176,7 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
     spec = backbones.get(cfg.backbone.backbone)
     size = cfg.backbone.input_size or spec.input_size
     weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
-    key = cache_key(spec, weights, size, ds)
+    key = cache_key(spec, weights, size, ds, cfg)
     out = cache_path(cfg)
     writable_dir(out.parent)
 
@@ -147,29 +192,44 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
     import tensorflow as tf
 
     with backbones.device_policy(cfg.backbone.mixed_precision) as gpu:
-        model = backbones.feature_model(spec, backbones.build_backbone(spec, weights, size, cfg.data.seed))
-    dim = int(model.output_shape[-1])
+        base = backbones.build_backbone(spec, weights, size, cfg.data.seed)
+        taps = taps_mod.resolve(base, cfg.extract.taps, cfg.extract.tap_grid, spec.name)
+        model = taps_mod.feature_model(spec, base, taps)
+        augment = augmentation(cfg.finetune.augment, cfg.data.seed) if cfg.extract.views else None
+    dim = int(base.output_shape[-1])
     log.info(
-        "extracting %s with %s (%s, %dpx, %s) on %s",
+        "extracting %s with %s (%s, %dpx, %s) on %s%s%s",
         ds.summary(),
         spec.name,
         weights.describe(),
         size,
         spec.preprocessing,
         "GPU" if gpu else "CPU",
+        f"; taps: {', '.join(f'{t.layer} ({t.width})' for t in taps)}" if taps else "",
+        f"; {cfg.extract.views} augmented views of train" if cfg.extract.views else "",
     )
     if weights.is_random:
         log.warning("warning: random weights - these features are for tests, not for conclusions")
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
     def forward(x):
-        return model(x, training=False)
+        out = model(x, training=False)
+        return out if isinstance(out, list | tuple) else [out]
 
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
+    def forward_augmented(x):
+        return forward(augment(x, training=True))
+
+    groups = SPLITS + ((VIEWS,) if cfg.extract.views else ())
     partial = out.with_name(out.name + ".partial")
-    f = _open_partial(partial, key, dim)
+    f = _open_partial(partial, key, dim, taps, groups)
     try:
         _extract_splits(f, ds, forward, size, cfg)
+        if cfg.extract.views:
+            _extract_views(f, ds, forward_augmented, size, cfg)
         f.attrs.update(
+            tap_widths=json.dumps([t.width for t in taps]),
+            views_count=cfg.extract.views,
             embedding_dim=dim,
             complete=True,
             device="GPU" if gpu else "CPU",
@@ -186,32 +246,62 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
     return ExtractResult(out, False, n, seconds, skipped)
 
 
+def augmentation(names: tuple[str, ...], seed: int):
+    """The fine-tune's augmentation layers (``finetune.augment``) as one Sequential model."""
+    import keras
+
+    from pipeline.finetune import augmentation_layers
+
+    return keras.Sequential(augmentation_layers(names, seed), name="view_augmentation")
+
+
 def _extract_splits(f: h5py.File, ds: Dataset, forward, size: int, cfg: Config) -> None:
     """One tf.data pipeline over every split's remaining images, so decoding never restarts
     (and the forward pass never waits) at a split boundary; rows go to their split's group."""
+    sources = {s: (ds.splits[s].ids, ds.splits[s].labels) for s in SPLITS}
+    _run_pass(f, ds, sources, forward, size, cfg, "extract")
+
+
+def _extract_views(f: h5py.File, ds: Dataset, forward, size: int, cfg: Config) -> None:
+    """K augmented passes over train, view-major (row j is view j // N of image j % N)."""
+    train = ds.splits["train"]
+    ids = list(train.ids) * cfg.extract.views
+    _run_pass(f, ds, {VIEWS: (ids, np.tile(train.labels, cfg.extract.views))}, forward, size, cfg, "views")
+
+
+def _run_pass(f: h5py.File, ds: Dataset, sources: dict, forward, size: int, cfg: Config, desc: str) -> None:
+    """Forward every remaining item of ``sources`` ({group: (ids, labels)}) and append the rows."""
     from tqdm.auto import tqdm
 
-    todo = [(s, i) for s in SPLITS for i in range(int(f[s].attrs["next_index"]), len(ds.splits[s]))]
-    paths = [str(ds.root / ds.splits[s].ids[i]) for s, i in todo]
-    split_of = np.asarray([SPLITS.index(s) for s, _ in todo], dtype=np.int64)
+    groups = list(sources)
+    todo = [(g, i) for g in groups for i in range(int(f[g].attrs["next_index"]), len(sources[g][0]))]
+    paths = [str(ds.root / sources[g][0][i]) for g, i in todo]
+    group_of = np.asarray([groups.index(g) for g, _ in todo], dtype=np.int64)
     local = np.asarray([i for _, i in todo], dtype=np.int64)
-    bar = tqdm(total=len(todo), unit="img", desc="extract", disable=None, smoothing=0.1)
+    bar = tqdm(total=len(todo), unit="img", desc=desc, disable=None, smoothing=0.1)
     pos = 0
     t0 = time.perf_counter()
     try:
         for images, index in image_dataset(paths, size, cfg.extract.batch_size):
-            emb = forward(images).numpy().astype(np.float32, copy=False)
+            outs = [o.numpy().astype(np.float32, copy=False) for o in forward(images)]
             index = index.numpy()
             end = int(index[-1]) + 1
             if cfg.extract.strict and end - pos != len(index):
                 first = sorted(set(range(pos, end)) - set(index.tolist()))[0]
-                _unreadable(ds, *todo[first])
-            for k, split in enumerate(SPLITS):
-                sel = split_of[index] == k
+                _unreadable(sources[todo[first][0]][0][todo[first][1]])
+            for k, group in enumerate(groups):
+                sel = group_of[index] == k
                 if sel.any():
                     rows = local[index[sel]]
-                    s = ds.splits[split]
-                    append_rows(f[split], emb[sel], s.labels[rows], [s.ids[i] for i in rows], int(rows[-1]) + 1)
+                    ids, labels = sources[group]
+                    append_rows(
+                        f[group],
+                        outs[0][sel],
+                        labels[rows],
+                        [ids[i] for i in rows],
+                        int(rows[-1]) + 1,
+                        [o[sel] for o in outs[1:]],
+                    )
             now = time.perf_counter()
             f.attrs["extract_seconds"] = float(f.attrs["extract_seconds"]) + now - t0
             t0 = now
@@ -220,21 +310,21 @@ def _extract_splits(f: h5py.File, ds: Dataset, forward, size: int, cfg: Config) 
     finally:
         bar.close()
     if cfg.extract.strict and pos < len(todo):
-        _unreadable(ds, *todo[pos])
-    for split in SPLITS:
-        g = f[split]
-        g.attrs["next_index"] = len(ds.splits[split])
+        _unreadable(sources[todo[pos][0]][0][todo[pos][1]])
+    for group in groups:
+        g = f[group]
+        g.attrs["next_index"] = len(sources[group][0])
         written = set(g["ids"].asstr()[()])
-        skipped = [i for i in ds.splits[split].ids if i not in written]
+        skipped = list(dict.fromkeys(i for i in sources[group][0] if i not in written))
         if "skipped" in g:
             del g["skipped"]
         g.create_dataset("skipped", data=np.asarray(skipped, dtype=object), dtype=h5py.string_dtype())
         if skipped:
             log.warning(
-                "warning: skipped %d unreadable file(s) in %s: %s", len(skipped), split, ", ".join(skipped[:10])
+                "warning: skipped %d unreadable file(s) in %s: %s", len(skipped), group, ", ".join(skipped[:10])
             )
     f.flush()
 
 
-def _unreadable(ds: Dataset, split: str, i: int):
-    raise PipelineError(f"unreadable image {ds.splits[split].ids[i]} (--strict; drop --strict to skip such files)")
+def _unreadable(image_id: str):
+    raise PipelineError(f"unreadable image {image_id} (--strict; drop --strict to skip such files)")

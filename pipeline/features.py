@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
+LAST = "last"  # the final embedding, as a layer name
 LABEL_LIKE = {"label", "labels", "class", "class_name", "target", "y", "category"}
 MISSING_POLICIES = ("error", "drop", "impute")
 
@@ -36,10 +37,58 @@ class SplitData:
 
 @dataclass
 class FeatureSet:
+    """A cache's splits. ``X`` is the final embedding unless ``with_layers`` chose other blocks;
+    ``taps`` holds every cached tap per split, ``views`` the augmented training views."""
+
     path: Path
     splits: dict[str, SplitData]
     class_names: list[str]
     attrs: dict = field(default_factory=dict)
+    taps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # split -> layer -> (N, width)
+    views: dict[str, np.ndarray] | None = None  # "last" / layer -> (N * K, width), plus "y", "ids", "view"
+    blocks: list[tuple[str, int]] = field(default_factory=list)  # what X holds, in order
+
+    def layer_names(self) -> list[str]:
+        """``last`` (the final embedding) and the tapped layers, in network order."""
+        return [LAST] + list(self.taps.get("train", {}))
+
+    def block(self, split: str, name: str) -> np.ndarray:
+        if name == LAST:
+            return self._embeddings[split]
+        try:
+            return self.taps[split][name]
+        except KeyError:
+            raise PipelineError(f"{self.path} has no tap '{name}' (has: {', '.join(self.layer_names())})") from None
+
+    @property
+    def n_views(self) -> int:
+        return 0 if self.views is None else int(self.views["view"].max()) + 1 if len(self.views["view"]) else 0
+
+    def with_layers(self, layers: list[str], train_views: int = 0) -> FeatureSet:
+        """A FeatureSet whose X is the named blocks side by side (train + ``train_views`` views)."""
+        if train_views > self.n_views:
+            raise PipelineError(
+                f"--train-views {train_views} but {self.path.name} holds {self.n_views} augmented views of train; "
+                f"rerun `make extract` with --views {train_views}"
+            )
+        splits = {}
+        for s in SPLITS:
+            d = self.splits[s]
+            X = np.hstack([self.block(s, n) for n in layers]) if len(layers) > 1 else self.block(s, layers[0])
+            splits[s] = SplitData(X, d.y, d.ids)
+        if train_views:
+            keep = self.views["view"] < train_views
+            Xv = np.hstack([self.views[n][keep] for n in layers])
+            t = splits["train"]
+            splits["train"] = SplitData(
+                np.vstack([t.X, Xv]),
+                np.concatenate([t.y, self.views["y"][keep]]),
+                np.concatenate([t.ids, self.views["ids"][keep]]),
+            )
+        widths = [(n, self.block("train", n).shape[1]) for n in layers]
+        out = FeatureSet(self.path, splits, self.class_names, self.attrs, self.taps, self.views, widths)
+        out._embeddings = self._embeddings
+        return out
 
     @property
     def backbone(self) -> str:
@@ -54,7 +103,13 @@ class FeatureSet:
 
     @property
     def embedding_dim(self) -> int:
-        return self.splits["train"].X.shape[1]
+        """Width of the final embedding (the reference width blocks are scaled to)."""
+        return self._embeddings["train"].shape[1]
+
+    def __post_init__(self):
+        self._embeddings = {s: d.X for s, d in self.splits.items()}
+        if not self.blocks:
+            self.blocks = [(LAST, self.splits["train"].X.shape[1])]
 
 
 def load_features(path: Path, backbone: str | None = None) -> FeatureSet:
@@ -76,7 +131,20 @@ def load_features(path: Path, backbone: str | None = None) -> FeatureSet:
             s: SplitData(f[s]["embeddings"][()], f[s]["labels"][()], f[s]["ids"].asstr()[()].astype(object))
             for s in SPLITS
         }
-    return FeatureSet(path, splits, json.loads(attrs["class_names"]), attrs)
+        layers = json.loads(attrs.get("tap_layers", "[]"))
+        taps = {s: {n: f[s]["taps"][n][()] for n in layers} for s in SPLITS} if layers else {}
+        views = None
+        if "views" in f:
+            g = f["views"]
+            ids = g["ids"].asstr()[()].astype(object)
+            view = np.empty(len(ids), dtype=np.int64)  # rows are view-major: the k-th row of an id is view k
+            seen: dict[str, int] = {}
+            for r, i in enumerate(ids):
+                view[r] = seen.get(i, 0)
+                seen[i] = view[r] + 1
+            views = {LAST: g["embeddings"][()], "y": g["labels"][()], "ids": ids, "view": view}
+            views.update({n: g["taps"][n][()] for n in layers})
+    return FeatureSet(path, splits, json.loads(attrs["class_names"]), attrs, taps, views)
 
 
 def _label_columns(meta: pd.DataFrame, fs: FeatureSet) -> list[str]:

@@ -47,6 +47,21 @@ def model_path(cfg: Config) -> Path:
     return Path(cfg.artifacts) / "models" / cfg.dataset_name / f"{cfg.backbone.backbone}-finetuned.keras"
 
 
+def augmentation_layers(names: tuple[str, ...], seed: int) -> list:
+    """The Keras augmentation layers named in ``finetune.augment`` (also used for cached views)."""
+    from keras import layers
+
+    aug = {
+        "flip": lambda: layers.RandomFlip("horizontal", seed=seed),
+        "zoom": lambda: layers.RandomZoom(0.1, seed=seed),
+        "translate": lambda: layers.RandomTranslation(0.1, 0.1, seed=seed),
+    }
+    unknown = [a for a in names if a not in aug]
+    if unknown:
+        raise PipelineError(f"unknown augmentation(s) {', '.join(unknown)} (known: {', '.join(aug)})")
+    return [aug[name]() for name in names]
+
+
 def build_model(base, spec: backbones.BackboneSpec, n_classes: int, cfg: Config):
     """raw RGB -> [augmentation] -> preprocessing -> base(training=False) -> dropout -> softmax."""
     import keras
@@ -54,18 +69,10 @@ def build_model(base, spec: backbones.BackboneSpec, n_classes: int, cfg: Config)
 
     from pipeline.backbones.layers import Preprocess
 
-    aug = {
-        "flip": lambda: layers.RandomFlip("horizontal", seed=cfg.data.seed),
-        "zoom": lambda: layers.RandomZoom(0.1, seed=cfg.data.seed),
-        "translate": lambda: layers.RandomTranslation(0.1, 0.1, seed=cfg.data.seed),
-    }
-    unknown = [a for a in cfg.finetune.augment if a not in aug]
-    if unknown:
-        raise PipelineError(f"unknown augmentation(s) {', '.join(unknown)} (known: {', '.join(aug)})")
     inputs = keras.Input(shape=base.input_shape[1:], name="image")
     x = inputs
-    for name in cfg.finetune.augment:
-        x = aug[name]()(x)  # active only while training
+    for layer in augmentation_layers(cfg.finetune.augment, cfg.data.seed):
+        x = layer(x)  # active only while training
     x = Preprocess(spec.preprocess_kind, name="preprocess")(x)
     x = base(x, training=False)
     x = layers.Dropout(cfg.finetune.dropout, name="head_dropout")(x)

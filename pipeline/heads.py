@@ -4,10 +4,15 @@ Linear-probe protocol: standardise, sweep C on a log grid, pick it on the
 validation split (stratified CV on train when there is none), refit, evaluate
 once on test. Tuning and the final fit are timed separately; the cache's
 extraction time is carried along so the report can charge it.
+
+Each head runs per layer set (``--layers``, see ``pipeline.layer_select``) and
+feature set; ``mlp`` and ``knn`` (``pipeline.estimators``) tune themselves on
+the validation split instead of through a grid of independent fits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -26,10 +31,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from pipeline import results
+from pipeline import layer_select, results
 from pipeline.config import Config, atomic_path, run_record, writable_dir, write_json_atomic
 from pipeline.data import stratified_split
 from pipeline.errors import PipelineError
+from pipeline.estimators import CosineKNN, KerasMLP
 from pipeline.extract import cache_path
 from pipeline.features import FeatureSet, SplitData, fuse, load_features, metadata_table
 from pipeline.results import head_name
@@ -37,6 +43,8 @@ from pipeline.results import head_name
 log = logging.getLogger(__name__)
 
 FEATURE_SETS = ("image", "image+meta", "image+meta_norm")
+HEADS = ("linear_svm", "rbf_svm", "logreg", "mlp", "knn")
+VAL_TUNED = ("mlp", "knn")  # tuned by their own ``tune`` on the validation split
 
 
 class BlockWeight(BaseEstimator, TransformerMixin):
@@ -56,7 +64,8 @@ class BlockWeight(BaseEstimator, TransformerMixin):
         return self
 
     def transform(self, X):
-        return np.asarray(X, dtype=np.float64) * self.factor_
+        X = np.asarray(X)
+        return X * np.asarray(self.factor_, dtype=X.dtype if X.dtype.kind == "f" else np.float64)
 
 
 def make_classifier(head: str, cfg: Config, seed: int):
@@ -69,26 +78,59 @@ def make_classifier(head: str, cfg: Config, seed: int):
         return SVC(kernel="rbf", gamma="scale", cache_size=1000, random_state=seed)
     if head == "logreg":
         return LogisticRegression(solver="lbfgs", max_iter=h.max_iter)
-    raise PipelineError(f"unknown head '{head}' (known: linear_svm, rbf_svm, logreg)")
+    if head == "knn":
+        return CosineKNN()
+    if head == "mlp":
+        return KerasMLP(hidden=h.mlp_hidden, seed=seed)
+    raise PipelineError(f"unknown head '{head}' (known: {', '.join(HEADS)})")
 
 
-def make_pipeline(head: str, features: str, dim: int, n_meta: int, cfg: Config, seed: int) -> tuple[Pipeline, dict]:
-    """The estimator and its grid; embeddings are always standardised inside the pipeline."""
+def _grid(head: str, cfg: Config) -> dict:
+    if head == "knn":
+        return {"clf__n_neighbors": list(cfg.heads.k_grid)}
+    if head == "mlp":
+        return {"clf__dropout": list(cfg.heads.mlp_dropout)}
+    return {"clf__C": list(cfg.heads.c_grid)}
+
+
+def make_pipeline(
+    head: str, features: str, dims: int | list[int], n_meta: int, cfg: Config, seed: int, ref: int | None = None
+) -> tuple[Pipeline, dict]:
+    """The estimator and its grid. Image features are standardised inside the pipeline; with
+    several blocks (layers) each is also scaled to ``ref`` dimensions' worth of variance."""
     clf = make_classifier(head, cfg, seed)
-    grid = {"clf__C": list(cfg.heads.c_grid)}
-    if features == "image":
+    grid = _grid(head, cfg)
+    widths = [dims] if isinstance(dims, int) else list(dims)
+    if features == "image" and len(widths) == 1:
         return Pipeline([("scale", StandardScaler()), ("clf", clf)]), grid
-    image = ("image", StandardScaler(), slice(0, dim))
+    ref = ref or widths[0]
+    blocks, start = [], 0
+    for k, w in enumerate(widths):
+        if len(widths) == 1:
+            blocks.append(("image", StandardScaler(), slice(0, w)))
+        else:
+            blocks.append(
+                (
+                    f"layer{k}",
+                    Pipeline([("scale", StandardScaler()), ("weight", BlockWeight(1.0, ref))]),
+                    slice(start, start + w),
+                )
+            )
+        start += w
+    dim = start
+    image_variance = dim if len(widths) == 1 else ref * len(widths)
     if features == "image+meta":
-        meta = ("meta", "passthrough", slice(dim, dim + n_meta))
-    else:
-        meta = (
-            "meta",
-            Pipeline([("scale", StandardScaler()), ("weight", BlockWeight(1.0, dim))]),
-            slice(dim, dim + n_meta),
+        blocks.append(("meta", "passthrough", slice(dim, dim + n_meta)))
+    elif features == "image+meta_norm":
+        blocks.append(
+            (
+                "meta",
+                Pipeline([("scale", StandardScaler()), ("weight", BlockWeight(1.0, image_variance))]),
+                slice(dim, dim + n_meta),
+            )
         )
         grid["blocks__meta__weight__weight"] = list(cfg.heads.meta_weights)
-    return Pipeline([("blocks", ColumnTransformer([image, meta])), ("clf", clf)]), grid
+    return Pipeline([("blocks", ColumnTransformer(blocks)), ("clf", clf)]), grid
 
 
 @dataclass
@@ -102,6 +144,8 @@ class HeadResult:
     fit_seconds: float
     n_train: int
     test_pred: np.ndarray
+    layers: str = "last"  # the layer set's label: last, all, auto or the names
+    layer_names: list[str] = dataclasses.field(default_factory=lambda: ["last"])
 
 
 def _subsample(d: SplitData, n: int, seed: int) -> SplitData:
@@ -109,10 +153,44 @@ def _subsample(d: SplitData, n: int, seed: int) -> SplitData:
     return d.take(keep)
 
 
+def _param_name(key: str) -> str:
+    return "meta_weight" if key.endswith("meta__weight__weight") else key.removeprefix("clf__")
+
+
+def _tune_on_val(pipe: Pipeline, grid: dict, train: SplitData, val: SplitData, cfg: Config):
+    """knn / mlp: the classifier's own ``tune`` per setting of the preprocessing's grid (the
+    metadata weight); returns (best pipeline fitted on train, params, val accuracy, fit seconds)."""
+    from sklearn.model_selection import ParameterGrid
+
+    if not len(val.y):
+        raise PipelineError(f"{pipe[-1].__class__.__name__} heads are tuned on the validation split; this has none")
+    pre_grid = {k: v for k, v in grid.items() if not k.startswith("clf__")}
+    clf_grid = {k.removeprefix("clf__"): v for k, v in grid.items() if k.startswith("clf__")}
+    best = None
+    for pre_params in ParameterGrid(pre_grid):
+        t0 = time.perf_counter()
+        pre = clone(pipe[:-1]).set_params(**pre_params).fit(train.X)
+        Xt, Xv = pre.transform(train.X), pre.transform(val.X)
+        pre_seconds = time.perf_counter() - t0
+        clf = clone(pipe[-1])
+        params, acc, fit_seconds = clf.tune(Xt, train.y, Xv, val.y, clf_grid)
+        if best is None or acc > best[2]:
+            fitted = Pipeline([*pre.steps, ("clf", clf)])
+            best = (
+                fitted,
+                {**pre_params, **{f"clf__{k}": v for k, v in params.items()}},
+                acc,
+                pre_seconds + fit_seconds,
+            )
+    return best
+
+
 def fit_head(
-    head: str, features: str, splits: dict[str, SplitData], dim: int, cfg: Config
+    head: str, features: str, splits: dict[str, SplitData], dim: int | list[int], cfg: Config, ref: int | None = None
 ) -> tuple[Pipeline, HeadResult]:
-    """Tune C (and the metadata weight) on val, refit, score on test; each step timed."""
+    """Tune C (or k, or dropout; and the metadata weight) on val, refit, score on test; each step timed.
+
+    ``dim`` is the image feature width, or the widths of its blocks (layers) in order."""
     seed = cfg.data.seed
     train, val, test = splits["train"], splits["val"], splits["test"]
     if head == "rbf_svm" and len(train.y) > cfg.heads.rbf_max_train:
@@ -122,8 +200,26 @@ def fit_head(
             len(train.y),
         )
         train = _subsample(train, cfg.heads.rbf_max_train, seed)
-    n_meta = train.X.shape[1] - dim
-    pipe, grid = make_pipeline(head, features, dim, n_meta, cfg, seed)
+    n_meta = train.X.shape[1] - (dim if isinstance(dim, int) else sum(dim))
+    pipe, grid = make_pipeline(head, features, dim, n_meta, cfg, seed, ref)
+    if head in VAL_TUNED:
+        with warnings.catch_warnings():
+            t0 = time.perf_counter()
+            best, best_params, val_acc, fit_seconds = _tune_on_val(pipe, grid, train, val, cfg)
+            tune_seconds = time.perf_counter() - t0 - fit_seconds
+            n_fit = len(train.y)
+            if cfg.heads.refit == "train+val":
+                best = clone(pipe).set_params(**best_params)
+                t0 = time.perf_counter()
+                best.fit(np.vstack([train.X, val.X]), np.concatenate([train.y, val.y]))
+                fit_seconds = time.perf_counter() - t0
+                n_fit += len(val.y)
+        pred = best.predict(test.X)
+        params = {_param_name(k): v for k, v in best_params.items()}
+        res = HeadResult(
+            head, features, params, val_acc, results.scores(test.y, pred), tune_seconds, fit_seconds, n_fit, pred
+        )
+        return best, res
     if len(val.y):
         X_tune = np.vstack([train.X, val.X])
         y_tune = np.concatenate([train.y, val.y])
@@ -143,7 +239,7 @@ def fit_head(
         best.fit(X_fit, y_fit)
         fit_seconds = time.perf_counter() - t0
     pred = best.predict(test.X)
-    params = {"C" if k == "clf__C" else "meta_weight": v for k, v in search.best_params_.items()}
+    params = {_param_name(k): v for k, v in search.best_params_.items()}
     res = HeadResult(
         head,
         features,
@@ -159,82 +255,107 @@ def fit_head(
 
 
 def run(cfg: Config) -> list[HeadResult]:
-    """Fit every configured head on every applicable feature set; save, score, record."""
+    """Fit every configured head on every layer set and applicable feature set; save, score, record."""
     if cfg.heads.refit not in ("train", "train+val"):
         raise PipelineError(f"--refit must be 'train' or 'train+val', not {cfg.heads.refit}")
     unknown = [f for f in cfg.heads.features if f not in FEATURE_SETS]
     if unknown:
         raise PipelineError(f"unknown feature set(s) {', '.join(unknown)} (known: {', '.join(FEATURE_SETS)})")
-    fs = load_features(cache_path(cfg), cfg.backbone.backbone)
+    bad = [h for h in cfg.heads.heads if h not in HEADS]
+    if bad:
+        raise PipelineError(f"unknown head(s) {', '.join(bad)} (known: {', '.join(HEADS)})")
+    full = load_features(cache_path(cfg), cfg.backbone.backbone)
     dataset = cfg.dataset_name
-    out_dir = writable_dir(Path(cfg.artifacts) / "heads" / dataset / fs.backbone)
+    out_dir = writable_dir(Path(cfg.artifacts) / "heads" / dataset / full.backbone)
     res_path = results.results_path(cfg.artifacts, dataset)
+    layer_sets = layer_select.variants(cfg.heads.layers, full.layer_names())
 
-    variants: dict[str, tuple[dict[str, SplitData], list[str]]] = {}
-    if "image" in cfg.heads.features:
-        variants["image"] = (fs.splits, [])
+    meta = None
     meta_sets = [f for f in cfg.heads.features if f != "image"]
     if meta_sets:
         if cfg.metadata_path is None:
             log.info("no metadata for %s: fitting image-only heads", dataset)
+            meta_sets = []
         else:
-            meta = metadata_table(cfg.metadata_path, fs, cfg.heads.meta_columns, cfg.data.id_column)
+            meta = metadata_table(cfg.metadata_path, full, cfg.heads.meta_columns, cfg.data.id_column)
+
+    out: list[HeadResult] = []
+    for label, layers in layer_sets:
+        select_seconds = 0.0
+        if layers is None:
+            sel = layer_select.select(full)
+            layers, select_seconds = sel.chosen, sel.seconds
+            write_json_atomic(out_dir / "layers.json", run_record(cfg, "layers", **dataclasses.asdict(sel)))
+        fs = full.with_layers(layers, cfg.heads.train_views)
+        variants: dict[str, tuple[dict[str, SplitData], list[str]]] = {}
+        if "image" in cfg.heads.features:
+            variants["image"] = (fs.splits, [])
+        if meta_sets:
             fused = fuse(fs, meta, cfg.heads.metadata_missing)
             log.info("metadata: %d columns after encoding (%s)", len(fused[1]), ", ".join(fused[1][:8]))
             for f in meta_sets:
                 variants[f] = fused
-
-    out: list[HeadResult] = []
-    for features, (splits, meta_names) in variants.items():
-        for head in cfg.heads.heads:
-            name = head_name(head, features)
-            log.info(
-                "fitting %s on %s (%d train, %d-dim)",
-                name,
-                fs.backbone,
-                len(splits["train"].y),
-                splits["train"].X.shape[1],
-            )
-            model, r = fit_head(head, features, splits, fs.embedding_dim, cfg)
-            _save(out_dir / name, model, r, fs, cfg, meta_names)
-            results.write_predictions(
-                out_dir / f"{name}.predictions.csv",
-                splits["test"].ids,
-                splits["test"].y,
-                r.test_pred,
-                fs.class_names,
-            )
-            results.upsert(
-                res_path,
-                {
-                    "dataset": dataset,
-                    "backbone": fs.backbone,
-                    "method": head,
-                    "features": features,
-                    "val_accuracy": r.val_accuracy,
-                    **r.scores,
-                    "train_seconds": r.tune_seconds + r.fit_seconds,
-                    "tune_seconds": r.tune_seconds,
-                    "fit_seconds": r.fit_seconds,
-                    "extract_seconds": fs.extract_seconds,
-                    "n_train": r.n_train,
-                    "n_test": len(splits["test"].y),
-                    "params": json.dumps(r.params),
-                    "weights": fs.attrs.get("weights", ""),
-                },
-            )
-            log.info(
-                "  %-24s val %.4f  test %.4f  C=%g  tune %.1fs + fit %.1fs",
-                name,
-                r.val_accuracy,
-                r.scores["test_accuracy"],
-                r.params["C"],
-                r.tune_seconds,
-                r.fit_seconds,
-            )
-            out.append(r)
-    _print_table(out, fs.backbone, res_path)
+        widths = [w for _, w in fs.blocks]
+        for features, (splits, meta_names) in variants.items():
+            for head in cfg.heads.heads:
+                name = head_name(head, features, label)
+                log.info(
+                    "fitting %s on %s [%s] (%d train, %d-dim)",
+                    name,
+                    fs.backbone,
+                    ", ".join(layers),
+                    len(splits["train"].y),
+                    splits["train"].X.shape[1],
+                )
+                model, r = fit_head(head, features, splits, widths, cfg, fs.embedding_dim)
+                r.tune_seconds += select_seconds  # auto's layer search is part of tuning
+                r.layers, r.layer_names = label, list(layers)
+                if label not in (layer_select.LAST,):
+                    r.params["layers"] = list(layers)
+                _save(out_dir / name, model, r, fs, cfg, meta_names)
+                results.write_predictions(
+                    out_dir / f"{name}.predictions.csv",
+                    splits["test"].ids,
+                    splits["test"].y,
+                    r.test_pred,
+                    fs.class_names,
+                )
+                results.upsert(
+                    res_path,
+                    {
+                        "dataset": dataset,
+                        "backbone": fs.backbone,
+                        "method": head,
+                        "features": features,
+                        "layers": label,
+                        "val_accuracy": r.val_accuracy,
+                        **r.scores,
+                        "train_seconds": r.tune_seconds + r.fit_seconds,
+                        "tune_seconds": r.tune_seconds,
+                        "fit_seconds": r.fit_seconds,
+                        "extract_seconds": fs.extract_seconds,
+                        "n_train": r.n_train,
+                        "n_test": len(splits["test"].y),
+                        "params": json.dumps(r.params),
+                        "weights": fs.attrs.get("weights", ""),
+                    },
+                )
+                log.info(
+                    "  %-28s val %.4f  test %.4f  %s  tune %.1fs + fit %.1fs",
+                    name,
+                    r.val_accuracy,
+                    r.scores["test_accuracy"],
+                    _params_text(r.params),
+                    r.tune_seconds,
+                    r.fit_seconds,
+                )
+                out.append(r)
+    _print_table(out, full.backbone, res_path)
     return out
+
+
+def _params_text(params: dict) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items() if k != "layers")
 
 
 def _save(stem: Path, model: Pipeline, r: HeadResult, fs: FeatureSet, cfg: Config, meta_names: list[str]) -> None:
@@ -255,6 +376,9 @@ def _save(stem: Path, model: Pipeline, r: HeadResult, fs: FeatureSet, cfg: Confi
             fit_seconds=r.fit_seconds,
             n_train=r.n_train,
             metadata_columns=meta_names,
+            layers=r.layers,
+            layer_names=r.layer_names,
+            train_views=cfg.heads.train_views,
             class_names=fs.class_names,
             cache={
                 "path": str(fs.path),
@@ -267,10 +391,10 @@ def _save(stem: Path, model: Pipeline, r: HeadResult, fs: FeatureSet, cfg: Confi
 
 
 def _print_table(rows: list[HeadResult], backbone: str, res_path: Path) -> None:
-    print(f"\n{'head':28s} {'features':16s} {'C':>8s} {'val acc':>8s} {'test acc':>9s} {'train s':>8s}")
+    print(f"\n{'head':30s} {'features':16s} {'layers':8s} {'val acc':>8s} {'test acc':>9s} {'train s':>8s}  params")
     for r in rows:
         print(
-            f"{head_name(r.head, r.features):28s} {r.features:16s} {r.params['C']:8g} {r.val_accuracy:8.4f} "
-            f"{r.scores['test_accuracy']:9.4f} {r.tune_seconds + r.fit_seconds:8.1f}"
+            f"{head_name(r.head, r.features, r.layers):30s} {r.features:16s} {r.layers[:8]:8s} {r.val_accuracy:8.4f} "
+            f"{r.scores['test_accuracy']:9.4f} {r.tune_seconds + r.fit_seconds:8.1f}  {_params_text(r.params)}"
         )
     print(f"({backbone}; results in {res_path})")

@@ -19,11 +19,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config, library_versions, writable_dir
+from pipeline.report_layers import layer_sections
 from pipeline.results import head_name, read_results, results_path
 
 log = logging.getLogger(__name__)
 
-HEADS = ("linear_svm", "rbf_svm", "logreg")
+HEADS = ("linear_svm", "rbf_svm", "logreg", "mlp", "knn")
 META_FEATURES = ("image+meta", "image+meta_norm")
 
 
@@ -48,6 +49,9 @@ def comparison_table(results: pd.DataFrame, with_meta: bool = False) -> pd.DataF
     Missing methods appear with status 'not run'.
     """
     df = results.copy()
+    if "layers" not in df.columns:
+        df["layers"] = "last"
+    df["layers"] = df["layers"].fillna("last")
     df["extract_seconds"] = df["extract_seconds"].fillna(0.0)
     df["total_seconds"] = df["train_seconds"] + df["extract_seconds"]
     df["status"] = "ok"
@@ -55,7 +59,7 @@ def comparison_table(results: pd.DataFrame, with_meta: bool = False) -> pd.DataF
     if with_meta or df["features"].isin(META_FEATURES).any():
         expected += [(h, f) for f in META_FEATURES for h in HEADS]
     missing = [
-        {"backbone": b, "method": m, "features": f, "status": "not run"}
+        {"backbone": b, "method": m, "features": f, "layers": "last", "status": "not run"}
         for b in df["backbone"].unique()
         for m, f in expected
         if not ((df["backbone"] == b) & (df["method"] == m) & (df["features"] == f)).any()
@@ -74,11 +78,13 @@ def comparison_table(results: pd.DataFrame, with_meta: bool = False) -> pd.DataF
     order = {m: i for i, m in enumerate(("finetune",) + HEADS)}
     df["_m"] = df["method"].map(order).fillna(99)
     df["_f"] = df["features"].map({"image": 0, "image+meta": 1, "image+meta_norm": 2}).fillna(9)
-    df = df.sort_values(["backbone", "_f", "_m"]).drop(columns=["_m", "_f"]).reset_index(drop=True)
+    df["_l"] = (df["layers"] != "last").astype(int)
+    df = df.sort_values(["backbone", "_f", "_l", "_m"]).drop(columns=["_m", "_f", "_l"]).reset_index(drop=True)
     cols = [
         "backbone",
         "method",
         "features",
+        "layers",
         "status",
         "test_accuracy",
         "val_accuracy",
@@ -157,7 +163,7 @@ def _plt():
     return plt
 
 
-MARKERS = {"finetune": "*", "linear_svm": "s", "rbf_svm": "o", "logreg": "^"}
+MARKERS = {"finetune": "*", "linear_svm": "s", "rbf_svm": "o", "logreg": "^", "mlp": "P", "knn": "v"}
 
 
 def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None:
@@ -177,7 +183,8 @@ def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None
             fillstyle=fills.get(r["features"], "full"),
             linestyle="none",
         )
-        label = r["method"] + ("" if r["features"] == "image" else f" ({r['features'].replace('image+', '')})")
+        label = r["method"] + ("" if r.get("layers", "last") == "last" else f" @{r['layers']}")
+        label += "" if r["features"] == "image" else f" ({r['features'].replace('image+', '')})"
         spot = (round(float(np.log10(r["total_seconds"])), 1), round(float(r["test_accuracy"]), 3))
         k = placed[spot] = placed.get(spot, -1) + 1  # stack the labels of coinciding points
         ax.annotate(
@@ -414,6 +421,7 @@ def run(cfg: Config) -> Path:
     plot = out_dir / "accuracy_vs_time.png"
     plot_accuracy_vs_time(table, plot, dataset)
     sections.append(("Accuracy vs training time", plot))
+    sections += layer_sections(art / "heads" / dataset, out_dir)
 
     ok = table[table["status"] == "ok"]
     head_rows = ok[ok["method"] != "finetune"]
@@ -421,7 +429,7 @@ def run(cfg: Config) -> Path:
     models: list[Evaluated] = []
     if len(best_head):
         b = best_head.iloc[0]
-        name = head_name(b["method"], b["features"])
+        name = head_name(b["method"], b["features"], b["layers"])
         p = art / "heads" / dataset / b["backbone"] / f"{name}.predictions.csv"
         if p.exists():
             models.append(Evaluated(f"best head by validation accuracy: {b['backbone']} {name}", pd.read_csv(p), p))
@@ -488,7 +496,7 @@ def _class_names_seen(models: list[Evaluated]) -> list[str]:
 
 
 def _print_summary(shown: pd.DataFrame, out_dir: Path) -> None:
-    cols = ["backbone", "method", "features", "test_accuracy", "total_seconds", "vs_finetune"]
+    cols = ["backbone", "method", "features", "layers", "test_accuracy", "total_seconds", "vs_finetune"]
     print()
     print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="not run"))
     print(f"\nreport: {out_dir / 'report.html'} (and report.md, summary.csv, accuracy_vs_time.png)")

@@ -1,11 +1,12 @@
 """The one results table every training stage appends to: artifacts/results/<dataset>.csv.
 
-One row per (dataset, backbone, method, features); rerunning a configuration
+One row per (dataset, backbone, method, features, layers); rerunning a configuration
 replaces its row instead of duplicating it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from pipeline.config import atomic_path
 
-KEY = ["dataset", "backbone", "method", "features"]
+KEY = ["dataset", "backbone", "method", "features", "layers"]
 COLUMNS = KEY + [
     "val_accuracy",
     "test_accuracy",
@@ -33,9 +34,13 @@ COLUMNS = KEY + [
 ]
 
 
-def head_name(head: str, features: str) -> str:
-    """How a head's artifacts are named: ``logreg``, ``logreg+meta``, ``logreg+meta_norm``."""
-    return head + {"image": "", "image+meta": "+meta", "image+meta_norm": "+meta_norm"}[features]
+def head_name(head: str, features: str, layers: str = "last") -> str:
+    """How a head's artifacts are named: ``logreg``, ``logreg+meta``, ``logreg@auto+meta_norm``;
+    a set of named layers is ``@`` + a short hash of the names."""
+    at = ""
+    if layers and layers != "last":
+        at = "@" + (layers if layers in ("all", "auto") else hashlib.sha1(layers.encode()).hexdigest()[:8])
+    return head + at + {"image": "", "image+meta": "+meta", "image+meta_norm": "+meta_norm"}[features]
 
 
 def results_path(artifacts: str | Path, dataset: str) -> Path:
@@ -52,9 +57,14 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
 
 
 def read_results(path: Path) -> pd.DataFrame:
+    """The table; rows written before layer sets existed read as ``layers = last``."""
     if not Path(path).exists():
         return pd.DataFrame(columns=COLUMNS)
-    return pd.read_csv(path)
+    table = pd.read_csv(path)
+    if "layers" not in table.columns:
+        table["layers"] = "last"
+    table["layers"] = table["layers"].fillna("last")
+    return table
 
 
 def upsert(path: Path, row: dict) -> pd.DataFrame:

@@ -68,6 +68,8 @@ def synth(tmp_path):
     cfg.heads.c_grid = (0.01, 0.1, 1.0)
     cfg.heads.meta_weights = (1.0, 4.0)
     cfg.heads.n_jobs = 1
+    cfg.heads.heads = ("linear_svm", "rbf_svm", "logreg")
+    cfg.heads.layers = ("last",)
     return cfg
 
 
@@ -177,6 +179,8 @@ def test_cli_heads_parses_list_options_and_prints_the_table(synth, capsys):
         "logreg",
         "--features",
         "image",
+        "--layers",
+        "last",
         "--c-grid",
         "0.01",
         "1",

@@ -1,0 +1,189 @@
+"""Heads that scikit-learn does not ship in the form the protocol needs: cosine k-NN
+and a one-hidden-layer Keras MLP, both as scikit-learn estimators.
+
+Both are tuned on the fixed validation split by their own ``tune`` method, which
+is cheaper than a grid of independent fits: k-NN finds the neighbours once for
+the largest k and scores every k from them (the DINOv2 / CLIP-benchmark k-NN
+protocol); the MLP stops early on the validation split and keeps the epoch
+count for a refit.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.preprocessing import normalize
+
+_CHUNK = 1024
+
+
+def _onehot(y: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((len(y), n), dtype=np.float32)
+    out[np.arange(len(y)), y] = 1.0
+    return out
+
+
+class CosineKNN(ClassifierMixin, BaseEstimator):
+    """k nearest neighbours by cosine similarity, votes weighted by exp(similarity / temperature)."""
+
+    def __init__(self, n_neighbors: int = 10, temperature: float = 0.07):
+        self.n_neighbors = n_neighbors
+        self.temperature = temperature
+
+    def fit(self, X, y):
+        self.classes_, self.y_ = np.unique(y, return_inverse=True)
+        self.X_ = normalize(np.asarray(X, dtype=np.float32))
+        return self
+
+    def _neighbours(self, X, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k similarities and indices, in chunks so memory stays chunk x n_train."""
+        Xq = normalize(np.asarray(X, dtype=np.float32))
+        k = min(k, len(self.X_))
+        sims, idx = [], []
+        for start in range(0, len(Xq), _CHUNK):
+            s = Xq[start : start + _CHUNK] @ self.X_.T
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            ts = np.take_along_axis(s, top, axis=1)
+            order = np.argsort(-ts, axis=1)
+            sims.append(np.take_along_axis(ts, order, axis=1))
+            idx.append(np.take_along_axis(top, order, axis=1))
+        return np.vstack(sims), np.vstack(idx)
+
+    def _vote(self, sims: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
+        w = np.exp((sims[:, :k] - 1.0) / self.temperature)  # shifted: same argmax, no overflow
+        votes = np.zeros((len(sims), len(self.classes_)), dtype=np.float64)
+        np.add.at(votes, (np.repeat(np.arange(len(sims)), k), self.y_[idx[:, :k]].ravel()), w.ravel())
+        return votes
+
+    def predict_proba(self, X):
+        sims, idx = self._neighbours(X, self.n_neighbors)
+        votes = self._vote(sims, idx, min(self.n_neighbors, idx.shape[1]))
+        return votes / votes.sum(axis=1, keepdims=True)
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def tune(self, X, y, X_val, y_val, grid: dict) -> tuple[dict, float, float]:
+        """Every k from one neighbour search; returns (best params, val accuracy, fit seconds)."""
+        ks = sorted(grid.get("n_neighbors", [self.n_neighbors]))
+        t0 = time.perf_counter()
+        self.fit(X, y)
+        fit_seconds = time.perf_counter() - t0
+        sims, idx = self._neighbours(X_val, max(ks))
+        best = (-1.0, ks[0])
+        for k in ks:
+            acc = float(np.mean(self.classes_[np.argmax(self._vote(sims, idx, min(k, idx.shape[1])), 1)] == y_val))
+            if acc > best[0]:
+                best = (acc, k)
+        self.set_params(n_neighbors=best[1])
+        return {"n_neighbors": best[1]}, best[0], fit_seconds
+
+
+class KerasMLP(ClassifierMixin, BaseEstimator):
+    """Dense(hidden, relu) -> Dropout -> softmax, AdamW, early stopping on the validation split.
+
+    Picklable (joblib) through its weights, so it saves like every other head.
+    """
+
+    def __init__(
+        self,
+        hidden: int = 1024,
+        dropout: float = 0.5,
+        weight_decay: float = 1e-4,
+        learning_rate: float = 1e-3,
+        batch_size: int = 256,
+        max_epochs: int = 100,
+        patience: int = 5,
+        epochs: int | None = None,
+        seed: int = 0,
+    ):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.weight_decay = weight_decay
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.epochs = epochs
+        self.seed = seed
+
+    def _build(self, dim: int, n_classes: int):
+        import keras
+
+        keras.utils.set_random_seed(self.seed)
+        model = keras.Sequential(
+            [
+                keras.Input((dim,)),
+                keras.layers.Dense(self.hidden, activation="relu"),
+                keras.layers.Dropout(self.dropout),
+                keras.layers.Dense(n_classes, activation="softmax"),
+            ]
+        )
+        opt = keras.optimizers.AdamW(self.learning_rate, weight_decay=self.weight_decay)
+        model.compile(opt, "sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        """With a validation split: early stopping, best epoch restored and kept in ``epochs_``.
+        Without: ``epochs`` (or ``max_epochs``) epochs."""
+        import keras
+
+        self.classes_, yi = np.unique(y, return_inverse=True)
+        X = np.asarray(X, dtype=np.float32)
+        self.model_ = self._build(X.shape[1], len(self.classes_))
+        kw = {"epochs": self.epochs or self.max_epochs}
+        if X_val is not None:
+            yv = np.searchsorted(self.classes_, y_val)
+            stop = keras.callbacks.EarlyStopping(
+                "val_accuracy", patience=self.patience, restore_best_weights=True, mode="max"
+            )
+            kw.update(epochs=self.max_epochs, validation_data=(np.asarray(X_val, np.float32), yv), callbacks=[stop])
+        batch = min(self.batch_size, max(16, len(X) // 16))  # small sets still get several steps an epoch
+        hist = self.model_.fit(X, yi, batch_size=batch, shuffle=True, verbose=0, **kw)
+        if X_val is not None:
+            accs = hist.history["val_accuracy"]
+            self.epochs_ = int(np.argmax(accs)) + 1
+            self.val_accuracy_ = float(max(accs))
+        else:
+            self.epochs_ = kw["epochs"]
+        return self
+
+    def predict_proba(self, X):
+        X = np.asarray(X, np.float32)  # direct calls in chunks: no predict-function retracing per call
+        parts = [np.asarray(self.model_(X[i : i + 4096], training=False)) for i in range(0, len(X), 4096)]
+        return np.vstack(parts) if parts else np.zeros((0, len(self.classes_)), np.float32)
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def tune(self, X, y, X_val, y_val, grid: dict) -> tuple[dict, float, float]:
+        """Each grid point trained once with early stopping on val; the best model is kept as fitted."""
+        from sklearn.model_selection import ParameterGrid
+
+        best, best_model = None, None
+        for params in ParameterGrid(grid or {}):
+            est = self.__class__(**{**self.get_params(), **params})
+            t0 = time.perf_counter()
+            est.fit(X, y, X_val, y_val)
+            seconds = time.perf_counter() - t0
+            if best is None or est.val_accuracy_ > best[1]:
+                best, best_model = ({**params, "epochs": est.epochs_}, est.val_accuracy_, seconds), est
+        self.set_params(**best[0])
+        self.__dict__.update({k: v for k, v in best_model.__dict__.items() if k.endswith("_")})
+        return best
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        model = state.pop("model_", None)
+        if model is not None:
+            state["_weights"] = model.get_weights()
+        return state
+
+    def __setstate__(self, state):
+        weights = state.pop("_weights", None)
+        self.__dict__.update(state)
+        if weights is not None:
+            self.model_ = self._build(weights[0].shape[0], weights[-1].shape[0])
+            self.model_.set_weights(weights)

@@ -1,0 +1,61 @@
+"""Report section for layer sets: validation and test accuracy of each cached layer alone
+(the scores ``--layers auto`` chose from) and the set it chose, per backbone.
+
+Reads ``artifacts/heads/<dataset>/<backbone>/layers.json``, written by the heads stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+
+def plot_layer_scores(per_layer: pd.DataFrame, chosen: list[str], path: Path, title: str) -> None:
+    from pipeline.report import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(per_layer) + 1.6), dpi=110)
+    y = range(len(per_layer))
+    labels = [f"{r.layer} ({r.width})" + ("  [chosen]" if r.layer in chosen else "") for r in per_layer.itertuples()]
+    ax.barh([i + 0.2 for i in y], per_layer["val_accuracy"], height=0.4, label="validation", color="#4c72b0")
+    ax.barh([i - 0.2 for i in y], per_layer["test_accuracy"], height=0.4, label="test", color="#dd8452")
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    lo = max(0.0, float(per_layer[["val_accuracy", "test_accuracy"]].min().min()) - 0.05)
+    ax.set_xlim(lo, 1.0)
+    ax.set_xlabel("accuracy of a ridge head on this layer alone")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def layer_sections(heads_dir: Path, out_dir: Path) -> list[tuple[str, object]]:
+    sections: list[tuple[str, object]] = []
+    for path in sorted(Path(heads_dir).glob("*/layers.json")):
+        try:
+            sel = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        backbone = path.parent.name
+        per_layer = pd.DataFrame(sel.get("per_layer", []))
+        if per_layer.empty:
+            continue
+        png = out_dir / f"layers_{backbone}.png"
+        plot_layer_scores(per_layer, sel["chosen"], png, f"{backbone}: each layer alone (val picks, test shown)")
+        steps = " → ".join(f"{' + '.join(s['layers'])} ({s['val_accuracy']:.4f})" for s in sel.get("steps", []))
+        sections.append(
+            (
+                f"Which layers: {backbone}",
+                f"--layers auto chose {', '.join(sel['chosen'])} on the validation split "
+                f"(greedy forward selection with {sel.get('scorer', 'a ridge head')}; {sel.get('seconds', 0):.1f}s): "
+                f"{steps}. 'last' is the final pooled embedding; the others are taps (extract --taps).",
+            )
+        )
+        sections.append(("", png))
+        sections.append(("", per_layer))
+    return sections

@@ -1,0 +1,162 @@
+"""Taps: pooled embeddings of intermediate backbone layers, from the same forward pass.
+
+The final layer of an ImageNet model is its most ImageNet-specific one; on data
+far from ImageNet earlier stages often transfer better (Head2Toe, Evci et al.
+2022). The default taps are found from the graph, so they exist for every
+functional Keras model: one per resolution stage, the last layer (in
+topological order) whose output still has that spatial size, i.e. the
+representation just before the network down-samples. The smallest resolution
+is covered by the final embedding itself. Each tap is average-pooled globally,
+or to a ``grid`` x ``grid`` layout then flattened, and returned in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pipeline.errors import PipelineError
+
+STAGES = "stages"
+NONE = "none"
+
+
+@dataclass(frozen=True)
+class Tap:
+    layer: str
+    shape: tuple[int, ...]  # (H, W, C) for spatial layers, (C,) for vector ones
+    grid: int = 1
+
+    @property
+    def spatial(self) -> bool:
+        return len(self.shape) == 3
+
+    @property
+    def width(self) -> int:
+        return self.shape[-1] * (self.grid * self.grid if self.spatial else 1)
+
+
+def candidates(base) -> list[Tap]:
+    """Every layer with one spatial (N, H, W, C) output, in topological order.
+
+    Image-like tensors (input, rescaling: C <= 3) and zero-padding (the same
+    values plus a border) are not features worth pooling.
+    """
+    import keras
+
+    skip = (keras.layers.InputLayer, keras.layers.ZeroPadding2D, keras.layers.Cropping2D)
+    out = []
+    for layer in base.layers:
+        if isinstance(layer, skip):
+            continue
+        try:
+            shape = tuple(layer.output.shape)
+        except (AttributeError, ValueError):  # shared layers with several outputs
+            continue
+        if len(shape) == 4 and shape[-1] is not None and shape[-1] > 3 and None not in shape[1:3]:
+            out.append(Tap(layer.name, tuple(int(s) for s in shape[1:])))
+    return out
+
+
+def stage_taps(base) -> list[Tap]:
+    """The last layer of each resolution stage, the final stage excepted (the embedding covers it).
+
+    A stage is an octave of down-sampling, round(log2(input side / side)), so
+    valid convolutions that trim a border (Inception) do not start a new one.
+    Stages are kept only where resolution falls monotonically towards the
+    final layer, which drops squeeze-excite side branches (1 x 1 maps).
+    """
+    side = int(base.input_shape[1] or 0)
+    last: dict[int, Tap] = {}
+    for tap in candidates(base):
+        octave = round(math.log2(side / tap.shape[0])) if side else tap.shape[0]
+        last.pop(octave, None)  # re-insert: the order is where each stage *ends*
+        last[octave] = tap
+    chain: list[tuple[int, Tap]] = []
+    for octave, tap in reversed(last.items()):
+        if not chain or octave < chain[-1][0]:
+            chain.append((octave, tap))
+    return [tap for _, tap in reversed(chain[1:])]
+
+
+def resolve(base, requested: tuple[str, ...] | list[str], grid: int = 1, backbone: str = "") -> list[Tap]:
+    """``stages`` (the default set), ``none``, or layer names of ``base``, with the pooling grid."""
+    if grid < 1:
+        raise PipelineError(f"--tap-grid must be >= 1, not {grid}")
+    requested = list(requested)
+    if not requested or requested == [NONE]:
+        return []
+    found: list[Tap] = []
+    names = {t.layer: t for t in candidates(base)}
+    for name in requested:
+        if name == STAGES:
+            found.extend(stage_taps(base))
+            continue
+        if name in names:
+            found.append(names[name])
+            continue
+        try:
+            layer = base.get_layer(name)
+        except ValueError:
+            hint = f"`python -m pipeline backbones --taps {backbone}`" if backbone else "`backbones --taps`"
+            raise PipelineError(f"backbone has no layer '{name}' to tap; {hint} lists the candidates") from None
+        shape = tuple(layer.output.shape)
+        if len(shape) != 2:
+            raise PipelineError(f"layer '{name}' has output shape {shape}; taps need (N, H, W, C) or (N, C)")
+        found.append(Tap(name, (int(shape[1]),)))
+    unique = list(dict.fromkeys(Tap(t.layer, t.shape, grid if t.spatial else 1) for t in found))
+    return unique
+
+
+def key(taps: list[Tap]) -> str:
+    """What the cache key records: changing the taps or their pooling re-extracts."""
+    import json
+
+    return json.dumps([[t.layer, t.grid] for t in taps])
+
+
+def adaptive_pool(x, grid: int):
+    """Average-pool (N, H, W, C) into ``grid`` x ``grid`` bins (PyTorch's adaptive bins), flattened."""
+    from keras import ops
+
+    h, w = int(x.shape[1]), int(x.shape[2])
+    cells = []
+    for i in range(grid):
+        r0, r1 = (i * h) // grid, -(-((i + 1) * h) // grid)
+        for j in range(grid):
+            c0, c1 = (j * w) // grid, -(-((j + 1) * w) // grid)
+            cells.append(ops.mean(x[:, r0:r1, c0:c1, :], axis=(1, 2)))
+    return ops.concatenate(cells, axis=-1)
+
+
+def feature_model(spec, base, taps: list[Tap]):
+    """Raw RGB 0-255 in; [final embedding, tap 1, tap 2, ...] out (float32), one forward pass.
+
+    With no taps this is ``backbones.feature_model``'s single-output model.
+    """
+    import keras
+
+    from pipeline.backbones import feature_model as single
+    from pipeline.backbones.layers import Preprocess
+
+    if not taps:
+        return single(spec, base)
+    inner = keras.Model(base.inputs, [base.output] + [base.get_layer(t.layer).output for t in taps])
+    inputs = keras.Input(shape=base.input_shape[1:], name="image")
+    x = Preprocess(spec.preprocess_kind, name="preprocess")(inputs)
+    outs = inner(x, training=False)
+    pooled = [keras.layers.Activation("linear", dtype="float32", name="embedding")(outs[0])]
+    for k, (tap, out) in enumerate(zip(taps, outs[1:])):
+        if tap.spatial:
+            layer = keras.layers.Lambda(lambda t, g=tap.grid: adaptive_pool(t, g), name=f"tap{k}_pool")
+            out = layer(out)
+        pooled.append(keras.layers.Activation("linear", dtype="float32", name=f"tap{k}")(out))
+    return keras.Model(inputs, pooled, name=f"{spec.name}_features_taps")
+
+
+def describe(base) -> list[tuple[str, str, bool]]:
+    """(layer, shape, is-default) for every candidate: what `backbones --taps` prints."""
+    default = {t.layer for t in stage_taps(base)}
+    rows = [(t.layer, "x".join(map(str, t.shape)), t.layer in default) for t in candidates(base)]
+    rows.append((base.layers[-1].name, "x".join(map(str, tuple(base.output.shape)[1:])) + " (final embedding)", False))
+    return rows
