@@ -82,9 +82,9 @@ class HeadsConfig:
         ("linear_svm", "rbf_svm", "logreg", "mlp", "knn"), "heads to fit: linear_svm rbf_svm logreg mlp knn"
     )
     layers: tuple[str, ...] = _opt(
-        ("last", "auto"),
+        ("last", "all"),
         "layer sets the heads read, each its own results row: last (final embedding), all (every cached tap + "
-        "last), auto (chosen on val), or tap layer names (together one set)",
+        "last), auto (greedy search on val), or tap layer names (together one set)",
     )
     train_views: int = _opt(0, "also fit on this many cached augmented views of each training image (extract --views)")
     features: tuple[str, ...] = _opt(

@@ -82,7 +82,7 @@ class CosineKNN(ClassifierMixin, BaseEstimator):
 
 
 class KerasMLP(ClassifierMixin, BaseEstimator):
-    """Dense(hidden, relu) -> Dropout -> softmax, AdamW, early stopping on the validation split.
+    """Dense(hidden, relu) -> Dropout -> softmax, AdamW, early stopping on the validation loss.
 
     Picklable (joblib) through its weights, so it saves like every other head.
     """
@@ -126,7 +126,7 @@ class KerasMLP(ClassifierMixin, BaseEstimator):
         return model
 
     def fit(self, X, y, X_val=None, y_val=None):
-        """With a validation split: early stopping, best epoch restored and kept in ``epochs_``.
+        """With a validation split: early stopping on its loss, best epoch restored and kept in ``epochs_``.
         Without: ``epochs`` (or ``max_epochs``) epochs."""
         import keras
 
@@ -136,16 +136,16 @@ class KerasMLP(ClassifierMixin, BaseEstimator):
         kw = {"epochs": self.epochs or self.max_epochs}
         if X_val is not None:
             yv = np.searchsorted(self.classes_, y_val)
-            stop = keras.callbacks.EarlyStopping(
-                "val_accuracy", patience=self.patience, restore_best_weights=True, mode="max"
-            )
+            # On val loss, not accuracy: the maximum of a noisy accuracy curve over many epochs is an
+            # optimistic val score, which would then win the comparison of heads by val unfairly.
+            stop = keras.callbacks.EarlyStopping("val_loss", patience=self.patience, restore_best_weights=True)
             kw.update(epochs=self.max_epochs, validation_data=(np.asarray(X_val, np.float32), yv), callbacks=[stop])
         batch = min(self.batch_size, max(16, len(X) // 16))  # small sets still get several steps an epoch
         hist = self.model_.fit(X, yi, batch_size=batch, shuffle=True, verbose=0, **kw)
         if X_val is not None:
-            accs = hist.history["val_accuracy"]
-            self.epochs_ = int(np.argmax(accs)) + 1
-            self.val_accuracy_ = float(max(accs))
+            best = int(np.argmin(hist.history["val_loss"]))
+            self.epochs_ = best + 1
+            self.val_accuracy_ = float(hist.history["val_accuracy"][best])
         else:
             self.epochs_ = kw["epochs"]
         return self

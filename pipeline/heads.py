@@ -279,13 +279,17 @@ def run(cfg: Config) -> list[HeadResult]:
         else:
             meta = metadata_table(cfg.metadata_path, full, cfg.heads.meta_columns, cfg.data.id_column)
 
+    sel = None
+    wants_auto = any(layers is None for _, layers in layer_sets)
+    if wants_auto or (len(full.layer_names()) > 1 and len(full.splits["val"].y)):
+        sel = layer_select.select(full)  # per-layer scores for the report, and auto's choice
+        write_json_atomic(out_dir / "layers.json", run_record(cfg, "layers", **dataclasses.asdict(sel)))
+
     out: list[HeadResult] = []
     for label, layers in layer_sets:
         select_seconds = 0.0
         if layers is None:
-            sel = layer_select.select(full)
             layers, select_seconds = sel.chosen, sel.seconds
-            write_json_atomic(out_dir / "layers.json", run_record(cfg, "layers", **dataclasses.asdict(sel)))
         fs = full.with_layers(layers, cfg.heads.train_views)
         variants: dict[str, tuple[dict[str, SplitData], list[str]]] = {}
         if "image" in cfg.heads.features:

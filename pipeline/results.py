@@ -69,7 +69,7 @@ def read_results(path: Path) -> pd.DataFrame:
 
 def upsert(path: Path, row: dict) -> pd.DataFrame:
     """Replace the row with the same key (or append), written atomically."""
-    row = {"timestamp": datetime.now(UTC).isoformat(timespec="seconds"), **row}
+    row = {"timestamp": datetime.now(UTC).isoformat(timespec="seconds"), "layers": "last", **row}
     table = read_results(path)
     if len(table):
         same = np.ones(len(table), dtype=bool)

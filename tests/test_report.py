@@ -99,3 +99,34 @@ def test_report_builds_from_a_results_table_alone(tmp_path, capsys):
     assert "data:image/png;base64," in html and "100× faster" in html and "not run" in html
     assert "-2.5 pt, 100× faster" in (d / "report.md").read_text()
     assert "report.html" in capsys.readouterr().out
+
+
+def test_layer_sets_are_rows_of_their_own_and_the_per_layer_chart_is_shown(tmp_path):
+    import json
+
+    from pipeline.config import Config
+
+    cfg = Config()
+    cfg.artifacts = str(tmp_path / "artifacts")
+    (tmp_path / "data" / "d").mkdir(parents=True)
+    cfg.data.dataset = str(tmp_path / "data" / "d")
+    rows = _results().to_dict("records")
+    rows.append({**rows[1], "layers": "all", "test_accuracy": 0.93, "val_accuracy": 0.93})
+    for row in rows:
+        upsert(results_path(cfg.artifacts, "d"), row)
+    heads_dir = tmp_path / "artifacts" / "heads" / "d" / "efficientnet_lite0"
+    heads_dir.mkdir(parents=True)
+    per_layer = [
+        {"layer": "last", "width": 1280, "val_accuracy": 0.86, "test_accuracy": 0.85},
+        {"layer": "block11", "width": 672, "val_accuracy": 0.88, "test_accuracy": 0.87},
+    ]
+    steps = [{"layers": ["block11"], "val_accuracy": 0.88}, {"layers": ["block11", "last"], "val_accuracy": 0.89}]
+    sel = {"chosen": ["last", "block11"], "per_layer": per_layer, "steps": steps, "seconds": 1.5}
+    (heads_dir / "layers.json").write_text(json.dumps(sel))
+    out = report.run(cfg)
+    summary = pd.read_csv(out.parent / "summary.csv").set_index(["backbone", "method", "features", "layers"])
+    assert summary.loc[("efficientnet_lite0", "logreg", "image", "all"), "delta_pt"] == pytest.approx(3.0)
+    assert summary.loc[("efficientnet_lite0", "logreg", "image", "last"), "delta_pt"] == pytest.approx(-2.5)
+    assert (out.parent / "layers_efficientnet_lite0.png").read_bytes()[:4] == b"\x89PNG"
+    html = out.read_text()
+    assert "--layers auto chose last, block11" in html and "block11 + last (0.8900)" in html
