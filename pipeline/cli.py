@@ -25,8 +25,9 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
         "pipeline.extract:run",
     ),
     "heads": (
-        "fit tuned, timed scikit-learn heads (linear SVM, RBF SVM, logistic regression) on the cached "
-        "embeddings of BACKBONE, with and without the dataset's metadata; needs `extract` first",
+        "fit tuned, timed heads (linear SVM, RBF SVM, logistic regression, MLP, cosine k-NN) on the cached "
+        "embeddings of BACKBONE, per layer set (--layers) and with and without the dataset's metadata; "
+        "needs `extract` first",
         ["data", "backbone", "heads"],
         "pipeline.heads:run",
     ),

@@ -282,7 +282,7 @@ def _run_pass(f: h5py.File, ds: Dataset, sources: dict, forward, size: int, cfg:
     pos = 0
     t0 = time.perf_counter()
     try:
-        for images, index in image_dataset(paths, size, cfg.extract.batch_size):
+        for images, index in image_dataset(paths, size, cfg.extract.batch_size) if todo else ():
             outs = [o.numpy().astype(np.float32, copy=False) for o in forward(images)]
             index = index.numpy()
             end = int(index[-1]) + 1

@@ -51,9 +51,10 @@ def layer_sections(heads_dir: Path, out_dir: Path) -> list[tuple[str, object]]:
         sections.append(
             (
                 f"Which layers: {backbone}",
-                f"--layers auto chose {', '.join(sel['chosen'])} on the validation split "
-                f"(greedy forward selection with {sel.get('scorer', 'a ridge head')}; {sel.get('seconds', 0):.1f}s): "
-                f"{steps}. 'last' is the final pooled embedding; the others are taps (extract --taps).",
+                f"Greedy forward selection on the validation split (what --layers auto uses) picks "
+                f"{', '.join(sel['chosen'])} ({sel.get('scorer', 'a ridge head')}; {sel.get('seconds', 0):.1f}s): "
+                f"{steps}. 'last' is the final pooled embedding; the others are taps (extract --taps); "
+                f"--layers all uses every one.",
             )
         )
         sections.append(("", png))

@@ -156,3 +156,15 @@ def test_extract_views_caches_augmented_training_views(cfg):
     cfg.extract.views = 1
     assert not extract.run(cfg).cache_hit  # the view count is part of the key
     assert TINY in fs.backbone
+
+
+def test_views_resume_after_the_splits_are_done(cfg, monkeypatch):
+    cfg.extract.views = 1
+    real = extract._extract_views
+    monkeypatch.setattr(extract, "_extract_views", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(cfg)
+    monkeypatch.setattr(extract, "_extract_views", real)
+    res = extract.run(cfg)  # splits already complete: only the views pass runs
+    fs = load_features(res.path)
+    assert fs.n_views == 1 and len(fs.views["ids"]) == 18 and len(fs.splits["train"].ids) == 18

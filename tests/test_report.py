@@ -129,4 +129,4 @@ def test_layer_sets_are_rows_of_their_own_and_the_per_layer_chart_is_shown(tmp_p
     assert summary.loc[("efficientnet_lite0", "logreg", "image", "last"), "delta_pt"] == pytest.approx(-2.5)
     assert (out.parent / "layers_efficientnet_lite0.png").read_bytes()[:4] == b"\x89PNG"
     html = out.read_text()
-    assert "--layers auto chose last, block11" in html and "block11 + last (0.8900)" in html
+    assert "(what --layers auto uses) picks last, block11" in html and "block11 + last (0.8900)" in html
