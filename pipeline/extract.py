@@ -238,11 +238,14 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
         )
         seconds = float(f.attrs["extract_seconds"])
         n, skipped = _contents(f)
+        n_views = int(f[VIEWS]["ids"].shape[0]) if VIEWS in f else 0
     finally:
         f.close()
     partial.replace(out)
     write_json_atomic(out.with_suffix(".json"), run_record(cfg, "extract", key=key, seconds=seconds, skipped=skipped))
-    log.info("wrote %s: %d x %d embeddings in %.1fs (%.1f img/s)", out, n, dim, seconds, n / max(seconds, 1e-9))
+    views = f" + {n_views} augmented views" if n_views else ""
+    rate = (n + n_views) / max(seconds, 1e-9)
+    log.info("wrote %s: %d x %d embeddings%s in %.1fs (%.1f img/s)", out, n, dim, views, seconds, rate)
     return ExtractResult(out, False, n, seconds, skipped)
 
 
