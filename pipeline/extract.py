@@ -228,8 +228,6 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
         if cfg.extract.views:
             _extract_views(f, ds, forward_augmented, size, cfg)
         f.attrs.update(
-            tap_widths=json.dumps([t.width for t in taps]),
-            views_count=cfg.extract.views,
             embedding_dim=dim,
             complete=True,
             device="GPU" if gpu else "CPU",
@@ -282,6 +280,11 @@ def _run_pass(f: h5py.File, ds: Dataset, sources: dict, forward, size: int, cfg:
     group_of = np.asarray([groups.index(g) for g, _ in todo], dtype=np.int64)
     local = np.asarray([i for _, i in todo], dtype=np.int64)
     bar = tqdm(total=len(todo), unit="img", desc=desc, disable=None, smoothing=0.1)
+
+    def id_of(k: int) -> str:
+        group, i = todo[k]
+        return sources[group][0][i]
+
     pos = 0
     t0 = time.perf_counter()
     try:
@@ -291,7 +294,7 @@ def _run_pass(f: h5py.File, ds: Dataset, sources: dict, forward, size: int, cfg:
             end = int(index[-1]) + 1
             if cfg.extract.strict and end - pos != len(index):
                 first = sorted(set(range(pos, end)) - set(index.tolist()))[0]
-                _unreadable(sources[todo[first][0]][0][todo[first][1]])
+                _unreadable(id_of(first))
             for k, group in enumerate(groups):
                 sel = group_of[index] == k
                 if sel.any():
@@ -313,7 +316,7 @@ def _run_pass(f: h5py.File, ds: Dataset, sources: dict, forward, size: int, cfg:
     finally:
         bar.close()
     if cfg.extract.strict and pos < len(todo):
-        _unreadable(sources[todo[pos][0]][0][todo[pos][1]])
+        _unreadable(id_of(pos))
     for group in groups:
         g = f[group]
         g.attrs["next_index"] = len(sources[group][0])

@@ -47,6 +47,7 @@ class FeatureSet:
     taps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # split -> layer -> (N, width)
     views: dict[str, np.ndarray] | None = None  # "last" / layer -> (N * K, width), plus "y", "ids", "view"
     blocks: list[tuple[str, int]] = field(default_factory=list)  # what X holds, in order
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # split -> final embedding (default: X)
 
     def layer_names(self) -> list[str]:
         """``last`` (the final embedding) and the tapped layers, in network order."""
@@ -54,7 +55,7 @@ class FeatureSet:
 
     def block(self, split: str, name: str) -> np.ndarray:
         if name == LAST:
-            return self._embeddings[split]
+            return self.embeddings[split]
         try:
             return self.taps[split][name]
         except KeyError:
@@ -62,7 +63,9 @@ class FeatureSet:
 
     @property
     def n_views(self) -> int:
-        return 0 if self.views is None else int(self.views["view"].max()) + 1 if len(self.views["view"]) else 0
+        if self.views is None or not len(self.views["view"]):
+            return 0
+        return int(self.views["view"].max()) + 1
 
     def with_layers(self, layers: list[str], train_views: int = 0) -> FeatureSet:
         """A FeatureSet whose X is the named blocks side by side (train + ``train_views`` views)."""
@@ -86,9 +89,9 @@ class FeatureSet:
                 np.concatenate([t.ids, self.views["ids"][keep]]),
             )
         widths = [(n, self.block("train", n).shape[1]) for n in layers]
-        out = FeatureSet(self.path, splits, self.class_names, self.attrs, self.taps, self.views, widths)
-        out._embeddings = self._embeddings
-        return out
+        return FeatureSet(
+            self.path, splits, self.class_names, self.attrs, self.taps, self.views, widths, self.embeddings
+        )
 
     @property
     def backbone(self) -> str:
@@ -104,10 +107,11 @@ class FeatureSet:
     @property
     def embedding_dim(self) -> int:
         """Width of the final embedding (the reference width blocks are scaled to)."""
-        return self._embeddings["train"].shape[1]
+        return self.embeddings["train"].shape[1]
 
     def __post_init__(self):
-        self._embeddings = {s: d.X for s, d in self.splits.items()}
+        if not self.embeddings:
+            self.embeddings = {s: d.X for s, d in self.splits.items()}
         if not self.blocks:
             self.blocks = [(LAST, self.splits["train"].X.shape[1])]
 

@@ -314,7 +314,7 @@ def run(cfg: Config) -> list[HeadResult]:
                 model, r = fit_head(head, features, splits, widths, cfg, fs.embedding_dim)
                 r.tune_seconds += select_seconds  # auto's layer search is part of tuning
                 r.layers, r.layer_names = label, list(layers)
-                if label not in (layer_select.LAST,):
+                if label != layer_select.LAST:
                     r.params["layers"] = list(layers)
                 _save(out_dir / name, model, r, fs, cfg, meta_names)
                 results.write_predictions(

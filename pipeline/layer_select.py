@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 ALL = "all"
 AUTO = "auto"
-KEYWORDS = (LAST, ALL, AUTO)
 RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # x n_train
 
 

@@ -104,15 +104,7 @@ def resolve(base, requested: tuple[str, ...] | list[str], grid: int = 1, backbon
         if len(shape) != 2:
             raise PipelineError(f"layer '{name}' has output shape {shape}; taps need (N, H, W, C) or (N, C)")
         found.append(Tap(name, (int(shape[1]),)))
-    unique = list(dict.fromkeys(Tap(t.layer, t.shape, grid if t.spatial else 1) for t in found))
-    return unique
-
-
-def key(taps: list[Tap]) -> str:
-    """What the cache key records: changing the taps or their pooling re-extracts."""
-    import json
-
-    return json.dumps([[t.layer, t.grid] for t in taps])
+    return list(dict.fromkeys(Tap(t.layer, t.shape, grid if t.spatial else 1) for t in found))
 
 
 def adaptive_pool(x, grid: int):
