@@ -79,7 +79,9 @@ class ExtractConfig:
 @dataclass
 class HeadsConfig:
     heads: tuple[str, ...] = _opt(
-        ("linear_svm", "rbf_svm", "logreg", "mlp", "knn"), "heads to fit: linear_svm rbf_svm logreg mlp knn"
+        ("ridge", "logreg", "linear_svm", "rbf_svm"),
+        "heads to fit: ridge logreg linear_svm rbf_svm mlp knn linear_probe (mlp and knn trailed logreg on every "
+        "dataset measured, so they are opt-in; linear_probe streams from the cache for sets beyond RAM)",
     )
     layers: tuple[str, ...] = _opt(
         ("last", "all"),
@@ -95,6 +97,15 @@ class HeadsConfig:
     c_grid: tuple[float, ...] = _opt(
         (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4), "regularisation C values tried on the validation split"
     )
+    alpha_grid: tuple[float, ...] = _opt(
+        (1e-2, 1e-1, 1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6), "ridge: penalties tried on the validation split"
+    )
+    exact_max_size: float = _opt(
+        2e7,
+        "logreg / linear_svm: up to this many matrix entries (images x features) scikit-learn's exact solvers on a "
+        "warm-started C path; above it every C at once on float32 minibatches",
+    )
+    batch_size: int = _opt(512, "minibatch size of the large-data logreg / linear_svm solver and of linear_probe")
     meta_weights: tuple[float, ...] = _opt(
         (0.5, 1.0, 2.0), "image+meta_norm: weights of the metadata block tried (1 = as much variance as the embedding)"
     )

@@ -48,6 +48,7 @@ class FeatureSet:
     views: dict[str, np.ndarray] | None = None  # "last" / layer -> (N * K, width), plus "y", "ids", "view"
     blocks: list[tuple[str, int]] = field(default_factory=list)  # what X holds, in order
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # split -> final embedding (default: X)
+    packed: dict[str, np.ndarray] = field(default_factory=dict)  # split -> [last | taps...], blocks are views
 
     def layer_names(self) -> list[str]:
         """``last`` (the final embedding) and the tapped layers, in network order."""
@@ -75,9 +76,15 @@ class FeatureSet:
                 f"rerun `make extract` with --views {train_views}"
             )
         splits = {}
+        run = self._packed_run(layers)
         for s in SPLITS:
             d = self.splits[s]
-            X = np.hstack([self.block(s, n) for n in layers]) if len(layers) > 1 else self.block(s, layers[0])
+            if run is not None:  # a view: no copy of the cache per layer set
+                X = self.packed[s][:, run]
+            elif len(layers) > 1:
+                X = np.hstack([self.block(s, n) for n in layers])
+            else:
+                X = self.block(s, layers[0])
             splits[s] = SplitData(X, d.y, d.ids)
         if train_views:
             keep = self.views["view"] < train_views
@@ -90,8 +97,19 @@ class FeatureSet:
             )
         widths = [(n, self.block("train", n).shape[1]) for n in layers]
         return FeatureSet(
-            self.path, splits, self.class_names, self.attrs, self.taps, self.views, widths, self.embeddings
+            self.path, splits, self.class_names, self.attrs, self.taps, self.views, widths, self.embeddings, self.packed
         )
+
+    def _packed_run(self, layers: list[str]) -> slice | None:
+        """The column slice of the packed arrays that holds exactly ``layers`` in this order, if one does."""
+        if not self.packed:
+            return None
+        names = self.layer_names()
+        first = names.index(layers[0]) if layers[0] in names else -1
+        if first < 0 or names[first : first + len(layers)] != list(layers):
+            return None
+        offset = sum(self.block("train", n).shape[1] for n in names[:first])
+        return slice(offset, offset + sum(self.block("train", n).shape[1] for n in layers))
 
     @property
     def backbone(self) -> str:
@@ -131,12 +149,22 @@ def load_features(path: Path, backbone: str | None = None) -> FeatureSet:
             raise PipelineError(f"{path} is incomplete; rerun `make extract` to finish it")
         if backbone is not None and attrs.get("backbone") != backbone:
             raise PipelineError(f"{path} was made by backbone {attrs.get('backbone')}, not {backbone}")
-        splits = {
-            s: SplitData(f[s]["embeddings"][()], f[s]["labels"][()], f[s]["ids"].asstr()[()].astype(object))
-            for s in SPLITS
-        }
         layers = json.loads(attrs.get("tap_layers", "[]"))
-        taps = {s: {n: f[s]["taps"][n][()] for n in layers} for s in SPLITS} if layers else {}
+        packed, splits, embeddings, taps = {}, {}, {}, {}
+        for s in SPLITS:
+            sets = [f[s]["embeddings"]] + [f[s]["taps"][n] for n in layers]
+            X = np.empty((sets[0].shape[0], sum(d.shape[1] for d in sets)), dtype=np.float32)
+            views, start = [], 0
+            for d in sets:  # read straight into the packed array: one copy of the cache in memory
+                view = X[:, start : start + d.shape[1]]
+                if len(X):
+                    d.read_direct(X, dest_sel=np.s_[:, start : start + d.shape[1]])
+                views.append(view)
+                start += d.shape[1]
+            packed[s], embeddings[s] = X, views[0]
+            if layers:
+                taps[s] = dict(zip(layers, views[1:], strict=True))
+            splits[s] = SplitData(views[0], f[s]["labels"][()], f[s]["ids"].asstr()[()].astype(object))
         views = None
         if "views" in f:
             g = f["views"]
@@ -148,7 +176,9 @@ def load_features(path: Path, backbone: str | None = None) -> FeatureSet:
                 seen[i] = view[r] + 1
             views = {LAST: g["embeddings"][()], "y": g["labels"][()], "ids": ids, "view": view}
             views.update({n: g["taps"][n][()] for n in layers})
-    return FeatureSet(path, splits, json.loads(attrs["class_names"]), attrs, taps, views)
+    return FeatureSet(
+        path, splits, json.loads(attrs["class_names"]), attrs, taps, views, embeddings=embeddings, packed=packed
+    )
 
 
 def _label_columns(meta: pd.DataFrame, fs: FeatureSet) -> list[str]:

@@ -12,6 +12,7 @@ the validation split instead of through a grid of independent fits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,24 +27,25 @@ from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.compose import ColumnTransformer
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC, LinearSVC
+from sklearn.svm import LinearSVC
 
-from pipeline import layer_select, results
+from pipeline import layer_select, results, tuning
 from pipeline.config import Config, atomic_path, run_record, writable_dir, write_json_atomic
 from pipeline.data import stratified_split
 from pipeline.errors import PipelineError
-from pipeline.estimators import CosineKNN, KerasMLP
+from pipeline.estimators import CosineKNN, KerasMLP, KernelSVC
 from pipeline.extract import cache_path
 from pipeline.features import FeatureSet, SplitData, fuse, load_features, metadata_table
+from pipeline.linear import LinearHead, RidgeHead
 from pipeline.results import head_name
 
 log = logging.getLogger(__name__)
 
 FEATURE_SETS = ("image", "image+meta", "image+meta_norm")
-HEADS = ("linear_svm", "rbf_svm", "logreg", "mlp", "knn")
+HEADS = ("ridge", "logreg", "linear_svm", "rbf_svm", "mlp", "knn")
 VAL_TUNED = ("mlp", "knn")  # tuned by their own ``tune`` on the validation split
 
 
@@ -68,16 +70,23 @@ class BlockWeight(BaseEstimator, TransformerMixin):
         return X * np.asarray(self.factor_, dtype=X.dtype if X.dtype.kind == "f" else np.float64)
 
 
-def make_classifier(head: str, cfg: Config, seed: int):
+def make_classifier(head: str, cfg: Config, seed: int, n: int = 0, d: int = 0):
+    """The classifier, its solver chosen by the training matrix's size (n images x d features)."""
     h = cfg.heads
+    large = n * d > h.exact_max_size
+    if head == "ridge":
+        return RidgeHead()
     if head == "linear_svm":
-        # The dual solver is bounded by max_iter at large C; the primal one took 100 s+ per fit
-        # there on 3,000 x 1,280 embeddings (measured), for the same validation accuracy.
-        return LinearSVC(dual=True, max_iter=h.max_iter, random_state=seed)
+        if large:
+            return LinearHead("squared_hinge", batch_size=h.batch_size, seed=seed)
+        # liblinear's dual solver when there are fewer images than features, the primal one otherwise
+        return LinearSVC(dual=bool(n < d), max_iter=h.max_iter, random_state=seed)
     if head == "rbf_svm":
-        return SVC(kernel="rbf", gamma="scale", cache_size=1000, random_state=seed)
+        return KernelSVC()
     if head == "logreg":
-        return LogisticRegression(solver="lbfgs", max_iter=h.max_iter)
+        if large:
+            return LinearHead("log", batch_size=h.batch_size, seed=seed)
+        return LogisticRegression(solver="lbfgs", max_iter=h.max_iter, warm_start=True)
     if head == "knn":
         return CosineKNN()
     if head == "mlp":
@@ -90,17 +99,26 @@ def _grid(head: str, cfg: Config) -> dict:
         return {"clf__n_neighbors": list(cfg.heads.k_grid)}
     if head == "mlp":
         return {"clf__dropout": list(cfg.heads.mlp_dropout)}
+    if head == "ridge":
+        return {"clf__alpha": list(cfg.heads.alpha_grid)}
     return {"clf__C": list(cfg.heads.c_grid)}
 
 
 def make_pipeline(
-    head: str, features: str, dims: int | list[int], n_meta: int, cfg: Config, seed: int, ref: int | None = None
+    head: str,
+    features: str,
+    dims: int | list[int],
+    n_meta: int,
+    cfg: Config,
+    seed: int,
+    ref: int | None = None,
+    n: int = 0,
 ) -> tuple[Pipeline, dict]:
     """The estimator and its grid. Image features are standardised inside the pipeline; with
     several blocks (layers) each is also scaled to ``ref`` dimensions' worth of variance."""
-    clf = make_classifier(head, cfg, seed)
-    grid = _grid(head, cfg)
     widths = [dims] if isinstance(dims, int) else list(dims)
+    clf = make_classifier(head, cfg, seed, n, sum(widths) + n_meta)
+    grid = _grid(head, cfg)
     if features == "image" and len(widths) == 1:
         return Pipeline([("scale", StandardScaler()), ("clf", clf)]), grid
     ref = ref or widths[0]
@@ -157,9 +175,16 @@ def _param_name(key: str) -> str:
     return "meta_weight" if key.endswith("meta__weight__weight") else key.removeprefix("clf__")
 
 
-def _tune_on_val(pipe: Pipeline, grid: dict, train: SplitData, val: SplitData, cfg: Config):
-    """knn / mlp: the classifier's own ``tune`` per setting of the preprocessing's grid (the
-    metadata weight); returns (best pipeline fitted on train, params, val accuracy, fit seconds)."""
+def _accuracy(clf, X: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(clf.predict(X) == y))
+
+
+def _tune_on_val(pipe: Pipeline, grid: dict, train: SplitData, val: SplitData, desc: str | None = None):
+    """Tune on the validation split: the preprocessing fitted once per setting of its own grid (the
+    metadata weight) and applied in place, then the classifier's own ``tune`` (every value of its grid
+    in one go) or a coarse-to-fine, warm-started ``path_search`` over C.
+
+    Returns (best pipeline fitted on train, params, val accuracy, seconds fitting the kept model)."""
     from sklearn.model_selection import ParameterGrid
 
     if not len(val.y):
@@ -168,27 +193,52 @@ def _tune_on_val(pipe: Pipeline, grid: dict, train: SplitData, val: SplitData, c
     clf_grid = {k.removeprefix("clf__"): v for k, v in grid.items() if k.startswith("clf__")}
     best = None
     for pre_params in ParameterGrid(pre_grid):
-        t0 = time.perf_counter()
-        pre = clone(pipe[:-1]).set_params(**pre_params).fit(train.X)
-        Xt, Xv = pre.transform(train.X), pre.transform(val.X)
-        pre_seconds = time.perf_counter() - t0
-        clf = clone(pipe[-1])
-        params, acc, fit_seconds = clf.tune(Xt, train.y, Xv, val.y, clf_grid)
+        pre = tuning.fit_scalers(clone(pipe[:-1]).set_params(**pre_params), train.X)
+        ab = tuning.affine(pre, train.X.shape[1])
+        in_place = ab is not None and all(X.dtype == np.float32 and X.flags.writeable for X in (train.X, val.X))
+        if in_place:
+            ctx = tuning.transformed_in_place([train.X, val.X], *ab)
+        else:
+            ctx = contextlib.nullcontext([pre.transform(train.X), pre.transform(val.X)])
+        with ctx as (Xt, Xv):
+            clf = clone(pipe[-1])
+            if hasattr(clf, "tune"):
+                params, acc, fit_seconds = clf.tune(Xt, train.y, Xv, val.y, clf_grid, desc=desc)
+            else:
+                ((name, values),) = clf_grid.items()
+
+                def fit_score(v, clf=clf, name=name):
+                    clf.set_params(**{name: v}).fit(Xt, train.y)
+                    return _accuracy(clf, Xv, val.y)
+
+                value, acc, _, clf, fit_seconds = tuning.path_search(fit_score, clf, values, name, desc)
+                params = {name: value}
         if best is None or acc > best[2]:
             fitted = Pipeline([*pre.steps, ("clf", clf)])
-            best = (
-                fitted,
-                {**pre_params, **{f"clf__{k}": v for k, v in params.items()}},
-                acc,
-                pre_seconds + fit_seconds,
-            )
+            best = (fitted, {**pre_params, **{f"clf__{k}": v for k, v in params.items()}}, acc, fit_seconds)
     return best
 
 
+def _tune_cv(pipe: Pipeline, grid: dict, train: SplitData, cfg: Config) -> tuple[dict, float]:
+    """No validation split: stratified 3-fold cross-validation on train, in threads (no worker copies)."""
+    cv = StratifiedKFold(3, shuffle=True, random_state=cfg.data.seed)
+    search = GridSearchCV(pipe, grid, cv=cv, scoring="accuracy", refit=False, n_jobs=cfg.heads.n_jobs)
+    with joblib.parallel_config(backend="threading"):
+        search.fit(train.X, train.y)
+    return search.best_params_, float(search.best_score_)
+
+
 def fit_head(
-    head: str, features: str, splits: dict[str, SplitData], dim: int | list[int], cfg: Config, ref: int | None = None
+    head: str,
+    features: str,
+    splits: dict[str, SplitData],
+    dim: int | list[int],
+    cfg: Config,
+    ref: int | None = None,
+    desc: str | None = None,
 ) -> tuple[Pipeline, HeadResult]:
-    """Tune C (or k, or dropout; and the metadata weight) on val, refit, score on test; each step timed.
+    """Tune C (or alpha, k, dropout; and the metadata weight) on val, refit if asked, score on test;
+    each step timed.
 
     ``dim`` is the image feature width, or the widths of its blocks (layers) in order."""
     seed = cfg.data.seed
@@ -201,55 +251,31 @@ def fit_head(
         )
         train = _subsample(train, cfg.heads.rbf_max_train, seed)
     n_meta = train.X.shape[1] - (dim if isinstance(dim, int) else sum(dim))
-    pipe, grid = make_pipeline(head, features, dim, n_meta, cfg, seed, ref)
-    if head in VAL_TUNED:
-        with warnings.catch_warnings():
-            t0 = time.perf_counter()
-            best, best_params, val_acc, fit_seconds = _tune_on_val(pipe, grid, train, val, cfg)
-            tune_seconds = time.perf_counter() - t0 - fit_seconds
-            n_fit = len(train.y)
-            if cfg.heads.refit == "train+val":
-                best = clone(pipe).set_params(**best_params)
-                t0 = time.perf_counter()
-                best.fit(np.vstack([train.X, val.X]), np.concatenate([train.y, val.y]))
-                fit_seconds = time.perf_counter() - t0
-                n_fit += len(val.y)
-        pred = best.predict(test.X)
-        params = {_param_name(k): v for k, v in best_params.items()}
-        res = HeadResult(
-            head, features, params, val_acc, results.scores(test.y, pred), tune_seconds, fit_seconds, n_fit, pred
-        )
-        return best, res
-    if len(val.y):
-        X_tune = np.vstack([train.X, val.X])
-        y_tune = np.concatenate([train.y, val.y])
-        cv = PredefinedSplit(np.r_[np.full(len(train.y), -1), np.zeros(len(val.y))])
-    else:
-        X_tune, y_tune = train.X, train.y
-        cv = StratifiedKFold(3, shuffle=True, random_state=seed)
-    search = GridSearchCV(pipe, grid, cv=cv, scoring="accuracy", refit=False, n_jobs=cfg.heads.n_jobs)
+    pipe, grid = make_pipeline(head, features, dim, n_meta, cfg, seed, ref, n=len(train.y))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         t0 = time.perf_counter()
-        search.fit(X_tune, y_tune)
-        tune_seconds = time.perf_counter() - t0
-        best = clone(pipe).set_params(**search.best_params_)
-        X_fit, y_fit = (X_tune, y_tune) if cfg.heads.refit == "train+val" else (train.X, train.y)
-        t0 = time.perf_counter()
-        best.fit(X_fit, y_fit)
-        fit_seconds = time.perf_counter() - t0
+        if len(val.y):
+            best, best_params, val_acc, fit_seconds = _tune_on_val(pipe, grid, train, val, desc)
+            n_fit = len(train.y)
+        else:
+            if head in VAL_TUNED:
+                raise PipelineError(f"{head} heads are tuned on the validation split; this dataset has none")
+            best_params, val_acc = _tune_cv(pipe, grid, train, cfg)
+            best, fit_seconds, n_fit = None, 0.0, 0
+        tune_seconds = time.perf_counter() - t0 - fit_seconds
+        if best is None or cfg.heads.refit == "train+val":
+            X_fit, y_fit = train.X, train.y
+            if cfg.heads.refit == "train+val" and len(val.y):
+                X_fit, y_fit = np.vstack([train.X, val.X]), np.concatenate([train.y, val.y])
+            best = clone(pipe).set_params(**best_params)
+            t0 = time.perf_counter()
+            best.fit(X_fit, y_fit)
+            fit_seconds, n_fit = time.perf_counter() - t0, len(y_fit)
     pred = best.predict(test.X)
-    params = {_param_name(k): v for k, v in search.best_params_.items()}
+    params = {_param_name(k): v for k, v in best_params.items()}
     res = HeadResult(
-        head,
-        features,
-        params,
-        float(search.best_score_),
-        results.scores(test.y, pred),
-        tune_seconds,
-        fit_seconds,
-        len(y_fit),
-        pred,
+        head, features, params, val_acc, results.scores(test.y, pred), tune_seconds, fit_seconds, n_fit, pred
     )
     return best, res
 
@@ -282,7 +308,7 @@ def run(cfg: Config) -> list[HeadResult]:
     sel = None
     wants_auto = any(layers is None for _, layers in layer_sets)
     if wants_auto or (len(full.layer_names()) > 1 and len(full.splits["val"].y)):
-        sel = layer_select.select(full)  # per-layer scores for the report, and auto's choice
+        sel = layer_select.select(full, greedy=wants_auto)  # per-layer scores for the report, and auto's choice
         write_json_atomic(out_dir / "layers.json", run_record(cfg, "layers", **dataclasses.asdict(sel)))
 
     out: list[HeadResult] = []
@@ -311,7 +337,7 @@ def run(cfg: Config) -> list[HeadResult]:
                     len(splits["train"].y),
                     splits["train"].X.shape[1],
                 )
-                model, r = fit_head(head, features, splits, widths, cfg, fs.embedding_dim)
+                model, r = fit_head(head, features, splits, widths, cfg, fs.embedding_dim, desc=name)
                 r.tune_seconds += select_seconds  # auto's layer search is part of tuning
                 r.layers, r.layer_names = label, list(layers)
                 if label != layer_select.LAST:

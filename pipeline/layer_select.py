@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline import tuning
+from pipeline.data import SPLITS
 from pipeline.errors import PipelineError
 from pipeline.features import LAST
 
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 ALL = "all"
 AUTO = "auto"
 RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # x n_train
+_CHUNK = 8192
 
 
 def variants(requested: tuple[str, ...], available: list[str]) -> list[tuple[str, list[str] | None]]:
@@ -76,60 +79,74 @@ class Selection:
 
 
 class _Ridge:
-    """Ridge scores of any subset of blocks from one Gram matrix of the standardised train blocks."""
+    """Ridge scores of any subset of blocks from one Gram matrix of the standardised train blocks.
 
-    def __init__(self, blocks: dict[str, dict[str, np.ndarray]], y: dict[str, np.ndarray]):
-        names = list(blocks)
-        self.slices, start = {}, 0
-        for n in names:
-            w = blocks[n]["train"].shape[1]
-            self.slices[n] = np.arange(start, start + w)
-            start += w
-        Z = {s: np.hstack([blocks[n][s] for n in names]) for s in ("train", "val", "test")}
-        n_classes = int(max(v.max() for v in y.values())) + 1
-        T = np.eye(n_classes)[y["train"]]
+    The Gram matrix is accumulated from raw float32 chunks in float64 and standardised afterwards
+    (centre, then scale rows and columns), so no standardised copy of the training matrix is made."""
+
+    def __init__(self, fs, layers: list[str]):
+        ref = fs.embedding_dim
+        self.fs, self.layers, self.slices, start = fs, list(layers), {}, 0
+        means, scales = [], []
+        for name in layers:
+            tr = fs.block("train", name)
+            mean, var = tuning.column_stats(tr)
+            std = np.sqrt(var)
+            std[std == 0] = 1.0
+            means.append(mean)
+            scales.append(np.sqrt(ref / tr.shape[1]) / std)
+            self.slices[name] = np.arange(start, start + tr.shape[1])
+            start += tr.shape[1]
+        self.mean, self.scale = np.concatenate(means), np.concatenate(scales)
+        y = fs.splits["train"].y
+        n_classes = int(max(fs.splits[s].y.max() for s in SPLITS if len(fs.splits[s].y))) + 1
+        T = np.eye(n_classes, dtype=np.float32)[y]
         self.prior = T.mean(axis=0)
-        Xt = Z["train"].astype(np.float64)
-        self.gram = Xt.T @ Xt
-        self.xty = Xt.T @ (T - self.prior)
-        self.Z, self.y, self.n = Z, y, len(y["train"])
+        T -= self.prior
+        gram, xty = np.zeros((start, start)), np.zeros((start, n_classes))
+        for s in range(0, len(y), _CHUNK):
+            c = np.hstack([fs.block("train", n)[s : s + _CHUNK] for n in layers])
+            gram += (c.T @ c).astype(np.float64)
+            xty += (c.T @ T[s : s + _CHUNK]).astype(np.float64)
+        gram -= len(y) * np.outer(self.mean, self.mean)
+        self.gram = gram * self.scale[:, None] * self.scale[None, :]
+        self.xty = xty * self.scale[:, None]  # the centring term vanishes: T's columns sum to zero
+        self.n = len(y)
+
+    def _standardised(self, split: str, layers: list[str], idx: np.ndarray) -> np.ndarray:
+        X = np.hstack([self.fs.block(split, n) for n in layers]).astype(np.float32)
+        X -= self.mean[idx].astype(np.float32)
+        X *= self.scale[idx].astype(np.float32)
+        return X
 
     def score(self, layers: list[str]) -> tuple[float, float]:
         """(val accuracy, test accuracy) at the penalty best on val."""
+        layers = [n for n in self.layers if n in layers]
         idx = np.concatenate([self.slices[n] for n in layers])
         evals, evecs = np.linalg.eigh(self.gram[np.ix_(idx, idx)])
         proj = evecs.T @ self.xty[idx]
-        val = self.Z["val"][:, idx] @ evecs
+        evecs32 = evecs.astype(np.float32)
+        val = self._standardised("val", layers, idx) @ evecs32
+        y = {s: self.fs.splits[s].y for s in ("val", "test")}
         best = (-1.0, None)
         for a in RIDGE_ALPHAS:
             w = proj / (np.maximum(evals, 0) + a * self.n)[:, None]
-            acc = float(np.mean(np.argmax(val @ w + self.prior, 1) == self.y["val"]))
+            acc = float(np.mean(np.argmax(val @ w + self.prior, 1) == y["val"]))
             if acc > best[0]:
                 best = (acc, w)
-        test = self.Z["test"][:, idx] @ evecs
-        return best[0], float(np.mean(np.argmax(test @ best[1] + self.prior, 1) == self.y["test"]))
+        test = self._standardised("test", layers, idx) @ evecs32
+        return best[0], float(np.mean(np.argmax(test @ best[1] + self.prior, 1) == y["test"]))
 
 
-def standardised_blocks(fs, layers: list[str]) -> dict[str, dict[str, np.ndarray]]:
-    """Per layer and split: standardised on train, scaled so each block's total variance is the same."""
-    ref = fs.embedding_dim
-    out = {}
-    for name in layers:
-        tr = fs.block("train", name)
-        mean, std = tr.mean(axis=0), tr.std(axis=0)
-        std[std == 0] = 1.0
-        scale = np.sqrt(ref / tr.shape[1]) / std
-        out[name] = {s: ((fs.block(s, name) - mean) * scale).astype(np.float32) for s in ("train", "val", "test")}
-    return out
-
-
-def select(fs) -> Selection:
-    """Greedy forward selection of blocks on val (needs a validation split)."""
+def select(fs, greedy: bool = True) -> Selection:
+    """Each block scored alone and, with ``greedy``, forward selection of blocks on val (needs a validation
+    split). Without it only the per-layer scores the report charts are computed (the greedy steps cost the
+    most: one eigendecomposition per trial)."""
     layers = fs.layer_names()
     if len(fs.splits["val"].y) == 0:
         raise PipelineError("--layers auto picks layers on the validation split, and this dataset has none")
     t0 = time.perf_counter()
-    ridge = _Ridge(standardised_blocks(fs, layers), {s: fs.splits[s].y for s in ("train", "val", "test")})
+    ridge = _Ridge(fs, layers)
     per_layer = []
     for name in layers:
         val, test = ridge.score([name])
@@ -139,7 +156,7 @@ def select(fs) -> Selection:
     order = sorted(per_layer, key=lambda r: -r["val_accuracy"])
     chosen, best = [order[0]["layer"]], order[0]["val_accuracy"]
     steps = [{"layers": list(chosen), "val_accuracy": best}]
-    while len(chosen) < len(layers):
+    while greedy and len(chosen) < len(layers):
         trials = [(ridge.score(chosen + [n])[0], n) for n in layers if n not in chosen]
         acc, name = max(trials)
         if acc <= best:
@@ -149,11 +166,10 @@ def select(fs) -> Selection:
         steps.append({"layers": list(chosen), "val_accuracy": acc})
     chosen = [n for n in layers if n in chosen]  # network order, for stable names
     sel = Selection(chosen, best, per_layer, steps, time.perf_counter() - t0)
-    log.info(
-        "layers auto: chose %s (ridge val %.4f; alone: %s) in %.1fs",
-        ", ".join(chosen),
-        best,
-        ", ".join(f"{r['layer']} {r['val_accuracy']:.3f}" for r in per_layer),
-        sel.seconds,
-    )
+    alone = ", ".join(f"{r['layer']} {r['val_accuracy']:.3f}" for r in per_layer)
+    if greedy:
+        what = ", ".join(chosen)
+        log.info("layers auto: chose %s (ridge val %.4f; alone: %s) in %.1fs", what, best, alone, sel.seconds)
+    else:
+        log.info("ridge val accuracy per layer: %s (%.1fs)", alone, sel.seconds)
     return sel
