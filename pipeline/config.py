@@ -101,11 +101,20 @@ class HeadsConfig:
         (1e-2, 1e-1, 1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6), "ridge: penalties tried on the validation split"
     )
     exact_max_size: float = _opt(
-        2e7,
+        2e6,
         "logreg / linear_svm: up to this many matrix entries (images x features) scikit-learn's exact solvers on a "
         "warm-started C path; above it every C at once on float32 minibatches",
     )
     batch_size: int = _opt(512, "minibatch size of the large-data logreg / linear_svm solver and of linear_probe")
+    probe_decays: tuple[float, ...] = _opt(
+        (1e-6, 1e-5, 1e-4, 1e-3, 1e-2), "linear_probe: L2 weight decays tried on the validation split (all at once)"
+    )
+    probe_epochs: int = _opt(30, "linear_probe: most epochs (it stops when no decay improved val for 3)")
+    memory_budget: str | None = _opt(
+        None,
+        "memory the in-memory heads may use: 8G, 512M, or a fraction of available RAM like 0.5 (default 0.75); "
+        "over it they refuse and name linear_probe, which streams",
+    )
     meta_weights: tuple[float, ...] = _opt(
         (0.5, 1.0, 2.0), "image+meta_norm: weights of the metadata block tried (1 = as much variance as the embedding)"
     )

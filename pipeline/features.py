@@ -134,21 +134,56 @@ class FeatureSet:
             self.blocks = [(LAST, self.splits["train"].X.shape[1])]
 
 
-def load_features(path: Path, backbone: str | None = None) -> FeatureSet:
-    """Read a complete cache; refuse a partial one or one made by another backbone."""
-    path = Path(path)
+@dataclass
+class CacheInfo:
+    """A checked cache's attributes, for heads that stream it instead of loading it."""
+
+    path: Path
+    attrs: dict
+
+    @property
+    def backbone(self) -> str:
+        return str(self.attrs["backbone"])
+
+    @property
+    def extract_seconds(self) -> float:
+        return float(self.attrs.get("extract_seconds", 0.0))
+
+    @property
+    def class_names(self) -> list[str]:
+        return json.loads(self.attrs["class_names"])
+
+
+def _open(path: Path) -> h5py.File:
     if not path.exists():
         raise PipelineError(f"no embedding cache at {path}: run `make extract` (python -m pipeline extract) first")
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as e:
         raise PipelineError(f"{path} is not a readable HDF5 cache ({e}); delete it and rerun `make extract`") from None
-    with f:
-        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-        if not attrs.get("complete"):
-            raise PipelineError(f"{path} is incomplete; rerun `make extract` to finish it")
-        if backbone is not None and attrs.get("backbone") != backbone:
-            raise PipelineError(f"{path} was made by backbone {attrs.get('backbone')}, not {backbone}")
+
+
+def _checked_attrs(f: h5py.File, path: Path, backbone: str | None) -> dict:
+    attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    if not attrs.get("complete"):
+        raise PipelineError(f"{path} is incomplete; rerun `make extract` to finish it")
+    if backbone is not None and attrs.get("backbone") != backbone:
+        raise PipelineError(f"{path} was made by backbone {attrs.get('backbone')}, not {backbone}")
+    return attrs
+
+
+def check_cache(path: Path, backbone: str | None = None) -> dict:
+    """The attributes of a complete cache made by ``backbone``; one-line errors otherwise. Loads no rows."""
+    path = Path(path)
+    with _open(path) as f:
+        return _checked_attrs(f, path, backbone)
+
+
+def load_features(path: Path, backbone: str | None = None) -> FeatureSet:
+    """Read a complete cache; refuse a partial one or one made by another backbone."""
+    path = Path(path)
+    with _open(path) as f:
+        attrs = _checked_attrs(f, path, backbone)
         layers = json.loads(attrs.get("tap_layers", "[]"))
         packed, splits, embeddings, taps = {}, {}, {}, {}
         for s in SPLITS:

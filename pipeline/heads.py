@@ -32,13 +32,13 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from pipeline import layer_select, results, tuning
+from pipeline import budget, layer_select, results, tuning
 from pipeline.config import Config, atomic_path, run_record, writable_dir, write_json_atomic
 from pipeline.data import stratified_split
 from pipeline.errors import PipelineError
 from pipeline.estimators import CosineKNN, KerasMLP, KernelSVC
 from pipeline.extract import cache_path
-from pipeline.features import FeatureSet, SplitData, fuse, load_features, metadata_table
+from pipeline.features import CacheInfo, FeatureSet, SplitData, check_cache, fuse, load_features, metadata_table
 from pipeline.linear import LinearHead, RidgeHead
 from pipeline.results import head_name
 
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 FEATURE_SETS = ("image", "image+meta", "image+meta_norm")
 HEADS = ("ridge", "logreg", "linear_svm", "rbf_svm", "mlp", "knn")
+STREAMING = ("linear_probe",)  # trained on minibatches read from the cache; never loads it whole
 VAL_TUNED = ("mlp", "knn")  # tuned by their own ``tune`` on the validation split
 
 
@@ -287,13 +288,28 @@ def run(cfg: Config) -> list[HeadResult]:
     unknown = [f for f in cfg.heads.features if f not in FEATURE_SETS]
     if unknown:
         raise PipelineError(f"unknown feature set(s) {', '.join(unknown)} (known: {', '.join(FEATURE_SETS)})")
-    bad = [h for h in cfg.heads.heads if h not in HEADS]
+    bad = [h for h in cfg.heads.heads if h not in HEADS + STREAMING]
     if bad:
-        raise PipelineError(f"unknown head(s) {', '.join(bad)} (known: {', '.join(HEADS)})")
-    full = load_features(cache_path(cfg), cfg.backbone.backbone)
+        raise PipelineError(f"unknown head(s) {', '.join(bad)} (known: {', '.join(HEADS + STREAMING)})")
+    path = cache_path(cfg)
+    attrs = check_cache(path, cfg.backbone.backbone)
+    res_path = results.results_path(cfg.artifacts, cfg.dataset_name)
+    in_memory = [h for h in cfg.heads.heads if h not in STREAMING]
+    out: list[HeadResult] = []
+    if in_memory:
+        with_meta = cfg.metadata_path is not None and any(f != "image" for f in cfg.heads.features)
+        budget.check(in_memory, path, cfg, with_meta)
+        out += _run_in_memory(cfg, in_memory, path, res_path)
+    if any(h in STREAMING for h in cfg.heads.heads):
+        out += _run_streaming(cfg, path, attrs, res_path)
+    _print_table(out, str(attrs["backbone"]), res_path)
+    return out
+
+
+def _run_in_memory(cfg: Config, head_list: list[str], path: Path, res_path: Path) -> list[HeadResult]:
+    full = load_features(path, cfg.backbone.backbone)
     dataset = cfg.dataset_name
     out_dir = writable_dir(Path(cfg.artifacts) / "heads" / dataset / full.backbone)
-    res_path = results.results_path(cfg.artifacts, dataset)
     layer_sets = layer_select.variants(cfg.heads.layers, full.layer_names())
 
     meta = None
@@ -327,7 +343,7 @@ def run(cfg: Config) -> list[HeadResult]:
                 variants[f] = fused
         widths = [w for _, w in fs.blocks]
         for features, (splits, meta_names) in variants.items():
-            for head in cfg.heads.heads:
+            for head in head_list:
                 name = head_name(head, features, label)
                 log.info(
                     "fitting %s on %s [%s] (%d train, %d-dim)",
@@ -350,26 +366,7 @@ def run(cfg: Config) -> list[HeadResult]:
                     r.test_pred,
                     fs.class_names,
                 )
-                results.upsert(
-                    res_path,
-                    {
-                        "dataset": dataset,
-                        "backbone": fs.backbone,
-                        "method": head,
-                        "features": features,
-                        "layers": label,
-                        "val_accuracy": r.val_accuracy,
-                        **r.scores,
-                        "train_seconds": r.tune_seconds + r.fit_seconds,
-                        "tune_seconds": r.tune_seconds,
-                        "fit_seconds": r.fit_seconds,
-                        "extract_seconds": fs.extract_seconds,
-                        "n_train": r.n_train,
-                        "n_test": len(splits["test"].y),
-                        "params": json.dumps(r.params),
-                        "weights": fs.attrs.get("weights", ""),
-                    },
-                )
+                _record(res_path, dataset, fs, r, len(splits["test"].y))
                 log.info(
                     "  %-28s val %.4f  test %.4f  %s  tune %.1fs + fit %.1fs",
                     name,
@@ -380,7 +377,100 @@ def run(cfg: Config) -> list[HeadResult]:
                     r.fit_seconds,
                 )
                 out.append(r)
-    _print_table(out, full.backbone, res_path)
+        del fs, variants  # before the next layer set's arrays
+    return out
+
+
+def _record(res_path: Path, dataset: str, fs, r: HeadResult, n_test: int) -> None:
+    """The head's results row (``fs``: anything with backbone, extract_seconds and attrs)."""
+    results.upsert(
+        res_path,
+        {
+            "dataset": dataset,
+            "backbone": fs.backbone,
+            "method": r.head,
+            "features": r.features,
+            "layers": r.layers,
+            "val_accuracy": r.val_accuracy,
+            **r.scores,
+            "train_seconds": r.tune_seconds + r.fit_seconds,
+            "tune_seconds": r.tune_seconds,
+            "fit_seconds": r.fit_seconds,
+            "extract_seconds": fs.extract_seconds,
+            "n_train": r.n_train,
+            "n_test": n_test,
+            "params": json.dumps(r.params),
+            "weights": fs.attrs.get("weights", ""),
+        },
+    )
+
+
+def _run_streaming(cfg: Config, path: Path, attrs: dict, res_path: Path) -> list[HeadResult]:
+    """``linear_probe`` per layer set, image features only, nothing loaded whole."""
+    from pipeline import probe
+
+    dataset = cfg.dataset_name
+    info = CacheInfo(path, attrs)
+    out_dir = writable_dir(Path(cfg.artifacts) / "heads" / dataset / info.backbone)
+    names = probe.layer_names(path)
+    if any(f != "image" for f in cfg.heads.features) and cfg.metadata_path is not None:
+        log.info("linear_probe fits image features only; the metadata feature sets are the in-memory heads'")
+    out = []
+    for label, layers in layer_select.variants(cfg.heads.layers, names):
+        if layers is None:
+            log.warning("notice: linear_probe skips --layers auto (its selection needs the features in memory)")
+            continue
+        name = head_name("linear_probe", "image", label)
+        log.info("fitting %s on %s [%s], streamed from %s", name, info.backbone, ", ".join(layers), path.name)
+        ref = probe.CacheStream(path, "train", [probe.LAST])
+        ref_width = ref.width
+        ref.close()
+        res, streams = probe.fit_probe(
+            path,
+            layers,
+            list(cfg.heads.probe_decays),
+            len(info.class_names),
+            ref_width,
+            batch_size=cfg.heads.batch_size,
+            max_epochs=cfg.heads.probe_epochs,
+            seed=cfg.data.seed,
+            desc=name,
+        )
+        test = streams["test"]
+        pred = probe.predict(res.model, test) if test.n else np.zeros(0, dtype=np.int64)
+        params = {"decay": res.decay, "epochs": res.epochs}
+        if label != layer_select.LAST:
+            params["layers"] = list(layers)
+        r = HeadResult(
+            "linear_probe",
+            "image",
+            params,
+            res.val_accuracy,
+            results.scores(test.labels, pred),
+            res.seconds,
+            0.0,
+            streams["train"].n,
+            pred,
+            label,
+            list(layers),
+        )
+        with atomic_path(out_dir / f"{name}.keras", suffix=".keras") as tmp:
+            res.model.save(tmp)
+        _sidecar(out_dir / name, r, info, cfg, [], val_per_decay=res.val_per_decay)
+        results.write_predictions(out_dir / f"{name}.predictions.csv", test.ids(), test.labels, pred, info.class_names)
+        _record(res_path, dataset, info, r, test.n)
+        log.info(
+            "  %-28s val %.4f  test %.4f  decay=%g epochs=%d  %.1fs",
+            name,
+            r.val_accuracy,
+            r.scores["test_accuracy"],
+            res.decay,
+            res.epochs,
+            res.seconds,
+        )
+        for st in streams.values():
+            st.close()
+        out.append(r)
     return out
 
 
@@ -392,6 +482,10 @@ def _save(stem: Path, model: Pipeline, r: HeadResult, fs: FeatureSet, cfg: Confi
     """joblib model + JSON sidecar (what scikit-learn's persistence guide asks to keep beside it)."""
     with atomic_path(stem.with_name(stem.name + ".joblib")) as tmp:
         joblib.dump(model, tmp)
+    _sidecar(stem, r, fs, cfg, meta_names)
+
+
+def _sidecar(stem: Path, r: HeadResult, fs, cfg: Config, meta_names: list[str], **extra) -> None:
     write_json_atomic(
         stem.with_name(stem.name + ".json"),
         run_record(
@@ -416,6 +510,7 @@ def _save(stem: Path, model: Pipeline, r: HeadResult, fs: FeatureSet, cfg: Confi
                 "weights": fs.attrs.get("weights"),
                 "extract_seconds": fs.extract_seconds,
             },
+            **extra,
         ),
     )
 

@@ -18,13 +18,14 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, library_versions, writable_dir
+from pipeline.config import Config, HeadsConfig, library_versions, writable_dir
 from pipeline.report_layers import layer_sections
 from pipeline.results import head_name, read_results, results_path
 
 log = logging.getLogger(__name__)
 
-HEADS = ("linear_svm", "rbf_svm", "logreg", "mlp", "knn")
+HEADS = ("ridge", "logreg", "linear_svm", "rbf_svm", "mlp", "knn", "linear_probe")  # table order
+EXPECTED = HeadsConfig().heads  # shown as "not run" when missing: the default heads only
 META_FEATURES = ("image+meta", "image+meta_norm")
 
 
@@ -55,9 +56,9 @@ def comparison_table(results: pd.DataFrame, with_meta: bool = False) -> pd.DataF
     df["extract_seconds"] = df["extract_seconds"].fillna(0.0)
     df["total_seconds"] = df["train_seconds"] + df["extract_seconds"]
     df["status"] = "ok"
-    expected = [("finetune", "image")] + [(h, "image") for h in HEADS]
+    expected = [("finetune", "image")] + [(h, "image") for h in EXPECTED]
     if with_meta or df["features"].isin(META_FEATURES).any():
-        expected += [(h, f) for f in META_FEATURES for h in HEADS]
+        expected += [(h, f) for f in META_FEATURES for h in EXPECTED]
     missing = [
         {"backbone": b, "method": m, "features": f, "layers": "last", "status": "not run"}
         for b in df["backbone"].unique()
@@ -163,7 +164,16 @@ def _plt():
     return plt
 
 
-MARKERS = {"finetune": "*", "linear_svm": "s", "rbf_svm": "o", "logreg": "^", "mlp": "P", "knn": "v"}
+MARKERS = {
+    "finetune": "*",
+    "ridge": "D",
+    "linear_svm": "s",
+    "rbf_svm": "o",
+    "logreg": "^",
+    "mlp": "P",
+    "knn": "v",
+    "linear_probe": "X",
+}
 
 
 def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None:

@@ -72,7 +72,7 @@ def path_search(
     seconds spent fitting that copy)."""
     values = sorted(values)
     scores: dict[float, float] = {}
-    best: list = [None, -1.0, None, 0.0]
+    best: list = [None, -np.inf, None, 0.0]
 
     def run(v: float, bar) -> float:
         t0 = time.perf_counter()

@@ -1,0 +1,247 @@
+"""`linear_probe`: multinomial logistic regression trained with Keras on minibatches streamed from the cache.
+
+For caches that do not fit in memory. Rows are read from the HDF5 file in
+units of whole storage chunks; each epoch visits the units in a new random
+order, pools a few of them and shuffles their rows, so memory is bounded by
+``pool x unit x width`` floats, never by the cache. Standardisation statistics
+come from one streaming pass over train. Every weight decay of the grid is its
+own softmax layer on the same minibatches (one read of the data serves the
+whole grid); each keeps its best epoch by validation accuracy, training stops
+when none has improved for ``patience`` epochs, and the best on val is kept.
+Several GPUs: the model is built under ``tf.distribute.MirroredStrategy``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.features import LAST
+
+log = logging.getLogger(__name__)
+
+UNIT_ROWS = 2048  # rows per read, rounded to whole storage chunks
+POOL_UNITS = 4  # units shuffled together
+
+
+class CacheStream:
+    """One split's layer set, read in chunk-aligned row ranges; ``reads`` records the rows of every read."""
+
+    def __init__(self, path: Path, split: str, layers: list[str], unit_rows: int | None = None):
+        self.path, self.split, self.layers = Path(path), split, list(layers)
+        self._file = h5py.File(self.path, "r")
+        g = self._file[split]
+        self._sets = [g["embeddings"] if n == LAST else g["taps"][n] for n in self.layers]
+        self.n = self._sets[0].shape[0]
+        self.widths = [d.shape[1] for d in self._sets]
+        self.width = sum(self.widths)
+        unit_rows = unit_rows or UNIT_ROWS
+        chunk = (self._sets[0].chunks or (unit_rows,))[0]
+        self.unit = max(chunk, unit_rows // chunk * chunk)
+        self.labels = g["labels"][()].astype(np.int64)
+        self.reads: list[int] = []
+
+    def ids(self) -> np.ndarray:
+        return self._file[self.split]["ids"].asstr()[()].astype(object)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, self.width), dtype=np.float32)
+        col = 0
+        for d, w in zip(self._sets, self.widths, strict=True):
+            d.read_direct(out, np.s_[start:stop], np.s_[:, col : col + w])
+            col += w
+        self.reads.append(stop - start)
+        return out
+
+    def units(self) -> list[tuple[int, int]]:
+        return [(s, min(s + self.unit, self.n)) for s in range(0, self.n, self.unit)]
+
+    def batches(self, batch_size: int, rng: np.random.Generator | None = None):
+        """(x, y) minibatches: in file order without ``rng``; else units in random order, pooled and shuffled."""
+        units = self.units()
+        if rng is not None:
+            units = [units[i] for i in rng.permutation(len(units))]
+        pool = POOL_UNITS if rng is not None else 1
+        for p in range(0, len(units), pool):
+            group = units[p : p + pool]
+            x = np.concatenate([self.read(a, b) for a, b in group]) if len(group) > 1 else self.read(*group[0])
+            y = np.concatenate([self.labels[a:b] for a, b in group])
+            order = rng.permutation(len(y)) if rng is not None else np.arange(len(y))
+            for s in range(0, len(y), batch_size):
+                idx = order[s : s + batch_size]
+                yield x[idx], y[idx]
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-column mean and variance of this split, in one streaming pass (float64, shifted sums)."""
+        shift = None
+        total = np.zeros(self.width)
+        sq = np.zeros(self.width)
+        for a, b in self.units():
+            x = self.read(a, b).astype(np.float64)
+            if shift is None:
+                shift = x.mean(axis=0)
+            x -= shift
+            total += x.sum(axis=0)
+            sq += (x * x).sum(axis=0)
+        mean = total / self.n
+        var = np.maximum(sq / self.n - mean**2, 0.0)
+        return mean + shift, var
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class ProbeResult:
+    decay: float
+    val_accuracy: float
+    epochs: int
+    val_per_decay: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    model: object = None
+
+
+def _strategy():
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+
+def _build(width: int, n_classes: int, mean, var, decays: list[float], lr_schedule):
+    import keras
+
+    inp = keras.Input((width,), name="features")
+    z = keras.layers.Normalization(mean=mean, variance=var, name="standardise")(inp)
+    outs = [
+        keras.layers.Dense(
+            n_classes, activation="softmax", kernel_regularizer=keras.regularizers.L2(d), name=f"decay_{i}"
+        )(z)
+        for i, d in enumerate(decays)
+    ]
+    model = keras.Model(inp, outs)
+    model.compile(
+        keras.optimizers.Adam(lr_schedule),
+        loss=["sparse_categorical_crossentropy"] * len(decays),
+        metrics=[["accuracy"]] * len(decays),
+    )
+    return model
+
+
+def _dataset(stream: CacheStream, batch_size: int, heads: int, seed: int | None):
+    import tensorflow as tf
+
+    epoch = [0]
+
+    def gen():
+        rng = None if seed is None else np.random.default_rng([seed, epoch[0]])
+        epoch[0] += 1
+        for x, y in stream.batches(batch_size, rng):
+            yield x, tuple([y] * heads)
+
+    sig = (
+        tf.TensorSpec((None, stream.width), tf.float32),
+        tuple(tf.TensorSpec((None,), tf.int64) for _ in range(heads)),
+    )
+    return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(2)
+
+
+def fit_probe(
+    path: Path,
+    layers: list[str],
+    decays: list[float],
+    n_classes: int,
+    block_ref: int,
+    batch_size: int = 512,
+    max_epochs: int = 30,
+    patience: int = 3,
+    learning_rate: float = 0.01,
+    seed: int = 0,
+    desc: str | None = None,
+) -> tuple[ProbeResult, dict[str, CacheStream]]:
+    """Train every decay at once on the streamed train split; keep each one's best epoch by val accuracy."""
+    import keras
+
+    from pipeline.tuning import progress_bar
+
+    t0 = time.perf_counter()
+    streams = {s: CacheStream(path, s, layers) for s in ("train", "val", "test")}
+    train, val = streams["train"], streams["val"]
+    if not val.n:
+        raise PipelineError("linear_probe is tuned and stopped on the validation split; this dataset has none")
+    mean, var = train.stats()
+    var[var == 0] = 1.0
+    # each block standardised and scaled to block_ref dimensions' worth of variance, as the in-memory heads do
+    factor = np.concatenate([np.full(w, np.sqrt(block_ref / w)) for w in train.widths]) if len(layers) > 1 else 1.0
+    var = var / factor**2
+    keras.utils.set_random_seed(seed)
+    batch_size = int(max(16, min(batch_size, train.n // 8)))  # small sets still get several steps an epoch
+    steps = max(1, -(-train.n // batch_size))
+    with _strategy().scope():
+        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max_epochs * steps)
+        model = _build(train.width, n_classes, mean, var, decays, schedule)
+    best_acc = np.full(len(decays), -1.0)
+    best_w: list = [None] * len(decays)
+    best_epoch = np.zeros(len(decays), dtype=int)
+    stale = 0
+    data = _dataset(train, batch_size, len(decays), seed)
+    with progress_bar(max_epochs, desc, unit="epoch") as bar:
+        for epoch in range(max_epochs):
+            with warnings.catch_warnings():  # a generator's length is unknown to Keras until it ends
+                warnings.filterwarnings("ignore", message="Your input ran out of data")
+                model.fit(data, epochs=1, verbose=0, shuffle=False)
+            acc = _accuracy(model, val, batch_size * 8)
+            better = acc > best_acc
+            for i in np.flatnonzero(better):
+                best_acc[i], best_epoch[i] = acc[i], epoch + 1
+                best_w[i] = model.get_layer(f"decay_{i}").get_weights()
+            stale = 0 if better.any() else stale + 1
+            bar.set_postfix(best_val=f"{best_acc.max():.4f}")
+            bar.update()
+            if stale >= patience:
+                break
+    j = int(np.argmax(best_acc))
+    inp = keras.Input((train.width,), name="features")
+    z = model.get_layer("standardise")(inp)
+    head = keras.layers.Dense(n_classes, activation="softmax", name="softmax")
+    final = keras.Model(inp, head(z))
+    head.set_weights(best_w[j])
+    res = ProbeResult(
+        float(decays[j]),
+        float(best_acc[j]),
+        int(best_epoch[j]),
+        {f"{d:g}": float(a) for d, a in zip(decays, best_acc, strict=True)},
+        time.perf_counter() - t0,
+        final,
+    )
+    return res, streams
+
+
+def _accuracy(model, stream: CacheStream, batch: int) -> np.ndarray:
+    """Accuracy of every output of ``model`` on a streamed split."""
+    hits, n = None, 0
+    for x, y in stream.batches(batch):
+        outs = model(x, training=False)
+        outs = outs if isinstance(outs, list | tuple) else [outs]
+        h = np.array([np.sum(np.argmax(np.asarray(o), axis=1) == y) for o in outs], dtype=float)
+        hits = h if hits is None else hits + h
+        n += len(y)
+    return hits / max(n, 1)
+
+
+def predict(model, stream: CacheStream, batch: int = 4096) -> np.ndarray:
+    return np.concatenate([np.argmax(np.asarray(model(x, training=False)), axis=1) for x, _ in stream.batches(batch)])
+
+
+def layer_names(path: Path) -> list[str]:
+    """``last`` and the cache's taps, read from its attributes (nothing else is loaded)."""
+    with h5py.File(path, "r") as f:
+        return [LAST] + json.loads(f.attrs.get("tap_layers", "[]"))
