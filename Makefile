@@ -10,6 +10,7 @@ ARTIFACTS ?= artifacts
 TF        ?= cpu
 ARGS      ?=
 CONFIG    ?=
+SIZES     ?= 50000 200000
 
 RUN    := $(BIN)/python -m pipeline
 # ARGS go only to the stage named on the command line (`make finetune ARGS=...`), not to its prerequisites.
@@ -57,9 +58,10 @@ demo: svm finetune ## set up, prepare the default data and run the whole compari
 test: setup ## run the test suite (fast: tiny backbones and generated images)
 	$(BIN)/python -m pytest -q
 
-bench: data ## extraction throughput ratios + heads-vs-finetune cost (writes artifacts/bench/*.json)
+bench: data ## extraction ratios, heads-vs-finetune cost, heads at scale (SIZES="50000 200000 1000000")
 	$(BIN)/python benchmarks/extract_throughput.py --backbone $(BACKBONE) --artifacts $(ARTIFACTS) --source data/$(DATA)/train
 	$(BIN)/python benchmarks/heads_vs_finetune.py --dataset $(DATA) --artifacts $(ARTIFACTS) || true
+	$(BIN)/python benchmarks/heads_scale.py --sizes $(SIZES)
 
 lint: setup ## ruff
 	$(BIN)/ruff check pipeline tests benchmarks
