@@ -25,9 +25,9 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
         "pipeline.extract:run",
     ),
     "heads": (
-        "fit tuned, timed heads (linear SVM, RBF SVM, logistic regression, MLP, cosine k-NN) on the cached "
-        "embeddings of BACKBONE, per layer set (--layers) and with and without the dataset's metadata; "
-        "needs `extract` first",
+        "fit tuned, timed heads (ridge, logistic regression, linear and RBF SVM; opt-in MLP, cosine k-NN and the "
+        "streaming linear_probe) on the cached embeddings of BACKBONE, per layer set (--layers) and with and "
+        "without the dataset's metadata; needs `extract` first",
         ["data", "backbone", "heads"],
         "pipeline.heads:run",
     ),

@@ -1,13 +1,17 @@
 """`make svm`: tuned, timed scikit-learn heads on cached embeddings (+ metadata).
 
-Linear-probe protocol: standardise, sweep C on a log grid, pick it on the
-validation split (stratified CV on train when there is none), refit, evaluate
-once on test. Tuning and the final fit are timed separately; the cache's
-extraction time is carried along so the report can charge it.
+Linear-probe protocol: standardise, tune C (alpha, k, ...) on the validation
+split (stratified CV on train when there is none), evaluate once on test.
+Tuning and the final fit are timed; the cache's extraction time is carried
+along so the report can charge it.
 
 Each head runs per layer set (``--layers``, see ``pipeline.layer_select``) and
-feature set; ``mlp`` and ``knn`` (``pipeline.estimators``) tune themselves on
-the validation split instead of through a grid of independent fits.
+feature set. The preprocessing is fitted once per feature set and applied in
+place; heads with a ``tune`` method (``pipeline.linear``, ``pipeline.estimators``)
+cover their whole grid in one go, scikit-learn's exact solvers walk a
+coarse-to-fine, warm-started C path (``pipeline.tuning``). ``linear_probe``
+(``pipeline.probe``) streams from the cache; the others check the memory budget
+(``pipeline.budget``) before loading it.
 """
 
 from __future__ import annotations
