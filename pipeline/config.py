@@ -107,9 +107,12 @@ class HeadsConfig:
     )
     batch_size: int = _opt(512, "minibatch size of the large-data logreg / linear_svm solver and of linear_probe")
     probe_decays: tuple[float, ...] = _opt(
-        (1e-6, 1e-5, 1e-4, 1e-3, 1e-2), "linear_probe: L2 weight decays tried on the validation split (all at once)"
+        (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+        "linear_probe: L2 weight decays tried on the validation split (all at once)",
     )
-    probe_epochs: int = _opt(30, "linear_probe: most epochs (it stops when no decay improved val for 3)")
+    probe_epochs: int = _opt(
+        12, "linear_probe: epochs (the step decays to zero over them; it stops early when no decay improved val for 3)"
+    )
     memory_budget: str | None = _opt(
         None,
         "memory the in-memory heads may use: 8G, 512M, or a fraction of available RAM like 0.5 (default 0.75); "

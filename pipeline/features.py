@@ -35,8 +35,20 @@ class SplitData:
         return SplitData(self.X[mask], self.y[mask], self.ids[mask])
 
 
+class _CacheAttrs:
+    """What a cache's attributes say, for anything holding them as ``self.attrs``."""
+
+    @property
+    def backbone(self) -> str:
+        return str(self.attrs["backbone"])
+
+    @property
+    def extract_seconds(self) -> float:
+        return float(self.attrs.get("extract_seconds", 0.0))
+
+
 @dataclass
-class FeatureSet:
+class FeatureSet(_CacheAttrs):
     """A cache's splits. ``X`` is the final embedding unless ``with_layers`` chose other blocks;
     ``taps`` holds every cached tap per split, ``views`` the augmented training views."""
 
@@ -111,14 +123,6 @@ class FeatureSet:
         offset = sum(self.block("train", n).shape[1] for n in names[:first])
         return slice(offset, offset + sum(self.block("train", n).shape[1] for n in layers))
 
-    @property
-    def backbone(self) -> str:
-        return str(self.attrs["backbone"])
-
-    @property
-    def extract_seconds(self) -> float:
-        return float(self.attrs.get("extract_seconds", 0.0))
-
     def all_ids(self) -> list[str]:
         return [i for s in SPLITS for i in self.splits[s].ids]
 
@@ -135,19 +139,11 @@ class FeatureSet:
 
 
 @dataclass
-class CacheInfo:
+class CacheInfo(_CacheAttrs):
     """A checked cache's attributes, for heads that stream it instead of loading it."""
 
     path: Path
     attrs: dict
-
-    @property
-    def backbone(self) -> str:
-        return str(self.attrs["backbone"])
-
-    @property
-    def extract_seconds(self) -> float:
-        return float(self.attrs.get("extract_seconds", 0.0))
 
     @property
     def class_names(self) -> list[str]:

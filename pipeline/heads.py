@@ -440,6 +440,7 @@ def _run_streaming(cfg: Config, path: Path, attrs: dict, res_path: Path) -> list
             seed=cfg.data.seed,
             desc=name,
         )
+        tuning.edge_values(list(cfg.heads.probe_decays), res.decay, "decay", extend=False)  # says so, if on it
         test = streams["test"]
         pred = probe.predict(res.model, test) if test.n else np.zeros(0, dtype=np.int64)
         params = {"decay": res.decay, "epochs": res.epochs}

@@ -6,8 +6,9 @@ order, pools a few of them and shuffles their rows, so memory is bounded by
 ``pool x unit x width`` floats, never by the cache. Standardisation statistics
 come from one streaming pass over train. Every weight decay of the grid is its
 own softmax layer on the same minibatches (one read of the data serves the
-whole grid); each keeps its best epoch by validation accuracy, training stops
-when none has improved for ``patience`` epochs, and the best on val is kept.
+whole grid) under a cosine-decayed step; each keeps its best epoch by validation
+accuracy, training stops when none has improved for ``patience`` epochs, and the
+best on val is kept.
 Several GPUs: the model is built under ``tf.distribute.MirroredStrategy``.
 """
 
@@ -28,8 +29,8 @@ from pipeline.features import LAST
 
 log = logging.getLogger(__name__)
 
-UNIT_ROWS = 2048  # rows per read, rounded to whole storage chunks
-POOL_UNITS = 4  # units shuffled together
+UNIT_ROWS = 256  # rows per read, rounded to whole storage chunks (extract writes 256-row chunks)
+POOL_UNITS = 32  # units drawn from all over the file and shuffled together: caches are often sorted by class
 
 
 class CacheStream:
