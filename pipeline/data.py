@@ -183,9 +183,17 @@ def load_metadata(
             f"by relative path, filename or stem (e.g. {all_ids[0]})"
         )
     lookup = dict(zip(mapped, all_ids))
-    unknown = keys[~keys.isin(lookup)]
-    if len(unknown):
-        raise PipelineError(f"metadata {path} has {len(unknown)} ids not in {dataset_name}: {', '.join(unknown[:5])}")
+    known = keys.isin(lookup)
+    if not known.all():  # e.g. CelebA's attribute file for the whole set, next to the subset trained on
+        unknown = keys[~known]
+        log.warning(
+            "warning: metadata %s has %d rows for images not in %s (ignored), e.g. %s",
+            path,
+            len(unknown),
+            dataset_name,
+            ", ".join(unknown[:5]),
+        )
+        df, keys = df[known.to_numpy()], keys[known]
     df = df.assign(**{id_column: keys.map(lookup)}).set_index(id_column)
     df.index.name = "id"
     return df
