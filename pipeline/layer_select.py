@@ -76,6 +76,7 @@ class Selection:
     steps: list[dict] = field(default_factory=list)  # greedy path: {layers, val_accuracy}
     seconds: float = 0.0
     scorer: str = "ridge (one-hot targets, penalty picked on val)"
+    greedy: bool = True  # False: only each layer alone was scored (``chosen`` is the best single layer)
 
 
 class _Ridge:
@@ -165,7 +166,7 @@ def select(fs, greedy: bool = True) -> Selection:
         best = acc
         steps.append({"layers": list(chosen), "val_accuracy": acc})
     chosen = [n for n in layers if n in chosen]  # network order, for stable names
-    sel = Selection(chosen, best, per_layer, steps, time.perf_counter() - t0)
+    sel = Selection(chosen, best, per_layer, steps, time.perf_counter() - t0, greedy=greedy)
     alone = ", ".join(f"{r['layer']} {r['val_accuracy']:.3f}" for r in per_layer)
     if greedy:
         what = ", ".join(chosen)

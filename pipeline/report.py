@@ -209,7 +209,8 @@ def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None
     for b, c in colours.items():
         ax.plot([], [], "o", color=c, label=b)
     for m, mk in MARKERS.items():
-        ax.plot([], [], mk, color="black", fillstyle="none", label=m)
+        if (ok["method"] == m).any():
+            ax.plot([], [], mk, color="black", fillstyle="none", label=m)
     if (ok["features"] != "image").any():
         for f, fill in fills.items():
             ax.plot([], [], "o", color="grey", fillstyle=fill, label=f"features: {f}")

@@ -48,13 +48,22 @@ def layer_sections(heads_dir: Path, out_dir: Path) -> list[tuple[str, object]]:
         png = out_dir / f"layers_{backbone}.png"
         plot_layer_scores(per_layer, sel["chosen"], png, f"{backbone}: each layer alone (val picks, test shown)")
         steps = " → ".join(f"{' + '.join(s['layers'])} ({s['val_accuracy']:.4f})" for s in sel.get("steps", []))
+        scorer = f"{sel.get('scorer', 'a ridge head')}; {sel.get('seconds', 0):.1f}s"
+        if sel.get("greedy", True):
+            what = (
+                f"Greedy forward selection on the validation split (what --layers auto uses) picks "
+                f"{', '.join(sel['chosen'])} ({scorer}): {steps}."
+            )
+        else:
+            what = (
+                f"Each layer alone, scored by {scorer}; the best alone is {', '.join(sel['chosen'])}. "
+                "--layers auto would search sets of layers greedily on the validation split."
+            )
         sections.append(
             (
                 f"Which layers: {backbone}",
-                f"Greedy forward selection on the validation split (what --layers auto uses) picks "
-                f"{', '.join(sel['chosen'])} ({sel.get('scorer', 'a ridge head')}; {sel.get('seconds', 0):.1f}s): "
-                f"{steps}. 'last' is the final pooled embedding; the others are taps (extract --taps); "
-                f"--layers all uses every one.",
+                f"{what} 'last' is the final pooled embedding; the others are taps (extract --taps); "
+                "--layers all uses every one.",
             )
         )
         sections.append(("", png))
