@@ -146,6 +146,18 @@ def load_dataset(root: Path, val_fraction: float = 0.15, test_fraction: float = 
     return Dataset(root.resolve().name, root, class_names, splits, ignored)
 
 
+def _read_celeba_table(path: Path) -> pd.DataFrame | None:
+    """CelebA's ``list_attr_celeba.txt`` layout (a row-count line, a header of N names, then rows of
+    ``filename v1 ... vN`` separated by whitespace), or None for any other file."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first, header, row = f.readline().split(), f.readline().split(), f.readline().split()
+    if len(first) != 1 or not first[0].isdigit() or not header or len(row) != len(header) + 1:
+        return None
+    df = pd.read_csv(path, sep=r"\s+", skiprows=2, header=None, names=["image_id", *header], dtype={0: str})
+    log.info("read %s as a whitespace-separated attribute table (%d rows, %d columns)", path.name, *df.shape)
+    return df
+
+
 def load_metadata(
     path: Path, ids: list[str], id_column: str | None = None, dataset_name: str = "the dataset"
 ) -> pd.DataFrame:
@@ -158,7 +170,9 @@ def load_metadata(
     """
     path = Path(path)
     try:
-        df = pd.read_csv(path)
+        df = _read_celeba_table(path)
+        if df is None:
+            df = pd.read_csv(path)
     except FileNotFoundError:
         raise PipelineError(f"metadata file {path} does not exist") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:

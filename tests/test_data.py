@@ -124,3 +124,18 @@ def test_image_dataset_decodes_gray_to_rgb_resizes_and_skips_corrupt(tmp_path):
     assert index.numpy().tolist() == [0, 2]
     assert np.allclose(images.numpy()[0], 200, atol=1)
     assert np.allclose(images.numpy()[1], 0, atol=1)
+
+
+def test_celeba_attribute_file_is_read_directly_and_extra_rows_are_ignored(flat, tmp_path, caplog):
+    ds = load_dataset(flat)
+    names = [i.split("/")[-1] for i in ds.all_ids()]
+    lines = [str(len(names) + 2), "Male  Smiling"]
+    lines += [f"{n}  {1 if k % 2 else -1} {-1 if k % 3 else 1}" for k, n in enumerate(names)]
+    lines += ["999998.jpg  1 1", "999999.jpg -1 -1"]  # CelebA has rows for images the user did not keep
+    path = tmp_path / "list_attr_celeba.txt"
+    path.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        meta = load_metadata(path, ds.all_ids(), dataset_name=ds.name)
+    assert list(meta.columns) == ["Male", "Smiling"] and len(meta) == len(names)
+    assert set(meta["Male"]) == {-1, 1} and meta.loc[ds.all_ids()[1], "Male"] == 1
+    assert any("2 rows for images not in" in r.getMessage() for r in caplog.records)
