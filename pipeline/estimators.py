@@ -224,10 +224,20 @@ class KernelSVC(ClassifierMixin, BaseEstimator):
         self.gamma = gamma
 
     def _gamma(self, X) -> float:
-        if self.gamma == "scale":
-            var = float(np.asarray(X, dtype=np.float64).var()) if len(X) < 20000 else float(X[:20000].var())
-            return 1.0 / (X.shape[1] * var) if var > 0 else 1.0
+        if self.gamma == "scale":  # X.var() over all entries, from chunked column statistics (no float64 copy)
+            from pipeline.tuning import column_stats
+
+            mean, var = column_stats(X)
+            total = float(np.mean(var + mean**2) - np.mean(mean) ** 2)
+            return 1.0 / (X.shape[1] * total) if total > 0 else 1.0
         return float(self.gamma)
+
+    def _train_kernel(self, X: np.ndarray) -> np.ndarray:
+        """The float64 train kernel libsvm reads, filled block by block from float32 products."""
+        K = np.empty((len(X), len(X)), dtype=np.float64)
+        for s in range(0, len(X), _KCHUNK):
+            rbf_kernel32(X[s : s + _KCHUNK], X, self.gamma_, out=K[s : s + _KCHUNK])
+        return K
 
     def _fit_kernel(self, K: np.ndarray, y) -> None:
         from sklearn.svm import SVC
@@ -240,10 +250,7 @@ class KernelSVC(ClassifierMixin, BaseEstimator):
     def fit(self, X, y):
         X = np.asarray(X, dtype=np.float32)
         self.gamma_ = self._gamma(X)
-        K = np.empty((len(X), len(X)), dtype=np.float64)
-        for s in range(0, len(X), _KCHUNK):
-            rbf_kernel32(X[s : s + _KCHUNK], X, self.gamma_, out=K[s : s + _KCHUNK])
-        self._fit_kernel(K, y)
+        self._fit_kernel(self._train_kernel(X), y)
         self.support_vectors_ = X[self.svc_.support_]
         return self
 
@@ -267,9 +274,7 @@ class KernelSVC(ClassifierMixin, BaseEstimator):
         X = np.asarray(X, dtype=np.float32)
         t0 = time.perf_counter()
         self.gamma_ = self._gamma(X)
-        mats = {"K": np.empty((len(X), len(X)), dtype=np.float64)}
-        for s in range(0, len(X), _KCHUNK):
-            rbf_kernel32(X[s : s + _KCHUNK], X, self.gamma_, out=mats["K"][s : s + _KCHUNK])
+        mats = {"K": self._train_kernel(X)}
         # The search scores C on at most SEARCH_VAL validation images, their kernel in float16 (values in
         # [0, 1], 3 significant digits): a quarter of the memory of all of val in float32, which next to
         # the float64 train kernel is what bounds the peak. The kept model is then scored on all of val.

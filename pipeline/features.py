@@ -46,6 +46,10 @@ class _CacheAttrs:
     def extract_seconds(self) -> float:
         return float(self.attrs.get("extract_seconds", 0.0))
 
+    @property
+    def tap_layers(self) -> list[str]:
+        return json.loads(self.attrs.get("tap_layers", "[]"))
+
 
 @dataclass
 class FeatureSet(_CacheAttrs):
@@ -148,6 +152,10 @@ class CacheInfo(_CacheAttrs):
     @property
     def class_names(self) -> list[str]:
         return json.loads(self.attrs["class_names"])
+
+    def layer_names(self) -> list[str]:
+        """``last`` and the tapped layers, in network order (as ``FeatureSet.layer_names``)."""
+        return [LAST] + self.tap_layers
 
 
 def _open(path: Path) -> h5py.File:

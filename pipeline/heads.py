@@ -416,7 +416,7 @@ def _run_streaming(cfg: Config, path: Path, attrs: dict, res_path: Path) -> list
     dataset = cfg.dataset_name
     info = CacheInfo(path, attrs)
     out_dir = writable_dir(Path(cfg.artifacts) / "heads" / dataset / info.backbone)
-    names = probe.layer_names(path)
+    names = info.layer_names()
     if any(f != "image" for f in cfg.heads.features) and cfg.metadata_path is not None:
         log.info("linear_probe fits image features only; the metadata feature sets are the in-memory heads'")
     out = []
@@ -426,15 +426,11 @@ def _run_streaming(cfg: Config, path: Path, attrs: dict, res_path: Path) -> list
             continue
         name = head_name("linear_probe", "image", label)
         log.info("fitting %s on %s [%s], streamed from %s", name, info.backbone, ", ".join(layers), path.name)
-        ref = probe.CacheStream(path, "train", [probe.LAST])
-        ref_width = ref.width
-        ref.close()
         res, streams = probe.fit_probe(
             path,
             layers,
             list(cfg.heads.probe_decays),
             len(info.class_names),
-            ref_width,
             batch_size=cfg.heads.batch_size,
             max_epochs=cfg.heads.probe_epochs,
             seed=cfg.data.seed,

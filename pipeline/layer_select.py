@@ -104,11 +104,8 @@ class _Ridge:
         T = np.eye(n_classes, dtype=np.float32)[y]
         self.prior = T.mean(axis=0)
         T -= self.prior
-        gram, xty = np.zeros((start, start)), np.zeros((start, n_classes))
-        for s in range(0, len(y), _CHUNK):
-            c = np.hstack([fs.block("train", n)[s : s + _CHUNK] for n in layers])
-            gram += (c.T @ c).astype(np.float64)
-            xty += (c.T @ T[s : s + _CHUNK]).astype(np.float64)
+        chunks = (np.hstack([fs.block("train", n)[s : s + _CHUNK] for n in layers]) for s in range(0, len(y), _CHUNK))
+        gram, xty = tuning.gram_products(chunks, T)
         gram -= len(y) * np.outer(self.mean, self.mean)
         self.gram = gram * self.scale[:, None] * self.scale[None, :]
         self.xty = xty * self.scale[:, None]  # the centring term vanishes: T's columns sum to zero

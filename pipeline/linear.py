@@ -21,10 +21,9 @@ import math
 import time
 
 import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.linear_model._base import LinearClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin
 
-from pipeline.tuning import edge_values, progress_bar
+from pipeline.tuning import edge_values, gram_products, progress_bar, row_chunks
 
 LOSSES = ("log", "squared_hinge")
 _CHUNK = 8192
@@ -39,7 +38,17 @@ def _accuracy_per_head(X: np.ndarray, W: np.ndarray, b: np.ndarray, y: np.ndarra
     return hits / max(len(X), 1)
 
 
-class LinearHead(LinearClassifierMixin, BaseEstimator):
+class _Linear(ClassifierMixin, BaseEstimator):
+    """A fitted ``coef_`` (classes x features) and ``intercept_``, scored in float32."""
+
+    def decision_function(self, X):
+        return np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+
+class LinearHead(_Linear):
     """L2-penalised linear classifier on standardised float32 features, minibatch-trained.
 
     ``tune`` trains the whole C grid at once; ``fit`` trains the one ``C``.
@@ -161,12 +170,8 @@ class LinearHead(LinearClassifierMixin, BaseEstimator):
         P = np.exp(Z)
         return P / P.sum(axis=1, keepdims=True)
 
-    def decision_function(self, X):
-        X = np.asarray(X, dtype=np.float32)
-        return X @ self.coef_.T + self.intercept_
 
-
-class RidgeHead(LinearClassifierMixin, BaseEstimator):
+class RidgeHead(_Linear):
     """RidgeClassifier's model (targets -1/+1 per class, intercept unpenalised) with every alpha
     from one eigendecomposition of the train Gram matrix."""
 
@@ -176,14 +181,10 @@ class RidgeHead(LinearClassifierMixin, BaseEstimator):
     def _decompose(self, X, y):
         X = np.asarray(X, dtype=np.float32)
         self.classes_, yi = np.unique(y, return_inverse=True)
-        n, d = X.shape
+        n = len(X)
         T = 2.0 * np.eye(len(self.classes_))[yi] - 1.0
         mean = X.mean(axis=0, dtype=np.float64)
-        gram, xty = np.zeros((d, d)), np.zeros((d, T.shape[1]))
-        for s in range(0, n, _CHUNK):
-            c = X[s : s + _CHUNK]
-            gram += (c.T @ c).astype(np.float64)
-            xty += (c.T @ T[s : s + _CHUNK].astype(np.float32)).astype(np.float64)
+        gram, xty = gram_products(row_chunks(X), T)
         gram -= n * np.outer(mean, mean)
         xty -= np.outer(mean, T.sum(axis=0))
         evals, evecs = np.linalg.eigh(gram)
@@ -220,6 +221,3 @@ class RidgeHead(LinearClassifierMixin, BaseEstimator):
         self._set(*parts, self.alpha)
         self.val_accuracy_ = scores[best]
         return {"alpha": self.alpha}, scores[best], time.perf_counter() - t0
-
-    def decision_function(self, X):
-        return np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_

@@ -14,7 +14,6 @@ Several GPUs: the model is built under ``tf.distribute.MirroredStrategy``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings
@@ -26,6 +25,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.features import LAST
+from pipeline.tuning import column_stats
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +81,13 @@ class CacheStream:
                 yield x[idx], y[idx]
 
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-column mean and variance of this split, in one streaming pass (float64, shifted sums)."""
-        shift = None
-        total = np.zeros(self.width)
-        sq = np.zeros(self.width)
-        for a, b in self.units():
-            x = self.read(a, b).astype(np.float64)
-            if shift is None:
-                shift = x.mean(axis=0)
-            x -= shift
-            total += x.sum(axis=0)
-            sq += (x * x).sum(axis=0)
-        mean = total / self.n
-        var = np.maximum(sq / self.n - mean**2, 0.0)
-        return mean + shift, var
+        """Per-column mean and variance of this split, in one streaming pass."""
+        return column_stats(self.read(a, b) for a, b in self.units())
+
+    @property
+    def embedding_width(self) -> int:
+        """Width of the final embedding, the reference width layer blocks are scaled to."""
+        return self._file[self.split]["embeddings"].shape[1]
 
     def close(self) -> None:
         self._file.close()
@@ -160,7 +153,6 @@ def fit_probe(
     layers: list[str],
     decays: list[float],
     n_classes: int,
-    block_ref: int,
     batch_size: int = 512,
     max_epochs: int = 30,
     patience: int = 3,
@@ -180,8 +172,9 @@ def fit_probe(
         raise PipelineError("linear_probe is tuned and stopped on the validation split; this dataset has none")
     mean, var = train.stats()
     var[var == 0] = 1.0
-    # each block standardised and scaled to block_ref dimensions' worth of variance, as the in-memory heads do
-    factor = np.concatenate([np.full(w, np.sqrt(block_ref / w)) for w in train.widths]) if len(layers) > 1 else 1.0
+    # each block standardised and scaled to the final embedding's worth of variance, as the in-memory heads do
+    ref = train.embedding_width
+    factor = np.concatenate([np.full(w, np.sqrt(ref / w)) for w in train.widths]) if len(layers) > 1 else 1.0
     var = var / factor**2
     keras.utils.set_random_seed(seed)
     batch_size = int(max(16, min(batch_size, train.n // 8)))  # small sets still get several steps an epoch
@@ -240,9 +233,3 @@ def _accuracy(model, stream: CacheStream, batch: int) -> np.ndarray:
 
 def predict(model, stream: CacheStream, batch: int = 4096) -> np.ndarray:
     return np.concatenate([np.argmax(np.asarray(model(x, training=False)), axis=1) for x, _ in stream.batches(batch)])
-
-
-def layer_names(path: Path) -> list[str]:
-    """``last`` and the cache's taps, read from its attributes (nothing else is loaded)."""
-    with h5py.File(path, "r") as f:
-        return [LAST] + json.loads(f.attrs.get("tap_layers", "[]"))

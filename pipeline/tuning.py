@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -107,18 +107,40 @@ def path_search(
     return best[0], best[1], scores, best[2], best[3]
 
 
-def column_stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance per column in float64, chunk by chunk (no full-size temporary)."""
-    n = len(X)
-    total = np.zeros(X.shape[1])
-    for s in range(0, n, _CHUNK):
-        total += X[s : s + _CHUNK].sum(axis=0, dtype=np.float64)
-    mean = total / max(n, 1)
-    sq = np.zeros(X.shape[1])
-    for s in range(0, n, _CHUNK):
-        c = X[s : s + _CHUNK].astype(np.float64) - mean
+def row_chunks(X: np.ndarray) -> Iterator[np.ndarray]:
+    return (X[s : s + _CHUNK] for s in range(0, len(X), _CHUNK))
+
+
+def column_stats(chunks: np.ndarray | Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance per column in float64 from an array or a stream of row chunks, in one pass
+    (sums shifted by the first chunk's mean) with no full-size temporary."""
+    shift = total = sq = None
+    n = 0
+    for c in row_chunks(chunks) if isinstance(chunks, np.ndarray) else chunks:
+        c = c.astype(np.float64)
+        if shift is None:
+            shift = c.mean(axis=0) if len(c) else np.zeros(c.shape[1])
+            total, sq = np.zeros(c.shape[1]), np.zeros(c.shape[1])
+        c -= shift
+        total += c.sum(axis=0)
         sq += (c * c).sum(axis=0)
-    return mean, sq / max(n, 1)
+        n += len(c)
+    mean = total / max(n, 1)
+    return mean + shift, np.maximum(sq / max(n, 1) - mean**2, 0.0)
+
+
+def gram_products(chunks: Iterable[np.ndarray], T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """X'X and X'T accumulated in float64 from float32 row chunks of X (T's rows aligned with X's)."""
+    T = T.astype(np.float32, copy=False)
+    gram = xty = None
+    start = 0
+    for c in chunks:
+        if gram is None:
+            gram, xty = np.zeros((c.shape[1], c.shape[1])), np.zeros((c.shape[1], T.shape[1]))
+        gram += (c.T @ c).astype(np.float64)
+        xty += (c.T @ T[start : start + len(c)]).astype(np.float64)
+        start += len(c)
+    return gram, xty
 
 
 def fit_scalers(pre, X: np.ndarray):

@@ -55,7 +55,7 @@ def _cfg(root) -> Config:
 def test_linear_probe_learns_separable_data_reading_chunks_not_the_cache(tmp_path, monkeypatch):
     path = _separable_cache(tmp_path)
     monkeypatch.setattr(probe, "UNIT_ROWS", 128)  # two 64-row storage chunks per read
-    res, streams = probe.fit_probe(path, ["last"], [1e-4, 1e-2], 3, 16, batch_size=32, max_epochs=4, patience=4)
+    res, streams = probe.fit_probe(path, ["last"], [1e-4, 1e-2], 3, batch_size=32, max_epochs=4, patience=4)
     assert res.val_accuracy > 0.95 and res.decay in (1e-4, 1e-2)
     reads = streams["train"].reads
     assert max(reads) == 128 < N["train"]  # never more than one read unit at a time
