@@ -165,6 +165,7 @@ class Config:
     """The whole resolved configuration of a run."""
 
     artifacts: str = _opt("artifacts", "folder for every artifact the pipeline writes")
+    force: bool = _opt(False, "redo results whose inputs have not changed instead of reusing them")
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -198,7 +199,7 @@ class Config:
 
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "artifacts"}
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name not in ("artifacts", "force")}
 
 
 def _base_type(tp):
@@ -277,6 +278,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
             raise PipelineError(f"config file {path} is not valid TOML: {e}") from None
     if getattr(args, "artifacts", None):
         cfg.artifacts = args.artifacts
+    if getattr(args, "force", False):
+        cfg.force = True
     for dest, value in vars(args).items():
         if "." in dest and value is not None:
             section, name = dest.split(".", 1)

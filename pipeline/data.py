@@ -58,6 +58,12 @@ class Dataset:
                 h.update(f"{split}\0{i}\0{y}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
+    def with_train(self, keep: np.ndarray) -> Dataset:
+        """The same dataset with only the training images at positions ``keep`` (val and test unchanged)."""
+        t = self.splits["train"]
+        splits = {**self.splits, "train": Split([t.ids[i] for i in keep], t.labels[keep])}
+        return Dataset(self.name, self.root, self.class_names, splits, self.ignored)
+
     def summary(self) -> str:
         sizes = ", ".join(f"{s} {len(self.splits[s])}" for s in SPLITS)
         return f"{self.name}: {len(self.class_names)} classes, {sizes}"
@@ -85,6 +91,24 @@ def stratified_split(labels: np.ndarray, fractions: list[float], seed: int) -> l
             parts[k + 1].extend(idx[start : start + cnt])
             start += cnt
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def nested_subset(labels: np.ndarray, n: int, seed: int, min_per_class: int = 2) -> np.ndarray:
+    """Sorted indices of a stratified subset of about ``n`` items, at least ``min_per_class`` of each
+    class (as many as it has, if fewer). Subsets of one seed are nested: a larger ``n`` keeps every
+    item a smaller one took, so learning-curve points differ only by the images added."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    share = counts * n / len(labels)
+    take = np.floor(share).astype(int)
+    for k in np.argsort(-(share - take))[: n - int(take.sum())]:  # largest remainders get the rest
+        take[k] += 1
+    take = np.minimum(np.maximum(take, min_per_class), counts)
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(chosen))
 
 
 def load_dataset(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> Dataset:

@@ -130,6 +130,25 @@ class FeatureSet(_CacheAttrs):
     def all_ids(self) -> list[str]:
         return [i for s in SPLITS for i in self.splits[s].ids]
 
+    def subset_train(self, keep: np.ndarray) -> FeatureSet:
+        """Only the training rows at ``keep`` (a learning-curve point); val and test untouched.
+        The kept rows are copied once into a packed array, the blocks are views of it as usual."""
+        X = self.packed["train"][keep]
+        t = self.splits["train"]
+        embeddings = {**self.embeddings, "train": X[:, : self.embedding_dim]}
+        taps = {s: dict(v) for s, v in self.taps.items()}
+        start = self.embedding_dim
+        for name, block in self.taps.get("train", {}).items():
+            taps["train"][name] = X[:, start : start + block.shape[1]]
+            start += block.shape[1]
+        views = self.views
+        if views is not None:
+            mask = np.isin(views["ids"], t.ids[keep])
+            views = {k: v[mask] for k, v in views.items()}
+        splits = {**self.splits, "train": SplitData(embeddings["train"], t.y[keep], t.ids[keep])}
+        packed = {**self.packed, "train": X}
+        return FeatureSet(self.path, splits, self.class_names, self.attrs, taps, views, [], embeddings, packed)
+
     @property
     def embedding_dim(self) -> int:
         """Width of the final embedding (the reference width blocks are scaled to)."""
@@ -156,6 +175,17 @@ class CacheInfo(_CacheAttrs):
     def layer_names(self) -> list[str]:
         """``last`` and the tapped layers, in network order (as ``FeatureSet.layer_names``)."""
         return [LAST] + self.tap_layers
+
+    @property
+    def n_train(self) -> int:
+        with h5py.File(self.path, "r") as f:
+            return int(f["train"]["labels"].shape[0])
+
+
+def train_labels(path: Path) -> np.ndarray:
+    """The training split's labels alone (to draw learning-curve subsets before loading anything)."""
+    with h5py.File(path, "r") as f:
+        return f["train"]["labels"][()]
 
 
 def _open(path: Path) -> h5py.File:

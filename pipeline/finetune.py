@@ -12,19 +12,21 @@ input size and preprocessing as ``extract``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import backbones, results
+from pipeline import backbones, results, uptodate
 from pipeline.config import Config, atomic_path, run_record, writable_dir, write_json_atomic
-from pipeline.data import Dataset, image_dataset, load_dataset
+from pipeline.data import Dataset, image_dataset, load_dataset, nested_subset
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,9 @@ class FinetuneResult:
         return float(sum(self.phase_seconds))
 
 
-def model_path(cfg: Config) -> Path:
-    return Path(cfg.artifacts) / "models" / cfg.dataset_name / f"{cfg.backbone.backbone}-finetuned.keras"
+def model_path(cfg: Config, n_subset: int | None = None) -> Path:
+    name = f"{cfg.backbone.backbone}-finetuned{results.subset_suffix(n_subset)}.keras"
+    return Path(cfg.artifacts) / "models" / cfg.dataset_name / name
 
 
 def augmentation_layers(names: tuple[str, ...], seed: int) -> list:
@@ -119,7 +122,8 @@ def _quiet_end_of_data():
 
 
 def fit_phase(model, phase: int, epochs: int, train, val, cfg: Config, work: Path):
-    """One compiled model.fit with the phase's callbacks; returns (seconds, epochs run)."""
+    """One compiled model.fit with the phase's callbacks; returns (seconds, epochs run, the epoch whose
+    weights were kept (1-based), its val accuracy)."""
     import keras
 
     callbacks = [
@@ -149,25 +153,79 @@ def fit_phase(model, phase: int, epochs: int, train, val, cfg: Config, work: Pat
             verbose=2,
             shuffle=False,  # the tf.data pipeline shuffles; this only silences Keras' warning
         )
-    return time.perf_counter() - t0, len(history.epoch)
+    seconds = time.perf_counter() - t0
+    accs = history.history.get("val_accuracy") or [float("nan")]
+    best = int(np.nanargmax(accs)) if np.isfinite(accs).any() else 0
+    return seconds, len(history.epoch), best + 1, float(accs[best])
 
 
-def run(cfg: Config, dataset: Dataset | None = None) -> FinetuneResult:
-    """Fine-tune, evaluate once on test, save the model and a `finetune` results row."""
+def _predict(model, ds: Dataset, split: str, size: int, batch_size: int):
+    """(ids, y_true, y_pred) of one split; unreadable images are left out (and said so)."""
+    part = ds.splits[split]
+    pred, index = [], []
+    for images, idx in image_dataset(ds.paths(split), size, batch_size):  # carries each image's position
+        pred.append(np.argmax(model(images, training=False), axis=1))
+        index.append(idx.numpy())
+    index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    if len(index) < len(part):
+        log.warning("warning: %d unreadable %s images left out of the score", len(part) - len(index), split)
+    y_pred = np.concatenate(pred) if pred else np.zeros(0, np.int64)
+    return [part.ids[i] for i in index], part.labels[index], y_pred
+
+
+def _inputs_key(cfg: Config, ds: Dataset, spec, weights, size: int) -> str:
+    settings = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if k not in ("resume", "tensorboard")}
+    return uptodate.inputs_key(
+        stage="finetune",
+        dataset=ds.fingerprint(),
+        classes=ds.class_names,
+        backbone=spec.name,
+        preprocessing=spec.preprocessing,
+        weights=weights.source,
+        weights_sha256=weights.sha256,
+        input_size=size,
+        finetune=settings,
+        seed=cfg.data.seed,
+    )
+
+
+def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None) -> FinetuneResult:
+    """Fine-tune, evaluate once on test, save the model and `finetune` + `frozen_dense` results rows.
+
+    ``n_subset``: train on a nested stratified subset of that many training images (learning curve);
+    its artifacts get a ``-n<N>`` suffix. A result whose inputs match a saved one is reused."""
     import keras
 
     ft = cfg.finetune
     ds = dataset or load_dataset(cfg.dataset_dir, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
+    if n_subset is not None and n_subset >= len(ds.splits["train"]):
+        n_subset = None
+    if n_subset is not None:
+        ds = ds.with_train(nested_subset(ds.splits["train"].labels, n_subset, cfg.data.seed))
+        n_subset = len(ds.splits["train"])
     spec = backbones.get(cfg.backbone.backbone)
     size = cfg.backbone.input_size or spec.input_size
     weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
-    out = model_path(cfg)
+    out = model_path(cfg, n_subset)
+    stem = out.with_suffix("")
+    frozen_stem = stem.with_name(stem.name.replace("-finetuned", "-frozen_dense"))
+    files = [out, _pred(stem)] + ([_pred(frozen_stem)] if ft.epochs_head > 0 else [])
+    key = _inputs_key(cfg, ds, spec, weights, size)
+    saved = uptodate.reusable(stem.with_suffix(".json"), key, *files, force=cfg.force)
+    if saved is not None:
+        for row in saved["rows"]:
+            results.upsert(results.results_path(cfg.artifacts, cfg.dataset_name), row)
+        print(f"\nfinetune {spec.name} ({ds.summary()}): up to date, reused {out} (--force to redo)")
+        return FinetuneResult(out, saved["val_accuracy"], saved["scores"], saved["phase_seconds"], saved["epochs_run"])
+
     work = writable_dir(out.with_name(out.stem + ".work"))
     state_file = work / "state.json"
     if not ft.resume:
         shutil.rmtree(work)
         work.mkdir()
-    state = json.loads(state_file.read_text()) if state_file.exists() else {"phase_seconds": [], "epochs_run": []}
+    state = {"phase_seconds": [], "epochs_run": [], "best_epochs": [], "best_val": []}
+    if state_file.exists():
+        state.update(json.loads(state_file.read_text()))
 
     with backbones.device_policy(cfg.backbone.mixed_precision) as gpu:
         base = backbones.build_backbone(spec, weights, size, cfg.data.seed)
@@ -200,77 +258,110 @@ def run(cfg: Config, dataset: Dataset | None = None) -> FinetuneResult:
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
                 model.load_weights(done)
             log.info("phase %d already done (resumed from %s)", phase, done.name)
-            continue
-        if epochs <= 0:
-            continue
-        log.info(
-            "phase %d: %s, learning rate %g",
-            phase,
-            "backbone frozen" if phase == 1 else f"top {n} backbone layers trainable",
-            lr,
-        )
-        seconds, ran = fit_phase(model, phase, epochs, train, val, cfg, work)
-        model.save_weights(done)
-        state["phase_seconds"].append(seconds)
-        state["epochs_run"].append(ran)
-        write_json_atomic(state_file, state)
+        elif epochs > 0:
+            log.info(
+                "phase %d: %s, learning rate %g",
+                phase,
+                "backbone frozen" if phase == 1 else f"top {n} backbone layers trainable",
+                lr,
+            )
+            seconds, ran, best_epoch, best_val = fit_phase(model, phase, epochs, train, val, cfg, work)
+            model.save_weights(done)
+            for k, v in zip(
+                ("phase_seconds", "epochs_run", "best_epochs", "best_val"), (seconds, ran, best_epoch, best_val)
+            ):
+                state[k].append(v)
+            write_json_atomic(state_file, state)
+        if phase == 1 and epochs > 0 and "frozen" not in state:
+            # the Keras-guide recipe (frozen backbone + dense head, backbone run every epoch): its own method
+            ids, y_true, y_pred = _predict(model, ds, "test", size, ft.batch_size)
+            results.write_predictions(_pred(work / "frozen_dense"), ids, y_true, y_pred, ds.class_names)
+            state["frozen"] = {"scores": results.scores(y_true, y_pred), "n_test": len(y_true)}
+            write_json_atomic(state_file, state)
 
     with _quiet_end_of_data():
         _, val_acc = model.evaluate(val, verbose=0)
-    test = ds.splits["test"]
-    pred, index = [], []
-    for images, idx in image_dataset(ds.paths("test"), size, ft.batch_size):  # carries each image's position
-        pred.append(np.argmax(model(images, training=False), axis=1))
-        index.append(idx.numpy())
-    index = np.concatenate(index)
-    y_pred, y_true, ids = np.concatenate(pred), test.labels[index], [test.ids[i] for i in index]
-    if len(index) < len(test):
-        log.warning("warning: %d unreadable test images left out of the score", len(test) - len(index))
+    ids, y_true, y_pred = _predict(model, ds, "test", size, ft.batch_size)
     scores = results.scores(y_true, y_pred)
 
     with atomic_path(out, ".keras") as tmp:
         model.save(tmp)
     res = FinetuneResult(out, float(val_acc), scores, state["phase_seconds"], state["epochs_run"])
-    results.write_predictions(out.with_name(out.stem + ".predictions.csv"), ids, y_true, y_pred, ds.class_names)
-    write_json_atomic(
-        out.with_name(out.stem + ".json"),
-        run_record(
-            cfg,
-            "finetune",
-            weights=weights.source,
-            val_accuracy=res.val_accuracy,
-            scores=scores,
-            phase_seconds=res.phase_seconds,
-            epochs_run=res.epochs_run,
-            class_names=ds.class_names,
-            device="GPU" if gpu else "CPU",
-        ),
-    )
-    results.upsert(
-        results.results_path(cfg.artifacts, cfg.dataset_name),
+    results.write_predictions(_pred(stem), ids, y_true, y_pred, ds.class_names)
+    art = Path(cfg.artifacts)
+    common = {
+        "dataset": cfg.dataset_name,
+        "backbone": spec.name,
+        "features": "image",
+        "layers": "last",
+        "tune_seconds": 0.0,
+        "extract_seconds": 0.0,
+        "n_train": len(ds.splits["train"]),
+        "weights": weights.source,
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    rows = [
         {
-            "dataset": cfg.dataset_name,
-            "backbone": spec.name,
+            **common,
             "method": "finetune",
-            "features": "image",
             "val_accuracy": res.val_accuracy,
             **scores,
             "train_seconds": res.train_seconds,
-            "tune_seconds": 0.0,
             "fit_seconds": res.train_seconds,
-            "extract_seconds": 0.0,
-            "n_train": len(ds.splits["train"]),
             "n_test": len(y_true),
             "params": json.dumps(
                 {
+                    "epochs": [ft.epochs_head, ft.epochs_finetune],
                     "epochs_run": res.epochs_run,
+                    "best_epochs": state["best_epochs"],
                     "unfreeze_layers": ft.unfreeze_layers,
                     "learning_rate": ft.learning_rate,
                     "phase_seconds": [round(s, 1) for s in res.phase_seconds],
                 }
             ),
-            "weights": weights.source,
-        },
+            "predictions": str(_pred(stem).relative_to(art)),
+        }
+    ]
+    if "frozen" in state and state["phase_seconds"]:
+        (work / "frozen_dense.predictions.csv").replace(_pred(frozen_stem))
+        rows.append(
+            {
+                **common,
+                "method": "frozen_dense",
+                "val_accuracy": state["best_val"][0],
+                **state["frozen"]["scores"],
+                "train_seconds": state["phase_seconds"][0],
+                "fit_seconds": state["phase_seconds"][0],
+                "n_test": state["frozen"]["n_test"],
+                "params": json.dumps(
+                    {
+                        "epochs_run": state["epochs_run"][0],
+                        "best_epoch": state["best_epochs"][0],
+                        "learning_rate": ft.learning_rate,
+                    }
+                ),
+                "predictions": str(_pred(frozen_stem).relative_to(art)),
+            }
+        )
+    res_path = results.results_path(cfg.artifacts, cfg.dataset_name)
+    for row in rows:
+        results.upsert(res_path, row)
+    write_json_atomic(  # last: its inputs_key vouches for the files above
+        stem.with_suffix(".json"),
+        run_record(
+            cfg,
+            "finetune",
+            inputs_key=key,
+            weights=weights.source,
+            val_accuracy=res.val_accuracy,
+            scores=scores,
+            phase_seconds=res.phase_seconds,
+            epochs_run=res.epochs_run,
+            best_epochs=state["best_epochs"],
+            class_names=ds.class_names,
+            device="GPU" if gpu else "CPU",
+            rows=rows,
+        ),
     )
     shutil.rmtree(work, ignore_errors=True)
     print(
@@ -278,3 +369,7 @@ def run(cfg: Config, dataset: Dataset | None = None) -> FinetuneResult:
         f"train {res.train_seconds:.1f}s (phases {', '.join(f'{s:.1f}s' for s in res.phase_seconds)})  -> {out}"
     )
     return res
+
+
+def _pred(stem: Path) -> Path:
+    return stem.with_name(stem.name + ".predictions.csv")

@@ -23,6 +23,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import joblib
@@ -36,21 +37,29 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from pipeline import budget, layer_select, results, tuning
+from pipeline import budget, layer_select, results, tuning, uptodate
 from pipeline.config import Config, atomic_path, run_record, writable_dir, write_json_atomic
-from pipeline.data import stratified_split
+from pipeline.data import nested_subset, stratified_split
 from pipeline.errors import PipelineError
 from pipeline.estimators import CosineKNN, KerasMLP, KernelSVC
-from pipeline.extract import cache_path
-from pipeline.features import CacheInfo, FeatureSet, SplitData, check_cache, fuse, load_features, metadata_table
+from pipeline.extract import KEY_FIELDS, cache_path
+from pipeline.features import (
+    CacheInfo,
+    SplitData,
+    check_cache,
+    fuse,
+    load_features,
+    metadata_table,
+    train_labels,
+)
 from pipeline.linear import LinearHead, RidgeHead
 from pipeline.results import head_name
 
 log = logging.getLogger(__name__)
 
 FEATURE_SETS = ("image", "image+meta", "image+meta_norm")
-HEADS = ("ridge", "logreg", "linear_svm", "rbf_svm", "mlp", "knn")
-STREAMING = ("linear_probe",)  # trained on minibatches read from the cache; never loads it whole
+HEADS = results.IN_MEMORY_HEADS
+STREAMING = results.STREAMING_HEADS
 VAL_TUNED = ("mlp", "knn")  # tuned by their own ``tune`` on the validation split
 
 
@@ -285,8 +294,67 @@ def fit_head(
     return best, res
 
 
-def run(cfg: Config) -> list[HeadResult]:
-    """Fit every configured head on every layer set and applicable feature set; save, score, record."""
+HEAD_SETTINGS = {  # the heads options each head's numbers depend on (for the up-to-date check)
+    "ridge": ("alpha_grid",),
+    "logreg": ("c_grid", "exact_max_size", "batch_size", "max_iter"),
+    "linear_svm": ("c_grid", "exact_max_size", "batch_size", "max_iter"),
+    "rbf_svm": ("c_grid", "rbf_max_train"),
+    "mlp": ("mlp_hidden", "mlp_dropout"),
+    "knn": ("k_grid",),
+    "linear_probe": ("probe_decays", "probe_epochs", "batch_size"),
+}
+
+
+@dataclass
+class _Planned:
+    """One (head, feature set, layer set) to fit, or reuse when its inputs key matches."""
+
+    head: str
+    features: str
+    label: str
+    layers: list[str] | None  # None: chosen by --layers auto
+    name: str  # artifact stem, with the learning-curve suffix
+    key: str
+
+
+def _plan(cfg: Config, attrs: dict, names: list[str], n_subset: int | None) -> list[_Planned]:
+    h = cfg.heads
+    meta_on = cfg.metadata_path is not None
+    if not meta_on and any(f != "image" for f in h.features):
+        log.info("no metadata for %s: fitting image-only heads", cfg.dataset_name)
+    features = [f for f in h.features if f == "image" or meta_on]
+    digest = uptodate.file_digest(cfg.metadata_path) if meta_on and len(features) > ("image" in features) else None
+    cache = {k: attrs.get(k) for k in KEY_FIELDS}
+    plan = []
+    for label, layers in layer_select.variants(h.layers, names):
+        for f in features:
+            for head in h.heads:
+                if head in STREAMING and (f != "image" or layers is None):
+                    continue
+                settings = {k: getattr(h, k) for k in HEAD_SETTINGS[head] + ("refit", "train_views")}
+                if f != "image":
+                    settings.update(metadata=digest, columns=h.meta_columns, missing=h.metadata_missing)
+                    settings.update(id_column=cfg.data.id_column, weights=h.meta_weights if f.endswith("norm") else 0)
+                key = uptodate.inputs_key(
+                    stage="heads",
+                    cache=cache,
+                    head=head,
+                    features=f,
+                    layers=[label, layers],
+                    settings=settings,
+                    seed=cfg.data.seed,
+                    n_subset=n_subset,
+                )
+                name = head_name(head, f, label) + results.subset_suffix(n_subset)
+                plan.append(_Planned(head, f, label, layers, name, key))
+    return plan
+
+
+def run(cfg: Config, n_subset: int | None = None) -> list[HeadResult]:
+    """Fit every configured head on every layer set and applicable feature set; save, score, record.
+
+    ``n_subset``: fit on a nested stratified subset of that many training images (learning curve);
+    its artifacts get a ``-n<N>`` suffix. A head whose inputs match a saved result is reused."""
     if cfg.heads.refit not in ("train", "train+val"):
         raise PipelineError(f"--refit must be 'train' or 'train+val', not {cfg.heads.refit}")
     unknown = [f for f in cfg.heads.features if f not in FEATURE_SETS]
@@ -297,39 +365,79 @@ def run(cfg: Config) -> list[HeadResult]:
         raise PipelineError(f"unknown head(s) {', '.join(bad)} (known: {', '.join(HEADS + STREAMING)})")
     path = cache_path(cfg)
     attrs = check_cache(path, cfg.backbone.backbone)
+    info = CacheInfo(path, attrs)
+    if n_subset is not None:
+        n_subset = len(nested_subset(train_labels(path), n_subset, cfg.data.seed))
+        if n_subset >= info.n_train:
+            n_subset = None
     res_path = results.results_path(cfg.artifacts, cfg.dataset_name)
-    in_memory = [h for h in cfg.heads.heads if h not in STREAMING]
+    out_dir = writable_dir(Path(cfg.artifacts) / "heads" / cfg.dataset_name / info.backbone)
     out: list[HeadResult] = []
+    todo: list[_Planned] = []
+    for p in _plan(cfg, attrs, info.layer_names(), n_subset):
+        model = out_dir / (p.name + (".keras" if p.head in STREAMING else ".joblib"))
+        saved = uptodate.reusable(
+            out_dir / f"{p.name}.json", p.key, model, out_dir / f"{p.name}.predictions.csv", force=cfg.force
+        )
+        if saved is None or "row" not in saved:
+            todo.append(p)
+            continue
+        results.upsert(res_path, saved["row"])
+        log.info("  %-28s up to date (val %.4f, test %.4f), reused; --force to redo", p.name, *_accs(saved))
+        out.append(_from_record(saved))
+    in_memory = [p for p in todo if p.head not in STREAMING]
     if in_memory:
-        with_meta = cfg.metadata_path is not None and any(f != "image" for f in cfg.heads.features)
-        budget.check(in_memory, path, cfg, with_meta)
-        out += _run_in_memory(cfg, in_memory, path, res_path)
-    if any(h in STREAMING for h in cfg.heads.heads):
-        out += _run_streaming(cfg, path, attrs, res_path)
-    _print_table(out, str(attrs["backbone"]), res_path)
+        budget.check(
+            list(dict.fromkeys(p.head for p in in_memory)), path, cfg, any(p.features != "image" for p in in_memory)
+        )
+        out += _run_in_memory(cfg, in_memory, path, res_path, out_dir, n_subset)
+    streaming = [p for p in todo if p.head in STREAMING]
+    if streaming:
+        out += _run_streaming(cfg, streaming, info, res_path, out_dir)
+    _print_table(out, info.backbone, res_path)
     return out
 
 
-def _run_in_memory(cfg: Config, head_list: list[str], path: Path, res_path: Path) -> list[HeadResult]:
+def _accs(saved: dict) -> tuple[float, float]:
+    return saved["val_accuracy"], saved["scores"]["test_accuracy"]
+
+
+def _from_record(saved: dict) -> HeadResult:
+    return HeadResult(
+        saved["head"],
+        saved["features"],
+        saved["params"],
+        saved["val_accuracy"],
+        saved["scores"],
+        saved["tune_seconds"],
+        saved["fit_seconds"],
+        saved["n_train"],
+        None,
+        saved["layers"],
+        saved["layer_names"],
+    )
+
+
+def _run_in_memory(
+    cfg: Config, plan: list[_Planned], path: Path, res_path: Path, out_dir: Path, n_subset: int | None
+) -> list[HeadResult]:
     full = load_features(path, cfg.backbone.backbone)
-    dataset = cfg.dataset_name
-    out_dir = writable_dir(Path(cfg.artifacts) / "heads" / dataset / full.backbone)
-    layer_sets = layer_select.variants(cfg.heads.layers, full.layer_names())
+    if n_subset is not None:
+        full = full.subset_train(nested_subset(full.splits["train"].y, n_subset, cfg.data.seed))
+    labels = list(dict.fromkeys(p.label for p in plan))
+    layer_sets = [(label, layers) for label, layers in layer_select.variants(cfg.heads.layers, full.layer_names())]
+    layer_sets = [(label, layers) for label, layers in layer_sets if label in labels]
 
     meta = None
-    meta_sets = [f for f in cfg.heads.features if f != "image"]
-    if meta_sets:
-        if cfg.metadata_path is None:
-            log.info("no metadata for %s: fitting image-only heads", dataset)
-            meta_sets = []
-        else:
-            meta = metadata_table(cfg.metadata_path, full, cfg.heads.meta_columns, cfg.data.id_column)
+    if any(p.features != "image" for p in plan):
+        meta = metadata_table(cfg.metadata_path, full, cfg.heads.meta_columns, cfg.data.id_column)
 
     sel = None
     wants_auto = any(layers is None for _, layers in layer_sets)
-    if wants_auto or (len(full.layer_names()) > 1 and len(full.splits["val"].y)):
+    if wants_auto or (n_subset is None and len(full.layer_names()) > 1 and len(full.splits["val"].y)):
         sel = layer_select.select(full, greedy=wants_auto)  # per-layer scores for the report, and auto's choice
-        write_json_atomic(out_dir / "layers.json", run_record(cfg, "layers", **dataclasses.asdict(sel)))
+        if n_subset is None:
+            write_json_atomic(out_dir / "layers.json", run_record(cfg, "layers", **dataclasses.asdict(sel)))
 
     out: list[HeadResult] = []
     for label, layers in layer_sets:
@@ -337,110 +445,107 @@ def _run_in_memory(cfg: Config, head_list: list[str], path: Path, res_path: Path
         if layers is None:
             layers, select_seconds = sel.chosen, sel.seconds
         fs = full.with_layers(layers, cfg.heads.train_views)
+        mine = [p for p in plan if p.label == label]
         variants: dict[str, tuple[dict[str, SplitData], list[str]]] = {}
-        if "image" in cfg.heads.features:
+        if any(p.features == "image" for p in mine):
             variants["image"] = (fs.splits, [])
-        if meta_sets:
+        if any(p.features != "image" for p in mine):
             fused = fuse(fs, meta, cfg.heads.metadata_missing)
             log.info("metadata: %d columns after encoding (%s)", len(fused[1]), ", ".join(fused[1][:8]))
-            for f in meta_sets:
+            for f in {p.features for p in mine if p.features != "image"}:
                 variants[f] = fused
         widths = [w for _, w in fs.blocks]
-        for features, (splits, meta_names) in variants.items():
-            for head in head_list:
-                name = head_name(head, features, label)
-                log.info(
-                    "fitting %s on %s [%s] (%d train, %d-dim)",
-                    name,
-                    fs.backbone,
-                    ", ".join(layers),
-                    len(splits["train"].y),
-                    splits["train"].X.shape[1],
-                )
-                model, r = fit_head(head, features, splits, widths, cfg, fs.embedding_dim, desc=name)
-                r.tune_seconds += select_seconds  # auto's layer search is part of tuning
-                r.layers, r.layer_names = label, list(layers)
-                if label != layer_select.LAST:
-                    r.params["layers"] = list(layers)
-                _save(out_dir / name, model, r, fs, cfg, meta_names)
-                results.write_predictions(
-                    out_dir / f"{name}.predictions.csv",
-                    splits["test"].ids,
-                    splits["test"].y,
-                    r.test_pred,
-                    fs.class_names,
-                )
-                _record(res_path, dataset, fs, r, len(splits["test"].y))
-                log.info(
-                    "  %-28s val %.4f  test %.4f  %s  tune %.1fs + fit %.1fs",
-                    name,
-                    r.val_accuracy,
-                    r.scores["test_accuracy"],
-                    _params_text(r.params),
-                    r.tune_seconds,
-                    r.fit_seconds,
-                )
-                out.append(r)
+        for p in mine:
+            splits, meta_names = variants[p.features]
+            log.info(
+                "fitting %s on %s [%s] (%d train, %d-dim)",
+                p.name,
+                fs.backbone,
+                ", ".join(layers),
+                len(splits["train"].y),
+                splits["train"].X.shape[1],
+            )
+            model, r = fit_head(p.head, p.features, splits, widths, cfg, fs.embedding_dim, desc=p.name)
+            r.tune_seconds += select_seconds  # auto's layer search is part of tuning
+            r.layers, r.layer_names = label, list(layers)
+            if label != layer_select.LAST:
+                r.params["layers"] = list(layers)
+            stem = out_dir / p.name
+            with atomic_path(stem.with_name(stem.name + ".joblib")) as tmp:
+                joblib.dump(model, tmp)
+            pred_path = out_dir / f"{p.name}.predictions.csv"
+            test = splits["test"]
+            results.write_predictions(pred_path, test.ids, test.y, r.test_pred, fs.class_names)
+            row = _row(cfg, fs, r, len(splits["train"].y), len(test.y), pred_path)
+            results.upsert(res_path, row)
+            _sidecar(stem, r, fs, cfg, meta_names, inputs_key=p.key, row=row)  # last: it vouches for the rest
+            log.info(
+                "  %-28s val %.4f  test %.4f  %s  tune %.1fs + fit %.1fs",
+                p.name,
+                r.val_accuracy,
+                r.scores["test_accuracy"],
+                _params_text(r.params),
+                r.tune_seconds,
+                r.fit_seconds,
+            )
+            out.append(r)
         del fs, variants  # before the next layer set's arrays
     return out
 
 
-def _record(res_path: Path, dataset: str, fs, r: HeadResult, n_test: int) -> None:
-    """The head's results row (``fs``: anything with backbone, extract_seconds and attrs)."""
-    results.upsert(
-        res_path,
-        {
-            "dataset": dataset,
-            "backbone": fs.backbone,
-            "method": r.head,
-            "features": r.features,
-            "layers": r.layers,
-            "val_accuracy": r.val_accuracy,
-            **r.scores,
-            "train_seconds": r.tune_seconds + r.fit_seconds,
-            "tune_seconds": r.tune_seconds,
-            "fit_seconds": r.fit_seconds,
-            "extract_seconds": fs.extract_seconds,
-            "n_train": r.n_train,
-            "n_test": n_test,
-            "params": json.dumps(r.params),
-            "weights": fs.attrs.get("weights", ""),
-        },
-    )
+def _row(cfg: Config, fs, r: HeadResult, n_train: int, n_test: int, pred_path: Path) -> dict:
+    """The head's results row (``fs``: anything with backbone, extract_seconds and attrs); ``n_train`` is
+    the training images it was given (``r.n_train``: those it was fitted on, after any subsample or refit)."""
+    return {
+        "dataset": cfg.dataset_name,
+        "backbone": fs.backbone,
+        "method": r.head,
+        "features": r.features,
+        "layers": r.layers,
+        "val_accuracy": r.val_accuracy,
+        **r.scores,
+        "train_seconds": r.tune_seconds + r.fit_seconds,
+        "tune_seconds": r.tune_seconds,
+        "fit_seconds": r.fit_seconds,
+        "extract_seconds": fs.extract_seconds,
+        "n_train": n_train,
+        "n_test": n_test,
+        "params": json.dumps(r.params),
+        "weights": fs.attrs.get("weights", ""),
+        "predictions": str(pred_path.relative_to(cfg.artifacts)),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
-def _run_streaming(cfg: Config, path: Path, attrs: dict, res_path: Path) -> list[HeadResult]:
+def _run_streaming(
+    cfg: Config, plan: list[_Planned], info: CacheInfo, res_path: Path, out_dir: Path
+) -> list[HeadResult]:
     """``linear_probe`` per layer set, image features only, nothing loaded whole."""
     from pipeline import probe
 
-    dataset = cfg.dataset_name
-    info = CacheInfo(path, attrs)
-    out_dir = writable_dir(Path(cfg.artifacts) / "heads" / dataset / info.backbone)
-    names = info.layer_names()
     if any(f != "image" for f in cfg.heads.features) and cfg.metadata_path is not None:
         log.info("linear_probe fits image features only; the metadata feature sets are the in-memory heads'")
+    if "auto" in cfg.heads.layers:
+        log.warning("notice: linear_probe skips --layers auto (its selection needs the features in memory)")
     out = []
-    for label, layers in layer_select.variants(cfg.heads.layers, names):
-        if layers is None:
-            log.warning("notice: linear_probe skips --layers auto (its selection needs the features in memory)")
-            continue
-        name = head_name("linear_probe", "image", label)
-        log.info("fitting %s on %s [%s], streamed from %s", name, info.backbone, ", ".join(layers), path.name)
+    for p in plan:
+        layers = p.layers
+        log.info("fitting %s on %s [%s], streamed from %s", p.name, info.backbone, ", ".join(layers), info.path.name)
         res, streams = probe.fit_probe(
-            path,
+            info.path,
             layers,
             list(cfg.heads.probe_decays),
             len(info.class_names),
             batch_size=cfg.heads.batch_size,
             max_epochs=cfg.heads.probe_epochs,
             seed=cfg.data.seed,
-            desc=name,
+            desc=p.name,
         )
         tuning.edge_values(list(cfg.heads.probe_decays), res.decay, "decay", extend=False)  # says so, if on it
         test = streams["test"]
         pred = probe.predict(res.model, test) if test.n else np.zeros(0, dtype=np.int64)
         params = {"decay": res.decay, "epochs": res.epochs}
-        if label != layer_select.LAST:
+        if p.label != layer_select.LAST:
             params["layers"] = list(layers)
         r = HeadResult(
             "linear_probe",
@@ -452,17 +557,20 @@ def _run_streaming(cfg: Config, path: Path, attrs: dict, res_path: Path) -> list
             0.0,
             streams["train"].n,
             pred,
-            label,
+            p.label,
             list(layers),
         )
-        with atomic_path(out_dir / f"{name}.keras", suffix=".keras") as tmp:
+        stem = out_dir / p.name
+        with atomic_path(stem.with_name(stem.name + ".keras"), suffix=".keras") as tmp:
             res.model.save(tmp)
-        _sidecar(out_dir / name, r, info, cfg, [], val_per_decay=res.val_per_decay)
-        results.write_predictions(out_dir / f"{name}.predictions.csv", test.ids(), test.labels, pred, info.class_names)
-        _record(res_path, dataset, info, r, test.n)
+        pred_path = out_dir / f"{p.name}.predictions.csv"
+        results.write_predictions(pred_path, test.ids(), test.labels, pred, info.class_names)
+        row = _row(cfg, info, r, streams["train"].n, test.n, pred_path)
+        results.upsert(res_path, row)
+        _sidecar(stem, r, info, cfg, [], val_per_decay=res.val_per_decay, inputs_key=p.key, row=row)
         log.info(
             "  %-28s val %.4f  test %.4f  decay=%g epochs=%d  %.1fs",
-            name,
+            p.name,
             r.val_accuracy,
             r.scores["test_accuracy"],
             res.decay,
@@ -477,13 +585,6 @@ def _run_streaming(cfg: Config, path: Path, attrs: dict, res_path: Path) -> list
 
 def _params_text(params: dict) -> str:
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items() if k != "layers")
-
-
-def _save(stem: Path, model: Pipeline, r: HeadResult, fs: FeatureSet, cfg: Config, meta_names: list[str]) -> None:
-    """joblib model + JSON sidecar (what scikit-learn's persistence guide asks to keep beside it)."""
-    with atomic_path(stem.with_name(stem.name + ".joblib")) as tmp:
-        joblib.dump(model, tmp)
-    _sidecar(stem, r, fs, cfg, meta_names)
 
 
 def _sidecar(stem: Path, r: HeadResult, fs, cfg: Config, meta_names: list[str], **extra) -> None:

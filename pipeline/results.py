@@ -1,7 +1,8 @@
 """The one results table every training stage appends to: artifacts/results/<dataset>.csv.
 
-One row per (dataset, backbone, method, features, layers); rerunning a configuration
-replaces its row instead of duplicating it.
+One row per (dataset, backbone, method, features, layers, n_train); rerunning a
+configuration replaces its row instead of duplicating it. ``n_train`` is the number of
+training images the method was given: the whole training split, or a learning-curve subset.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from pipeline.config import atomic_path
 
-KEY = ["dataset", "backbone", "method", "features", "layers"]
+KEY = ["dataset", "backbone", "method", "features", "layers", "n_train"]
+FINETUNED = ("finetune", "frozen_dense")  # trained end to end on images (frozen_dense: phase 1 of the fine-tune)
+IN_MEMORY_HEADS = ("ridge", "logreg", "linear_svm", "rbf_svm", "mlp", "knn")
+STREAMING_HEADS = ("linear_probe",)  # trained on minibatches read from the cache; never loads it whole
+METHODS = FINETUNED + IN_MEMORY_HEADS + STREAMING_HEADS  # the order tables list them in
 COLUMNS = KEY + [
     "val_accuracy",
     "test_accuracy",
@@ -26,10 +31,10 @@ COLUMNS = KEY + [
     "tune_seconds",
     "fit_seconds",
     "extract_seconds",
-    "n_train",
     "n_test",
     "params",
     "weights",
+    "predictions",
     "timestamp",
 ]
 
@@ -41,6 +46,11 @@ def head_name(head: str, features: str, layers: str = "last") -> str:
     if layers and layers != "last":
         at = "@" + (layers if layers in ("all", "auto") else hashlib.sha1(layers.encode()).hexdigest()[:8])
     return head + at + {"image": "", "image+meta": "+meta", "image+meta_norm": "+meta_norm"}[features]
+
+
+def subset_suffix(n_train: int | None) -> str:
+    """How a learning-curve point's artifacts are told apart from the full-data run's: ``-n300``."""
+    return f"-n{n_train}" if n_train else ""
 
 
 def results_path(artifacts: str | Path, dataset: str) -> Path:
@@ -67,6 +77,16 @@ def read_results(path: Path) -> pd.DataFrame:
     return table
 
 
+def _same(a, b) -> bool:
+    """Key equality that survives the CSV round trip (3000 vs 3000.0; missing vs NaN)."""
+    if pd.isna(a) and pd.isna(b):
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
 def upsert(path: Path, row: dict) -> pd.DataFrame:
     """Replace the row with the same key (or append), written atomically."""
     row = {"timestamp": datetime.now(UTC).isoformat(timespec="seconds"), "layers": "last", **row}
@@ -74,7 +94,7 @@ def upsert(path: Path, row: dict) -> pd.DataFrame:
     if len(table):
         same = np.ones(len(table), dtype=bool)
         for k in KEY:
-            same &= table[k].astype(str).to_numpy() == str(row[k])
+            same &= np.array([_same(v, row.get(k)) for v in table.get(k, [None] * len(table))], dtype=bool)
         table = table[~same]
     new = pd.DataFrame([row])
     table = new if table.empty else pd.concat([table, new], ignore_index=True)

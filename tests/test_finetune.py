@@ -101,4 +101,4 @@ def test_report_of_a_finetuned_model_has_confusion_matrices_and_gradcam(ft_cfg):
     d = out.parent
     assert (d / "gradcam.png").exists() and (d / "confusion_0_finetune.png").exists()
     text = (d / "report.md").read_text()
-    assert "Grad-CAM" in text and "fine-tuned tiny_cnn" in text and "| finetune | image | last | ok |" in text
+    assert "Grad-CAM" in text and "fine-tuned tiny_cnn" in text and "| tiny_cnn | finetune | " in text and "| tiny_cnn | frozen_dense | " in text

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -66,15 +68,20 @@ def test_subgroup_accuracy_matches_a_hand_count():
     glasses = {"a": -1, "b": 1, "c": -1, "d": 1, "e": -1, "f": 1, "g": -1, "h": 1}
     order = list("hdbfaceg")  # metadata rows in another order: joined by id
     meta = pd.DataFrame(
-        {"Eyeglasses": [glasses[i] for i in order], "hat": ["y" if i == "h" else "n" for i in order], "age": range(8)},
+        {
+            "Eyeglasses": [glasses[i] for i in order],
+            "hat": ["y" if i == "h" else "n" for i in order],
+            "name": [f"person {i}" for i in order],
+        },
         index=pd.Index(order, name="id"),
     )
     sub = report.subgroup_accuracy(pred, meta, max_values=4)
-    assert "age" not in set(sub["column"])  # 8 distinct values: not a subgroup column
+    assert "name" not in set(sub["column"])  # 8 distinct labels > max_values: not a subgroup column
     got = {(r.column, r.value): (r.n, r.correct, r.wrong, round(r.accuracy, 4)) for r in sub.itertuples()}
     assert got[("Eyeglasses", 1)] == (4, 2, 2, 0.5)  # b(wrong) d f(wrong) h
     assert got[("Eyeglasses", -1)] == (4, 4, 0, 1.0)  # a c e g
     assert got[("hat", "y")] == (1, 1, 0, 1.0)  # h
+    assert sub.set_index(["column", "value"]).loc[("hat", "y"), "note"] == "small (n < 20)"
     assert got[("hat", "n")] == (7, 5, 2, round(5 / 7, 4))
     first = sub.iloc[0]
     assert (first["column"], first["value"]) == ("Eyeglasses", 1)  # worst subgroup first
@@ -97,7 +104,9 @@ def test_report_builds_from_a_results_table_alone(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     html = out.read_text()
     assert "data:image/png;base64," in html and "100× faster" in html and "not run" in html
-    assert "-2.5 pt, 100× faster" in (d / "report.md").read_text()
+    md = (d / "report.md").read_text()
+    assert "| efficientnet_lite0 | logreg | 0.8750 |  | -2.50 |  | 4.0 | 100× faster |" in md
+    assert md.index("Best frozen head") < md.index("## Comparison")  # the verdict comes first
     assert "report.html" in capsys.readouterr().out
 
 
@@ -130,3 +139,145 @@ def test_layer_sets_are_rows_of_their_own_and_the_per_layer_chart_is_shown(tmp_p
     assert (out.parent / "layers_efficientnet_lite0.png").read_bytes()[:4] == b"\x89PNG"
     html = out.read_text()
     assert "(what --layers auto uses) picks last, block11" in html and "block11 + last (0.8900)" in html
+
+
+def test_numeric_columns_are_quartile_bins_and_missing_values_a_subgroup_of_their_own():
+    rng = np.random.default_rng(0)
+    ids = [f"img{i:03d}" for i in range(200)]
+    pred = pd.DataFrame({"id": ids, "y_true": rng.integers(0, 2, 200), "y_pred": rng.integers(0, 2, 200)})
+    age = rng.uniform(18, 80, 200)
+    smiling = np.where(rng.random(200) < 0.5, 1.0, -1.0)
+    smiling[:30] = np.nan  # 30 images without the attribute
+    meta = pd.DataFrame({"age": age, "Smiling": smiling}, index=pd.Index(ids, name="id"))
+    sub = report.subgroup_accuracy(pred, meta)
+    bins = sub[sub["column"] == "age"]
+    assert len(bins) == 4 and bins["n"].sum() == 200 and bins["n"].min() >= 49
+    smile = sub[sub["column"] == "Smiling"].set_index("value")
+    assert set(smile.index) == {-1.0, 1.0, "(missing)"} and smile.loc["(missing)", "n"] == 30
+    wrong = (pred["y_true"] != pred["y_pred"]).to_numpy()[:30].sum()
+    assert smile.loc["(missing)", "wrong"] == wrong
+    assert (sub["ci_low"] <= sub["accuracy"]).all() and (sub["accuracy"] <= sub["ci_high"]).all()
+
+
+def test_bootstrap_interval_matches_the_closed_form_binomial_interval():
+    from pipeline.report import stats
+
+    correct = np.zeros(2000, dtype=bool)
+    correct[:1750] = True  # 87.5% of 2,000 test images
+    lo, hi = stats.accuracy_ci(correct)
+    half = 1.96 * np.sqrt(0.875 * 0.125 / 2000)  # normal approximation to the binomial
+    assert abs(lo - (0.875 - half)) < 0.01 and abs(hi - (0.875 + half)) < 0.01
+    wl, wh = stats.wilson(1750, 2000)
+    assert abs(lo - wl) < 0.01 and abs(hi - wh) < 0.01
+    # paired: two methods that agree everywhere but on 30 images (20 won by A, 10 by B)
+    a = correct.copy()
+    b = correct.copy()
+    a[1750:1770] = True
+    b[:10] = False
+    d, dlo, dhi = stats.paired_delta_ci(a, b)
+    assert d == pytest.approx(20 / 2000 - (-10 / 2000) * -1 + 0) or d == pytest.approx((20 + 10) / 2000)
+    sd = np.sqrt((20 + 10) / 2000 - d**2) / np.sqrt(2000)  # sd of the mean paired difference
+    assert abs(dlo - (d - 1.96 * sd)) < 0.005 and abs(dhi - (d + 1.96 * sd)) < 0.005
+
+
+def test_mcnemar_is_the_exact_binomial_on_the_discordant_pairs():
+    from scipy.stats import binomtest
+
+    from pipeline.report import stats
+
+    a = np.array([1] * 50 + [1] * 12 + [0] * 3 + [0] * 35, dtype=bool)  # 12 won by A, 3 by B
+    b = np.array([1] * 50 + [0] * 12 + [1] * 3 + [0] * 35, dtype=bool)
+    only_a, only_b, p = stats.mcnemar(a, b)
+    assert (only_a, only_b) == (12, 3)
+    assert p == pytest.approx(binomtest(12, 15, 0.5).pvalue) and p < 0.05
+    assert stats.mcnemar(a, a)[2] == 1.0
+
+
+def _write_preds(path, correct: np.ndarray):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(correct)
+    y = np.arange(n) % 3
+    pd.DataFrame(
+        {
+            "id": [f"t{i}" for i in range(n)],
+            "y_true": y,
+            "y_pred": np.where(correct, y, (y + 1) % 3),
+            "true": "c",
+            "pred": "c",
+        }
+    ).to_csv(path, index=False)
+
+
+def test_verdict_states_ci_mcnemar_and_the_baseline(tmp_path):
+    from pipeline.config import Config
+
+    cfg = Config()
+    cfg.artifacts = str(tmp_path / "artifacts")
+    (tmp_path / "data" / "d").mkdir(parents=True)
+    cfg.data.dataset = str(tmp_path / "data" / "d")
+    art = tmp_path / "artifacts"
+    base = np.arange(400) % 10 != 0  # 90% right
+    head = base.copy()
+    head[[1, 2, 3, 4]] = False  # the fine-tune alone gets 4 images right, the head alone 2
+    head[[10, 20]] = True
+    rows = [
+        dict(
+            method="finetune",
+            test_accuracy=base.mean(),
+            val_accuracy=0.9,
+            train_seconds=400.0,
+            extract_seconds=0.0,
+            predictions="ft.csv",
+            params=json.dumps({"epochs": [2, 4], "epochs_run": [2, 3], "best_epochs": [2, 1], "unfreeze_layers": 40}),
+        ),
+        dict(
+            method="logreg",
+            test_accuracy=head.mean(),
+            val_accuracy=0.95,
+            train_seconds=10.0,
+            extract_seconds=30.0,
+            predictions="lr.csv",
+            params="{}",
+        ),
+    ]
+    _write_preds(art / "ft.csv", base)
+    _write_preds(art / "lr.csv", head)
+    for r in rows:
+        upsert(
+            results_path(cfg.artifacts, "d"),
+            dict(dataset="d", backbone="b0", features="image", n_train=300, n_test=400, **r),
+        )
+    out = report.run(cfg)
+    text = (out.parent / "report.md").read_text()
+    first = text.split("## Comparison")[0]
+    delta = (head.mean() - base.mean()) * 100
+    assert (
+        f"Best frozen head (by validation accuracy): logreg — {head.mean():.4f} vs {base.mean():.4f} fine-tuned"
+        in first
+    )
+    assert f"{delta:+.2f} pt (95% CI " in first and "no significant difference" in first and "10× cheaper" in first
+    assert "2 + 3 epochs" in first and "early stopping kept epoch 2 and 1" in first and "300 images" in first
+    summary = pd.read_csv(out.parent / "summary.csv").set_index("method")
+    lo, hi = summary.loc["logreg", ["delta_ci_low", "delta_ci_high"]]
+    assert lo < delta < hi and 0 < summary.loc["logreg", "mcnemar_p"] <= 1
+    assert summary.loc["finetune", "acc_ci_low"] < base.mean() < summary.loc["finetune", "acc_ci_high"]
+
+
+def test_two_backbones_make_one_report_with_both(tmp_path):
+    from pipeline.config import Config
+
+    cfg = Config()
+    cfg.artifacts = str(tmp_path / "artifacts")
+    (tmp_path / "data" / "d").mkdir(parents=True)
+    cfg.data.dataset = str(tmp_path / "data" / "d")
+    rows = _results().to_dict("records")
+    rows.append({**rows[0], "backbone": "resnet50", "test_accuracy": 0.85})
+    for row in rows:
+        upsert(results_path(cfg.artifacts, "d"), {**row, "n_train": 100})
+    out = report.run(cfg)
+    summary = pd.read_csv(out.parent / "summary.csv")
+    assert set(summary["backbone"]) == {"efficientnet_lite0", "resnet50"}
+    text = (out.parent / "report.md").read_text()
+    best = text.split("## Best per backbone")[1].split("##")[0]
+    assert "| efficientnet_lite0 | linear_svm |" in best and "| resnet50 | logreg |" in best
+    assert "efficientnet_lite0: Best frozen head" in text and "resnet50: Best frozen head" in text

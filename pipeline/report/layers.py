@@ -13,7 +13,7 @@ import pandas as pd
 
 
 def plot_layer_scores(per_layer: pd.DataFrame, chosen: list[str], path: Path, title: str) -> None:
-    from pipeline.report import _plt
+    from pipeline.report.plots import _plt
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(per_layer) + 1.6), dpi=110)

@@ -1,0 +1,239 @@
+"""`make report`: the verdict, accuracy vs training time with uncertainty, deltas vs fine-tuning,
+the learning curve, several backbones, confusion matrices, per-subgroup accuracy and Grad-CAM, as
+report.md + self-contained report.html + summary.csv.
+
+Reads only what earlier stages wrote: the results table, per-image test
+predictions, run records, the fine-tuned model and the dataset's metadata.
+Methods that have not run are shown as such, not as errors. The parts:
+``tables`` and ``stats`` (numbers), ``verdict`` and ``curve`` (conclusions),
+``plots`` (figures), ``render`` (markdown + HTML), ``layers`` (layer-set section).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+
+from pipeline.config import Config, library_versions, writable_dir
+from pipeline.errors import PipelineError
+from pipeline.report.curve import curve_points, heads_only_note, where_finetuning_pays
+from pipeline.report.layers import layer_sections
+from pipeline.report.plots import plot_accuracy_vs_time, plot_confusion, plot_curve, plot_gradcam
+from pipeline.report.render import Verdict, render
+from pipeline.report.stats import with_uncertainty
+from pipeline.report.tables import (
+    best_head,
+    best_per_backbone,
+    comparison_table,
+    details_table,
+    display_table,
+    method_label,
+    per_class_table,
+    subgroup_accuracy,
+)
+from pipeline.report.verdict import verdict
+from pipeline.results import head_name, read_results, results_path
+
+log = logging.getLogger(__name__)
+
+
+class Evaluated(NamedTuple):
+    """A model whose per-image test predictions the report analyses."""
+
+    name: str
+    pred: pd.DataFrame
+    path: Path
+    finetuned: str | None = None  # the backbone, for a fine-tuned model
+
+
+def predictions_file(art: Path, dataset: str, row: pd.Series) -> Path:
+    """Where a results row's per-image test predictions are (rows written before the column existed
+    have them at the default place)."""
+    given = row.get("predictions")
+    if isinstance(given, str) and given:
+        return art / given
+    if row["method"] in ("finetune", "frozen_dense"):
+        suffix = "finetuned" if row["method"] == "finetune" else "frozen_dense"
+        return art / "models" / dataset / f"{row['backbone']}-{suffix}.predictions.csv"
+    return (
+        art
+        / "heads"
+        / dataset
+        / row["backbone"]
+        / f"{head_name(row['method'], row['features'], row['layers'])}.predictions.csv"
+    )
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _read_pred(path: Path) -> pd.DataFrame | None:
+    try:
+        pred = pd.read_csv(path, dtype={"id": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None
+    return pred if {"id", "y_true", "y_pred"} <= set(pred.columns) else None
+
+
+def run(cfg: Config) -> Path:
+    """Build artifacts/reports/<dataset>/ from whatever results exist."""
+    dataset = cfg.dataset_name
+    art = Path(cfg.artifacts)
+    out_dir = writable_dir(art / "reports" / dataset)
+    res = read_results(results_path(art, dataset))
+    if res.empty:
+        raise PipelineError(
+            f"no results for {dataset} yet in {results_path(art, dataset)}: run `make svm` and/or `make finetune`"
+        )
+
+    meta = None
+    if cfg.metadata_path is not None:
+        from pipeline.data import load_dataset, load_metadata
+
+        ds = load_dataset(cfg.dataset_dir, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
+        meta = load_metadata(cfg.metadata_path, ds.all_ids(), cfg.data.id_column, ds.name)
+
+    table = comparison_table(res, with_meta=meta is not None)
+    preds = {}
+    for i, row in table[table["status"] == "ok"].iterrows():
+        pred = _read_pred(predictions_file(art, dataset, row))
+        if pred is not None:
+            preds[i] = pred
+    baselines = {r["backbone"]: i for i, r in table.iterrows() if r["method"] == "finetune" and r["status"] == "ok"}
+    table = with_uncertainty(table, preds, baselines)
+    table.to_csv(out_dir / "summary.csv", index=False)
+
+    sections: list[tuple[str, object]] = [("", Verdict(verdict(table)))]
+    main = display_table(table)
+    main.attrs["css"] = "main"
+    sections.append(
+        (
+            "Comparison",
+            "Test accuracy and cost of every method, with 95% bootstrap intervals over the test images. Heads are "
+            "charged tuning + final fit + feature extraction; the fine-tune (and frozen_dense, its phase 1) its "
+            "training time. Δ is against the fine-tuned model of the same backbone, its interval from a paired "
+            "bootstrap on the same test images.",
+        )
+    )
+    sections.append(("", main))
+    plot = out_dir / "accuracy_vs_time.png"
+    plot_accuracy_vs_time(table, plot, dataset)
+    sections.append(("Accuracy vs training time", plot))
+    if table["backbone"].nunique() > 1:
+        sections.append(("Best per backbone", best_per_backbone(table)))
+
+    curve = curve_points(res)
+    if len(curve):
+        png = out_dir / "learning_curve.png"
+        plot_curve(curve, png, dataset)
+        text = where_finetuning_pays(curve, lambda r: _read_pred(predictions_file(art, dataset, r)))
+        note = heads_only_note(curve)
+        sections.append(
+            ("Learning curve", " ".join(text + ([note] if note else [])) or "Test accuracy vs training images.")
+        )
+        sections.append(("", png))
+    sections += layer_sections(art / "heads" / dataset, out_dir)
+    details = details_table(table)
+    details.attrs["css"] = "details"
+    sections.append(("Details of every run", details))
+
+    ok = table[table["status"] == "ok"]
+    models: list[Evaluated] = []
+    head = best_head(table)
+    if head is not None and head.name in preds:
+        label = method_label(head["method"], head["features"], head["layers"])
+        p = predictions_file(art, dataset, head)
+        models.append(Evaluated(f"best head by validation accuracy: {head['backbone']} {label}", preds[head.name], p))
+    for i, r in ok[ok["method"] == "finetune"].iterrows():
+        if i in preds:
+            models.append(
+                Evaluated(f"fine-tuned {r['backbone']}", preds[i], predictions_file(art, dataset, r), r["backbone"])
+            )
+    records = {m.name: _read_json(m.path.with_name(m.path.name.replace(".predictions.csv", ".json"))) for m in models}
+
+    class_names = next((r["class_names"] for r in records.values() if r and "class_names" in r), None)
+    class_names = class_names or _class_names_seen(models)
+    for k, m in enumerate(models):
+        png = out_dir / f"confusion_{k}_{'finetune' if m.finetuned else 'head'}.png"
+        plot_confusion(m.pred, class_names, png, m.name)
+        sections.append((f"Confusion matrices: {m.name}", png))
+        sections.append((f"Per-class precision / recall / F1: {m.name}", per_class_table(m.pred, class_names)))
+
+    if meta is not None:
+        for m in models:
+            sub = subgroup_accuracy(m.pred, meta, cfg.report.subgroup_max_values)
+            overall = float((m.pred["y_true"] == m.pred["y_pred"]).mean())
+            sections.append(
+                (
+                    f"Accuracy per metadata subgroup: {m.name} (overall {overall:.4f}; 95% Wilson intervals)",
+                    sub if len(sub) else "no metadata columns that form subgroups",
+                )
+            )
+
+    finetuned = [m for m in models if m.finetuned]
+    if finetuned and cfg.report.gradcam_images > 0:
+        m = finetuned[0]
+        png = out_dir / "gradcam.png"
+        model_file = art / "models" / dataset / f"{m.finetuned}-finetuned.keras"
+        try:
+            if model_file.exists() and plot_gradcam(
+                model_file, m.pred, cfg.dataset_dir, class_names, cfg.report.gradcam_images, png
+            ):
+                sections.append(("Grad-CAM (fine-tuned model)", png))
+        except (OSError, ValueError) as e:
+            log.warning("warning: Grad-CAM skipped: %s", str(e).splitlines()[0])
+
+    shown_records = {
+        name: {"config": r.get("config"), "versions": r.get("versions"), "timestamp": r.get("timestamp")}
+        for name, r in records.items()
+        if r
+    }
+    shown_records["report"] = {"versions": library_versions()}
+    sections.append(
+        ("Configuration and library versions", "```\n" + json.dumps(shown_records, indent=2, default=str) + "\n```")
+    )
+
+    render(sections, f"Transfer learning on {dataset}: frozen features + heads vs fine-tuning", out_dir)
+    _print_summary(sections[0][1], main, out_dir)
+    return out_dir / "report.html"
+
+
+def _class_names_seen(models: list[Evaluated]) -> list[str]:
+    """Fallback for run records without class names: the classes the predictions mention."""
+    names: dict[int, str] = {}
+    for m in models:
+        names.update(dict(zip(m.pred["y_true"], m.pred["true"])))
+        names.update(dict(zip(m.pred["y_pred"], m.pred["pred"])))
+    return [names[i] for i in sorted(names)] if names else []
+
+
+def _print_summary(lines: list[str], main: pd.DataFrame, out_dir: Path) -> None:
+    print()
+    print(main.to_string(index=False))
+    print()
+    for line in lines:
+        print(line)
+    print(f"\nreport: {out_dir / 'report.html'} (and report.md, summary.csv, accuracy_vs_time.png)")
+
+
+from pipeline.report.plots import gradcam  # noqa: E402  (re-exported: the fine-tune's tests use it)
+from pipeline.report.tables import pareto_front, ratio_text  # noqa: E402
+
+__all__ = [
+    "run",
+    "comparison_table",
+    "pareto_front",
+    "ratio_text",
+    "subgroup_accuracy",
+    "per_class_table",
+    "gradcam",
+    "predictions_file",
+]

@@ -1,0 +1,99 @@
+"""The report's first lines: the answer in words, computed from the comparison table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from pipeline.report.tables import best_head, method_label, pareto_front, ratio_text
+
+ALPHA = 0.05
+
+
+def _baseline(ft: pd.Series) -> str:
+    """What the fine-tune was, so a weak baseline is not over-read."""
+    try:
+        p = json.loads(ft["params"])
+    except (TypeError, ValueError):
+        p = {}
+    ran, best = p.get("epochs_run", []), p.get("best_epochs", [])
+    planned = p.get("epochs")
+    parts = [f"{ft['backbone']} fine-tuned on {ft['n_train']:,.0f} images" if np.isfinite(ft["n_train"]) else ""]
+    if ran:
+        epochs = " + ".join(str(e) for e in ran)
+        text = f"{epochs} epochs (head, then top {p.get('unfreeze_layers', '?')} backbone layers unfrozen)"
+        if planned:
+            text += f" of {' + '.join(str(e) for e in planned)} planned"
+        if best:
+            text += f"; early stopping kept epoch {' and '.join(str(b) for b in best)}"
+        parts.append(text)
+    parts.append(f"{ft['total_seconds']:,.0f} s")
+    return "Baseline: " + ", ".join(x for x in parts if x) + "."
+
+
+def verdict(table: pd.DataFrame) -> list[str]:
+    """Two or three sentences per backbone: the best frozen head against the fine-tune, with its
+    uncertainty and significance, what the Pareto front holds, and what the baseline was."""
+    ok = table[table["status"] == "ok"]
+    if ok.empty:
+        return ["No results yet."]
+    lines = []
+    for b in sorted(ok["backbone"].unique()):
+        head = best_head(table, b)
+        ft = ok[(ok["backbone"] == b) & (ok["method"] == "finetune")]
+        who = f"{b}: " if ok["backbone"].nunique() > 1 else ""
+        if head is None:
+            lines.append(f"{who}no frozen-feature head has run yet: `make svm`.")
+            continue
+        label = method_label(head["method"], head["features"], head["layers"])
+        if ft.empty:
+            lines.append(
+                f"{who}Best frozen head (by validation accuracy): {label}, test accuracy {head['test_accuracy']:.4f}"
+                f"{_acc_ci(head)}. No fine-tuned baseline yet: run `make finetune` to know what fine-tuning would add."
+            )
+            continue
+        f = ft.iloc[0]
+        text = (
+            f"{who}Best frozen head (by validation accuracy): {label} — {head['test_accuracy']:.4f} vs "
+            f"{f['test_accuracy']:.4f} fine-tuned, {head['delta_pt']:+.2f} pt"
+        )
+        lo, hi, p = head.get("delta_ci_low", np.nan), head.get("delta_ci_high", np.nan), head.get("mcnemar_p", np.nan)
+        stats = []
+        if np.isfinite(lo):
+            stats.append(f"95% CI {lo:+.1f} … {hi:+.1f}")
+        if np.isfinite(p):
+            if p < ALPHA:
+                side = "the head is" if head["delta_pt"] > 0 else "the fine-tune is"
+                stats.append(f"McNemar p = {p:.2g}: {side} significantly better")
+            else:
+                stats.append(f"McNemar p = {p:.2g}: no significant difference")
+        if stats:
+            text += f" ({'; '.join(stats)})"
+        ratio = head["time_ratio"]
+        cost = ratio_text(ratio).replace("faster", "cheaper").replace("slower", "dearer")
+        text += f", {cost} ({head['total_seconds']:,.0f} s vs {f['total_seconds']:,.0f} s)." if cost else "."
+        lines.append(text)
+        lines.append(_baseline(f))
+        dense = ok[(ok["backbone"] == b) & (ok["method"] == "frozen_dense")]
+        if len(dense):
+            d = dense.iloc[0]
+            lines.append(
+                f"The Keras-guide recipe without a cache (backbone frozen, dense head trained with augmentation, "
+                f"the backbone run on every image every epoch; phase 1 of the fine-tune) reached "
+                f"{d['test_accuracy']:.4f} in {d['total_seconds']:,.0f} s ({d['delta_pt']:+.2f} pt)."
+            )
+    front = pareto_front(table)
+    names = [
+        (f"{r['backbone']} " if ok["backbone"].nunique() > 1 else "")
+        + method_label(r["method"], r["features"], r["layers"])
+        for _, r in front.iterrows()
+    ]
+    lines.append(f"On the Pareto front (nothing else is both more accurate and cheaper): {', '.join(names)}.")
+    return lines
+
+
+def _acc_ci(row: pd.Series) -> str:
+    lo, hi = row.get("acc_ci_low", np.nan), row.get("acc_ci_high", np.nan)
+    return f" (95% CI {lo:.3f} … {hi:.3f})" if np.isfinite(lo) else ""
