@@ -11,6 +11,8 @@ TF        ?= cpu
 ARGS      ?=
 CONFIG    ?=
 SIZES     ?= 50000 200000
+BACKBONES ?= efficientnet_lite0 efficientnet_lite1 efficientnet_lite2
+FINETUNE  ?=
 
 RUN    := $(BIN)/python -m pipeline
 # ARGS go only to the stage named on the command line (`make finetune ARGS=...`), not to its prerequisites.
@@ -20,11 +22,12 @@ COMMON := --dataset $(DATA) --artifacts $(ARTIFACTS) $(CFG)
 STAMP  := $(VENV)/.installed-$(TF)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data extract svm finetune report demo test lint bench clean
+.PHONY: help setup data extract svm finetune report demo curve sweep test lint bench clean
 
 help: ## list targets and variables
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: DATA=$(DATA) BACKBONE=$(BACKBONE) ARTIFACTS=$(ARTIFACTS) TF=$(TF) (cpu|gpu) CONFIG=run.toml ARGS=..."
+	@echo "             BACKBONES=\"$(BACKBONES)\" FINETUNE=1 (sweep)"
 
 setup: $(STAMP) ## create .venv and install the project (editable) with test extras
 
@@ -53,6 +56,19 @@ report: setup ## accuracy-vs-time report from whatever results exist
 	$(RUN) report $(COMMON) $(STAGE_ARGS)
 
 demo: svm finetune ## set up, prepare the default data and run the whole comparison
+	$(RUN) report $(COMMON)
+
+curve: extract ## learning curve: heads (and the fine-tune at the smallest and largest size) on subsets of train
+	$(RUN) curve $(COMMON) --backbone $(BACKBONE) $(STAGE_ARGS)
+	$(RUN) report $(COMMON)
+
+sweep: data ## extract + svm (+ finetune with FINETUNE=1) for each of BACKBONES="a b", then one report of all
+	@set -e; for b in $(BACKBONES); do \
+	  echo "== $$b"; \
+	  $(RUN) extract $(COMMON) --backbone $$b; \
+	  $(RUN) heads $(COMMON) --backbone $$b; \
+	  if [ -n "$(FINETUNE)" ]; then $(RUN) finetune $(COMMON) --backbone $$b; fi; \
+	done
 	$(RUN) report $(COMMON)
 
 test: setup ## run the test suite (fast: tiny backbones and generated images)

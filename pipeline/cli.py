@@ -37,6 +37,12 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
         ["data", "backbone", "finetune"],
         "pipeline.finetune:run",
     ),
+    "curve": (
+        "learning curve: the heads refitted with the same tuning on nested stratified subsets of the training "
+        "split (--fractions), the fine-tune at the smallest and largest; needs `extract`; reuses points already done",
+        ["data", "backbone", "heads", "finetune", "curve"],
+        "pipeline.curve:run",
+    ),
     "report": (
         "build artifacts/reports/<dataset>/ (report.md, report.html, summary.csv, plots) from whatever results exist",
         ["data", "report"],

@@ -153,6 +153,18 @@ class FinetuneConfig:
 
 
 @dataclass
+class CurveConfig:
+    fractions: tuple[float, ...] = _opt(
+        (0.01, 0.03, 0.1, 0.3, 1.0),
+        "training-set sizes of the learning curve, as fractions of the training split (at least 2 images per class)",
+    )
+    finetune_fractions: tuple[float, ...] = _opt(
+        (),
+        "sizes (from --fractions) at which to fine-tune too; default: the smallest and the largest; 0 = none",
+    )
+
+
+@dataclass
 class ReportConfig:
     gradcam_images: int = _opt(6, "Grad-CAM overlays of the fine-tuned model (half correct, half wrong); 0 = none")
     subgroup_max_values: int = _opt(
@@ -172,6 +184,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    curve: CurveConfig = field(default_factory=CurveConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
@@ -226,6 +239,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
+            if flag in parser._option_string_actions:  # two sections share a name (batch_size): qualify the later
+                flag = f"--{section}-{f.name.replace('_', '-')}"
             tp = _base_type(hints[f.name])
             help_ = f.metadata["help"]
             if f.default is not None and "default" not in help_:

@@ -422,8 +422,11 @@ def _run_in_memory(
     cfg: Config, plan: list[_Planned], path: Path, res_path: Path, out_dir: Path, n_subset: int | None
 ) -> list[HeadResult]:
     full = load_features(path, cfg.backbone.backbone)
+    share = 1.0  # of the extraction time: a curve point is charged for the images it needed
     if n_subset is not None:
+        rows = sum(len(full.splits[s].y) for s in ("train", "val", "test"))
         full = full.subset_train(nested_subset(full.splits["train"].y, n_subset, cfg.data.seed))
+        share = sum(len(full.splits[s].y) for s in ("train", "val", "test")) / rows
     labels = list(dict.fromkeys(p.label for p in plan))
     layer_sets = [(label, layers) for label, layers in layer_select.variants(cfg.heads.layers, full.layer_names())]
     layer_sets = [(label, layers) for label, layers in layer_sets if label in labels]
@@ -476,7 +479,7 @@ def _run_in_memory(
             pred_path = out_dir / f"{p.name}.predictions.csv"
             test = splits["test"]
             results.write_predictions(pred_path, test.ids, test.y, r.test_pred, fs.class_names)
-            row = _row(cfg, fs, r, len(splits["train"].y), len(test.y), pred_path)
+            row = _row(cfg, fs, r, len(splits["train"].y), len(test.y), pred_path, share)
             results.upsert(res_path, row)
             _sidecar(stem, r, fs, cfg, meta_names, inputs_key=p.key, row=row)  # last: it vouches for the rest
             log.info(
@@ -493,7 +496,7 @@ def _run_in_memory(
     return out
 
 
-def _row(cfg: Config, fs, r: HeadResult, n_train: int, n_test: int, pred_path: Path) -> dict:
+def _row(cfg: Config, fs, r: HeadResult, n_train: int, n_test: int, pred_path: Path, share: float = 1.0) -> dict:
     """The head's results row (``fs``: anything with backbone, extract_seconds and attrs); ``n_train`` is
     the training images it was given (``r.n_train``: those it was fitted on, after any subsample or refit)."""
     return {
@@ -507,7 +510,7 @@ def _row(cfg: Config, fs, r: HeadResult, n_train: int, n_test: int, pred_path: P
         "train_seconds": r.tune_seconds + r.fit_seconds,
         "tune_seconds": r.tune_seconds,
         "fit_seconds": r.fit_seconds,
-        "extract_seconds": fs.extract_seconds,
+        "extract_seconds": fs.extract_seconds * share,
         "n_train": n_train,
         "n_test": n_test,
         "params": json.dumps(r.params),

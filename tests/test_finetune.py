@@ -102,3 +102,48 @@ def test_report_of_a_finetuned_model_has_confusion_matrices_and_gradcam(ft_cfg):
     assert (d / "gradcam.png").exists() and (d / "confusion_0_finetune.png").exists()
     text = (d / "report.md").read_text()
     assert "Grad-CAM" in text and "fine-tuned tiny_cnn" in text and "| tiny_cnn | finetune | " in text and "| tiny_cnn | frozen_dense | " in text
+
+
+def test_frozen_dense_is_phase_one_scored_as_its_own_method(ft_cfg, monkeypatch):
+    phase_one_pred = {}
+    real = finetune._predict
+
+    def spy(model, ds, split, *a):
+        out = real(model, ds, split, *a)
+        phase_one_pred.setdefault("pred", out[2])  # the first test pass: right after phase 1
+        return out
+
+    monkeypatch.setattr(finetune, "_predict", spy)
+    res = finetune.run(ft_cfg)
+    table = results.read_results(results.results_path(ft_cfg.artifacts, "toy")).set_index("method")
+    dense = table.loc["frozen_dense"]
+    assert dense["train_seconds"] == pytest.approx(res.phase_seconds[0])  # charged phase 1 only
+    assert dense["train_seconds"] < table.loc["finetune", "train_seconds"]
+    saved = pd.read_csv(res.model_path.with_name("tiny_cnn-frozen_dense.predictions.csv"))
+    assert (saved["y_pred"].to_numpy() == phase_one_pred["pred"]).all()
+    assert dense["test_accuracy"] == pytest.approx((saved["y_true"] == saved["y_pred"]).mean())
+
+
+def test_unchanged_inputs_reuse_the_fine_tune_and_a_changed_setting_redoes_it(ft_cfg, monkeypatch, capsys):
+    first = finetune.run(ft_cfg)
+    before = results.read_results(results.results_path(ft_cfg.artifacts, "toy"))
+
+    def no_fitting(*a, **k):
+        raise AssertionError("fitted although nothing changed")
+
+    real = finetune.fit_phase
+    monkeypatch.setattr(finetune, "fit_phase", no_fitting)
+    again = finetune.run(ft_cfg)
+    assert "up to date" in capsys.readouterr().out
+    assert again.scores == first.scores and again.phase_seconds == first.phase_seconds
+    after = results.read_results(results.results_path(ft_cfg.artifacts, "toy"))
+    pd.testing.assert_frame_equal(before, after)
+
+    calls = []
+    monkeypatch.setattr(finetune, "fit_phase", lambda m, phase, *a, **k: calls.append(phase) or real(m, phase, *a, **k))
+    ft_cfg.finetune.learning_rate = 0.01  # a setting that changes the numbers
+    finetune.run(ft_cfg)
+    assert calls == [1, 2]
+    ft_cfg.force = True
+    finetune.run(ft_cfg)
+    assert calls == [1, 2, 1, 2]

@@ -202,3 +202,38 @@ def test_cli_heads_bad_choice_is_rejected(synth):
     with pytest.raises(SystemExit) as e:
         main(["heads", "--dataset", synth.data.dataset, "--metadata-missing", "never"])
     assert e.value.code == 2
+
+
+def test_unchanged_inputs_reuse_every_head_and_a_changed_setting_refits_only_its_heads(synth, monkeypatch, caplog):
+    synth.heads.heads = ("ridge", "logreg")
+    synth.heads.features = ("image", "image+meta")
+    synth.heads.meta_columns = ("hint",)
+    heads.run(synth)
+    before = results.read_results(results.results_path(synth.artifacts, "synth"))
+    calls = []
+    real = heads.fit_head
+
+    def spy(head, features, *a, **k):
+        calls.append((head, features))
+        return real(head, features, *a, **k)
+
+    monkeypatch.setattr(heads, "fit_head", spy)
+    monkeypatch.setattr(heads, "load_features", lambda *a, **k: pytest.fail("loaded the cache with nothing to fit"))
+    out = heads.run(synth)
+    assert calls == [] and len(out) == 4 and "up to date" in caplog.text
+    pd.testing.assert_frame_equal(before, results.read_results(results.results_path(synth.artifacts, "synth")))
+
+    monkeypatch.undo()
+    monkeypatch.setattr(heads, "fit_head", spy)
+    synth.heads.c_grid = (0.1, 1.0)  # logreg's grid: ridge is unaffected
+    heads.run(synth)
+    assert calls == [("logreg", "image"), ("logreg", "image+meta")]
+    meta = synth.metadata_path
+    meta.write_text(meta.read_text().replace(",x,", ",z,"))  # the metadata changed: only the meta heads refit
+    calls.clear()
+    heads.run(synth)
+    assert calls == [("ridge", "image+meta"), ("logreg", "image+meta")]
+    calls.clear()
+    synth.force = True
+    heads.run(synth)
+    assert len(calls) == 4
