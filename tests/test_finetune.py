@@ -101,7 +101,12 @@ def test_report_of_a_finetuned_model_has_confusion_matrices_and_gradcam(ft_cfg):
     d = out.parent
     assert (d / "gradcam.png").exists() and (d / "confusion_0_finetune.png").exists()
     text = (d / "report.md").read_text()
-    assert "Grad-CAM" in text and "fine-tuned tiny_cnn" in text and "| tiny_cnn | finetune | " in text and "| tiny_cnn | frozen_dense | " in text
+    assert (
+        "Grad-CAM" in text
+        and "fine-tuned tiny_cnn" in text
+        and "| tiny_cnn | finetune | " in text
+        and "| tiny_cnn | frozen_dense | " in text
+    )
 
 
 def test_frozen_dense_is_phase_one_scored_as_its_own_method(ft_cfg, monkeypatch):
