@@ -23,9 +23,10 @@ def main() -> None:
     ap.add_argument("--artifacts", default="artifacts")
     args = ap.parse_args()
 
+    from pipeline.report.tables import largest_runs
     from pipeline.results import read_results, results_path
 
-    table = read_results(results_path(args.artifacts, args.dataset))
+    table = largest_runs(read_results(results_path(args.artifacts, args.dataset)))  # not the curve's subsets
     rows = []
     for backbone, group in table.groupby("backbone"):
         ft = group[group["method"] == "finetune"]
@@ -40,6 +41,7 @@ def main() -> None:
                     "backbone": backbone,
                     "head": r["method"],
                     "features": r["features"],
+                    "layers": r["layers"],
                     "finetune_seconds": round(ft["train_seconds"], 1),
                     "head_train_seconds": round(r["train_seconds"], 2),
                     "head_total_seconds": round(total, 2),

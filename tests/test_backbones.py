@@ -83,28 +83,63 @@ def test_keras_application_builds_pooled_with_random_weights():
     assert model.output_shape == (None, 1280)
 
 
-def test_missing_imagenet_weights_say_where_to_put_the_file(tmp_path, monkeypatch):
+def _offline(monkeypatch, tmp_path):
+    """No network: the download Keras would do fails the way it does without one."""
+    from urllib.error import URLError
+
+    calls = []
+
+    def fail(fname, origin, *a):
+        calls.append((fname, origin))
+        raise Exception(f"URL fetch failure on {origin}: None -- {URLError('[Errno -3] name resolution')}")
+
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    with pytest.raises(
-        PipelineError, match=r"put resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5 at .*keras/models"
-    ):
+    monkeypatch.setattr(backbones, "_download", fail)
+    return calls
+
+
+def test_offline_imagenet_weights_are_one_line_naming_the_file_its_url_and_where_to_put_it(tmp_path, monkeypatch):
+    calls = _offline(monkeypatch, tmp_path)
+    with pytest.raises(PipelineError) as err:
         backbones.resolve_weights(backbones.get("resnet50"), "imagenet", tmp_path)
+    msg = str(err.value)
+    fname = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert calls and calls[0][0] == fname  # Keras' download was tried
+    assert "\n" not in msg and f"could not download {fname}" in msg and calls[0][1] in msg
+    assert str(tmp_path / "keras" / "models" / fname) in msg and "https://" in msg
 
 
-def test_imagenet_weights_in_the_keras_cache_are_used(tmp_path, monkeypatch):
+def test_imagenet_weights_download_into_the_keras_cache_when_online(tmp_path, monkeypatch):
+    spec = backbones.get("mobilenet_v2")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+
+    def download(fname, origin, cache_subdir, cache_dir, file_hash):
+        target = tmp_path / "keras" / cache_subdir / fname
+        target.parent.mkdir(parents=True)
+        target.write_bytes(b"weights")  # what the download would have written
+        return str(target)
+
+    monkeypatch.setattr(backbones, "_download", download)
+    w = backbones.resolve_weights(spec, "imagenet", tmp_path, 96)
+    assert w.path.read_bytes() == b"weights" and w.path.parent == tmp_path / "keras" / "models"
+
+
+def test_imagenet_weights_in_the_keras_cache_are_used_without_a_download(tmp_path, monkeypatch):
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
     spec = backbones.get("mobilenet_v2")
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    calls = _offline(monkeypatch, tmp_path)
     with pytest.raises(PipelineError) as err:
         backbones.resolve_weights(spec, "imagenet", tmp_path, 96)
-    wanted = tmp_path / "keras" / "models" / str(err.value).split("put ")[1].split(" at ")[0]
+    wanted = tmp_path / "keras" / "models" / calls[0][0]
+    assert str(wanted) in str(err.value)
     source = spec.build(None, 96)  # stands in for the real file, in the legacy layout Keras ships
     wanted.parent.mkdir(parents=True)
     with h5py.File(wanted, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, source)
     w = backbones.resolve_weights(spec, "imagenet", tmp_path, 96)
+    assert len(calls) == 1  # the cache hit did not try to download
     assert w.path == wanted and w.sha256 == backbones.sha256_file(wanted) and "Keras cache" in w.source
     loaded = backbones.build_backbone(spec, w, 96)
     np.testing.assert_array_equal(loaded.get_weights()[0], source.get_weights()[0])

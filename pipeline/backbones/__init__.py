@@ -174,26 +174,43 @@ class _WeightsFileWanted(Exception):
     pass
 
 
-def _keras_imagenet_file(spec: BackboneSpec, input_size: int) -> Path:
-    """Ask the Keras constructor which file it wants, stopping it before any download."""
+def _download(fname: str, origin: str, cache_subdir: str, cache_dir: str | None, file_hash: str | None) -> str:
+    """Keras' own download into its cache (a seam the tests replace to stay offline)."""
     from keras.src.utils import file_utils
 
-    def wanted(fname=None, origin=None, cache_subdir="datasets", cache_dir=None, **kw):
-        raise _WeightsFileWanted(Path(cache_dir or _keras_cache_dir()) / cache_subdir / fname)
+    return file_utils.get_file(
+        fname, origin, cache_subdir=cache_subdir, cache_dir=cache_dir, file_hash=file_hash, hash_algorithm="auto"
+    )
+
+
+def _keras_imagenet_file(spec: BackboneSpec, input_size: int) -> Path:
+    """The ImageNet weights file the Keras constructor wants: from the Keras cache when it is there,
+    otherwise downloaded the way Keras does; without network, one line saying what to put where."""
+    from keras.src.utils import file_utils
+
+    def wanted(fname=None, origin=None, cache_subdir="datasets", cache_dir=None, file_hash=None, **kw):
+        raise _WeightsFileWanted(fname, origin, cache_subdir, cache_dir, file_hash)
 
     with mock.patch.object(file_utils, "get_file", wanted):
         try:
             spec.build("imagenet", input_size)
         except _WeightsFileWanted as found:
-            path = found.args[0]
+            fname, origin, cache_subdir, cache_dir, file_hash = found.args
         else:
             raise PipelineError(f"{spec.name} has no ImageNet weights in keras.applications; pass --weights PATH")
-    if not path.exists():
+    path = Path(cache_dir or _keras_cache_dir()) / cache_subdir / fname
+    if path.exists():
+        return path
+    log.info("downloading %s's ImageNet weights from %s (Keras caches them in %s)", spec.name, origin, path.parent)
+    try:
+        got = Path(_download(fname, origin, cache_subdir, cache_dir, file_hash))
+    except Exception as e:  # Keras wraps network failures in several exception types
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PipelineError(
-            f"no ImageNet weights for {spec.name} in the Keras cache and downloads are off: "
-            f"put {path.name} at {path} or pass --weights PATH"
-        )
-    return path
+            f"could not download {fname} for {spec.name} from {origin} ({reason}); without network, copy that file "
+            f"to {path} (or pass --weights PATH)"
+        ) from None
+    return got if got.exists() else path
 
 
 for _name, (_ctor, _module, _size) in KERAS_APPS.items():
