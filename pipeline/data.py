@@ -167,7 +167,33 @@ def load_dataset(root: Path, val_fraction: float = 0.15, test_fraction: float = 
     for s in SPLITS:
         if len(splits[s]) == 0:
             raise PipelineError(f"split '{s}' of {root} is empty; add images or change the split fractions")
+    _warn_small_classes(splits, class_names)
     return Dataset(root.resolve().name, root, class_names, splits, ignored)
+
+
+def _warn_small_classes(splits: dict[str, Split], class_names: list[str]) -> None:
+    """A class too small to reach every split is silently unmeasured: say which, and what it means."""
+    counts = {s: np.bincount(splits[s].labels, minlength=len(class_names)) for s in SPLITS}
+    for c, name in enumerate(class_names):
+        absent = [s for s in SPLITS if counts[s][c] == 0]
+        if not absent:
+            continue
+        total = sum(int(counts[s][c]) for s in SPLITS)
+        effects = []
+        if "test" in absent:
+            effects.append("the test accuracy cannot speak for it")
+        if "val" in absent:
+            effects.append("tuning never sees it")
+        if "train" in absent:
+            effects.append("no model learns it")
+        log.warning(
+            "warning: class '%s' has %d image%s and none in %s: %s (add images, or merge or drop the class)",
+            name,
+            total,
+            "" if total == 1 else "s",
+            " or ".join(absent),
+            "; ".join(effects),
+        )
 
 
 def _read_celeba_table(path: Path) -> pd.DataFrame | None:

@@ -264,6 +264,12 @@ def fit_head(
             len(train.y),
         )
         train = _subsample(train, cfg.heads.rbf_max_train, seed)
+    if len(val.y) and len(np.unique(val.y)) < 2:
+        log.warning(
+            "warning: the validation split holds a single class: every setting of %s scores the same on it, so "
+            "tuning picks arbitrarily (add images to the other classes' val, or use a larger --val-fraction)",
+            head,
+        )
     n_meta = train.X.shape[1] - (dim if isinstance(dim, int) else sum(dim))
     pipe, grid = make_pipeline(head, features, dim, n_meta, cfg, seed, ref, n=len(train.y))
     with warnings.catch_warnings():

@@ -139,3 +139,35 @@ def test_celeba_attribute_file_is_read_directly_and_extra_rows_are_ignored(flat,
     assert list(meta.columns) == ["Male", "Smiling"] and len(meta) == len(names)
     assert set(meta["Male"]) == {-1, 1} and meta.loc[ds.all_ids()[1], "Male"] == 1
     assert any("2 rows for images not in" in r.getMessage() for r in caplog.records)
+
+
+def test_a_class_too_small_for_every_split_is_named_with_what_it_means(tmp_path, caplog):
+    from conftest import write_images
+
+    from pipeline.data import load_dataset
+
+    root = write_images(tmp_path / "flat", 10, classes=("cat", "dog"))
+    write_images(root, 1, classes=("axolotl",), seed=5)
+    ds = load_dataset(root, 0.2, 0.2, seed=0)
+    assert "axolotl" in ds.class_names and len(ds.splits["train"]) + len(ds.splits["test"]) > 0
+    lines = [r.getMessage() for r in caplog.records if "axolotl" in r.getMessage()]
+    assert len(lines) == 1 and "has 1 image and none in val or test" in lines[0]
+    assert "the test accuracy cannot speak for it" in lines[0] and "tuning never sees it" in lines[0]
+    assert not any("'cat'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_single_class_validation_split_is_said_before_tuning(tmp_path, caplog):
+    import numpy as np
+
+    from pipeline.config import Config
+    from pipeline.features import SplitData
+    from pipeline.heads import fit_head
+
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 2
+    split = lambda yy: SplitData(rng.normal(size=(len(yy), 4)).astype(np.float32) + yy[:, None], yy, np.arange(len(yy)))  # noqa: E731
+    splits = {"train": split(y), "val": split(np.zeros(10, dtype=int)), "test": split(y)}
+    cfg = Config()
+    cfg.heads.alpha_grid = (1.0, 10.0)
+    fit_head("ridge", "image", splits, 4, cfg)
+    assert "validation split holds a single class" in caplog.text

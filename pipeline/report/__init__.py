@@ -161,6 +161,14 @@ def run(cfg: Config) -> Path:
 
     class_names = next((r["class_names"] for r in records.values() if r and "class_names" in r), None)
     class_names = class_names or _class_names_seen(models)
+    if models and class_names:
+        tested = set(models[0].pred["y_true"])
+        untested = [n for i, n in enumerate(class_names) if i not in tested]
+        if untested:
+            sections[0][1].append(
+                f"The test split holds no images of {', '.join(untested)}: the test accuracy cannot speak for "
+                f"{'it' if len(untested) == 1 else 'them'}."
+            )
     for k, m in enumerate(models):
         png = out_dir / f"confusion_{k}_{'finetune' if m.finetuned else 'head'}.png"
         plot_confusion(m.pred, class_names, png, m.name)
