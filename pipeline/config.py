@@ -53,13 +53,27 @@ class PrepareConfig:
 
 @dataclass
 class BackboneConfig:
-    backbone: str = _opt("efficientnet_lite0", "backbone name (see `python -m pipeline backbones`)")
+    backbone: str = _opt(
+        "efficientnet_lite0",
+        "backbone name (see `python -m pipeline backbones`), or a model of your own: a .keras / .h5 file or a "
+        "SavedModel folder",
+    )
     weights: str = _opt(
         "default",
         "'default' (packaged weights, or 'imagenet' from the Keras cache), 'imagenet', a weights file "
         "path, or 'none' (random, for tests only)",
     )
     input_size: int | None = _opt(None, "input side in pixels (default: the backbone's native size)")
+    layer: str | None = _opt(
+        None,
+        "with --backbone PATH (.keras, .h5 or SavedModel folder): the layer whose output is the embedding "
+        "(default: the last layer with a spatial output, average-pooled; a vector output is used as is)",
+    )
+    preprocessing: str | None = _opt(
+        None,
+        "with --backbone PATH: the pixels the model expects: none (RGB 0-255, default), tf ([-1, 1]), "
+        "torch (ImageNet mean/std), caffe (BGR minus ImageNet mean), x-127/128",
+    )
     mixed_precision: bool = _opt(True, "use float16 compute when a GPU is visible (ignored on CPU)")
 
 

@@ -15,6 +15,7 @@ import logging
 import numpy as np
 
 from pipeline import finetune, heads, results
+from pipeline.backbones.model_file import name_for
 from pipeline.config import Config
 from pipeline.data import load_dataset, nested_subset
 from pipeline.errors import PipelineError
@@ -58,7 +59,7 @@ def run(cfg: Config) -> list[int]:
         if n in ft_points:
             finetune.run(cfg, ds, n_subset=n if n < n_full else None)
     table = results.read_results(results.results_path(cfg.artifacts, cfg.dataset_name))
-    mine = table[(table["backbone"] == cfg.backbone.backbone) & table["n_train"].isin(points)]
+    mine = table[(table["backbone"] == name_for(cfg.backbone.backbone)) & table["n_train"].isin(points)]
     mine = mine[mine["features"] == "image"].sort_values(["method", "layers", "n_train"])
     print("\nlearning curve (test accuracy by training images):")
     wide = mine.pivot_table(index=["method", "layers"], columns="n_train", values="test_accuracy")

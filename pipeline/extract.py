@@ -57,7 +57,7 @@ class ExtractResult:
 
 
 def cache_path(cfg: Config) -> Path:
-    return Path(cfg.artifacts) / "features" / cfg.dataset_name / f"{cfg.backbone.backbone}.h5"
+    return Path(cfg.artifacts) / "features" / cfg.dataset_name / f"{backbones.name_for(cfg.backbone.backbone)}.h5"
 
 
 def cache_key(
@@ -173,7 +173,7 @@ def append_rows(
 def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
     """Extract embeddings for every split of the configured dataset, or reuse the cache."""
     ds = dataset or load_dataset(cfg.dataset_dir, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
-    spec = backbones.get(cfg.backbone.backbone)
+    spec = backbones.from_config(cfg.backbone)
     size = cfg.backbone.input_size or spec.input_size
     weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
     key = cache_key(spec, weights, size, ds, cfg)

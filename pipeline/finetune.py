@@ -46,7 +46,7 @@ class FinetuneResult:
 
 
 def model_path(cfg: Config, n_subset: int | None = None) -> Path:
-    name = f"{cfg.backbone.backbone}-finetuned{results.subset_suffix(n_subset)}.keras"
+    name = f"{backbones.name_for(cfg.backbone.backbone)}-finetuned{results.subset_suffix(n_subset)}.keras"
     return Path(cfg.artifacts) / "models" / cfg.dataset_name / name
 
 
@@ -203,7 +203,7 @@ def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None
     if n_subset is not None:
         ds = ds.with_train(nested_subset(ds.splits["train"].labels, n_subset, cfg.data.seed))
         n_subset = len(ds.splits["train"])
-    spec = backbones.get(cfg.backbone.backbone)
+    spec = backbones.from_config(cfg.backbone)
     size = cfg.backbone.input_size or spec.input_size
     weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
     out = model_path(cfg, n_subset)

@@ -38,6 +38,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from pipeline import budget, layer_select, results, tuning, uptodate
+from pipeline.backbones.model_file import name_for
 from pipeline.config import Config, atomic_path, run_record, writable_dir, write_json_atomic
 from pipeline.data import nested_subset, stratified_split
 from pipeline.errors import PipelineError
@@ -370,7 +371,7 @@ def run(cfg: Config, n_subset: int | None = None) -> list[HeadResult]:
     if bad:
         raise PipelineError(f"unknown head(s) {', '.join(bad)} (known: {', '.join(HEADS + STREAMING)})")
     path = cache_path(cfg)
-    attrs = check_cache(path, cfg.backbone.backbone)
+    attrs = check_cache(path, name_for(cfg.backbone.backbone))
     info = CacheInfo(path, attrs)
     if n_subset is not None:
         n_subset = len(nested_subset(train_labels(path), n_subset, cfg.data.seed))
@@ -427,7 +428,7 @@ def _from_record(saved: dict) -> HeadResult:
 def _run_in_memory(
     cfg: Config, plan: list[_Planned], path: Path, res_path: Path, out_dir: Path, n_subset: int | None
 ) -> list[HeadResult]:
-    full = load_features(path, cfg.backbone.backbone)
+    full = load_features(path, name_for(cfg.backbone.backbone))
     share = 1.0  # of the extraction time: a curve point is charged for the images it needed
     if n_subset is not None:
         rows = sum(len(full.splits[s].y) for s in ("train", "val", "test"))

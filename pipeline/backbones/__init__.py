@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-from pipeline.backbones import efficientnet_lite
+from pipeline.backbones import efficientnet_lite, model_file
 from pipeline.config import atomic_path
 from pipeline.errors import PipelineError
 
@@ -32,7 +32,8 @@ class BackboneSpec:
     preprocessing: str  # what the cache key records: changing it invalidates features
     preprocess_kind: str  # see pipeline.backbones.layers.Preprocess
     build: Callable  # (weights: str | None, input_size: int) -> keras.Model, pooled embeddings
-    family: str  # "lite", "keras", or anything a caller registers (tests)
+    family: str  # "lite", "keras", "file" (a user's model), or anything a caller registers (tests)
+    source: Path | None = None  # the model file of a "file" backbone
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,36 @@ def get(name: str) -> BackboneSpec:
         return REGISTRY[name]
     except KeyError:
         raise PipelineError(f"unknown backbone '{name}' (known: {', '.join(sorted(REGISTRY))})") from None
+
+
+def from_config(bc) -> BackboneSpec:
+    """The backbone a BackboneConfig names: a registered one, or a model file / SavedModel folder."""
+    if not model_file.is_model_path(bc.backbone):
+        spec = get(bc.backbone)
+        if bc.layer or bc.preprocessing:
+            raise PipelineError(
+                f"--layer and --preprocessing are for a model given as --backbone PATH; {spec.name} brings its own"
+            )
+        return spec
+    path = Path(bc.backbone).expanduser()
+    pre = bc.preprocessing or "none"
+    if pre not in model_file.PREPROCESSING:
+        raise PipelineError(f"unknown --preprocessing '{pre}' (known: {', '.join(model_file.PREPROCESSING)})")
+    model = model_file.load(path)
+    size = model_file.native_size(model) or bc.input_size
+    if size is None:
+        raise PipelineError(f"{path.name} does not fix its input size: give --input-size")
+    name = model_file.name_for(bc.backbone)
+
+    def build(weights: str | None, input_size: int):
+        return model_file.embedding_model(model, bc.layer, input_size, name)
+
+    what = f"{pre} ({path.name}, layer {bc.layer or 'last spatial'})"
+    return BackboneSpec(name, size, what, model_file.PREPROCESSING[pre], build, "file", path)
+
+
+def name_for(backbone: str) -> str:
+    return model_file.name_for(backbone)
 
 
 def sha256_file(path: Path) -> str:
@@ -223,6 +254,10 @@ def resolve_weights(spec: BackboneSpec, weights: str, artifacts: Path, input_siz
     """Turn the --weights option into a file to load (or none) and a stable identity."""
     size = input_size or spec.input_size
     choice = str(weights)
+    if spec.family == "file":
+        if choice != "default":
+            raise PipelineError(f"{spec.source} carries its own weights; --weights does not apply to it")
+        return Weights(f"model file ({spec.source.name})", model_file.digest(spec.source), spec.source)
     if choice.lower() == "none":
         return Weights("random (none) - for tests only, not pretrained", None, None)
     if choice in ("default", "imagenet") and spec.family == "lite":

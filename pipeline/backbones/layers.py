@@ -14,6 +14,8 @@ def preprocess_fn(kind: str):
         return lambda x: x / 255.0
     if kind == "none":
         return lambda x: x
+    if kind.startswith("mode_"):  # tf / torch / caffe conventions of keras.applications.imagenet_utils
+        return lambda x: keras.applications.imagenet_utils.preprocess_input(x, mode=kind.removeprefix("mode_"))
     return getattr(keras.applications, kind).preprocess_input
 
 
