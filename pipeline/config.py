@@ -39,6 +39,12 @@ class DataConfig:
     id_column: str | None = _opt(
         None, "metadata column holding the image id (default: image_id, id, filename or the first column)"
     )
+    labels: str | None = _opt(
+        None,
+        "a table (CSV, or CelebA's list_attr_celeba.txt layout) giving each image's class, for a flat folder of "
+        "images without class subfolders; its other columns serve as metadata unless --metadata is given",
+    )
+    label_column: str | None = _opt(None, "with --labels: the column holding the class")
 
 
 @dataclass
@@ -213,6 +219,8 @@ class Config:
         """The configured metadata CSV, else <dataset>/metadata.csv when it exists."""
         if self.data.metadata:
             return Path(self.data.metadata)
+        if self.data.labels:
+            return Path(self.data.labels)
         default = self.dataset_dir / "metadata.csv"
         return default if default.exists() else None
 

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline import finetune, heads, results
 from pipeline.backbones.model_file import name_for
 from pipeline.config import Config
-from pipeline.data import load_dataset, nested_subset
+from pipeline.data import from_config, nested_subset
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def sizes(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> dict[f
 
 def run(cfg: Config) -> list[int]:
     """Every point of the curve; returns the sizes."""
-    ds = load_dataset(cfg.dataset_dir, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
+    ds = from_config(cfg)
     labels = ds.splits["train"].labels
     n_full = len(labels)
     by_fraction = sizes(labels, cfg.curve.fractions, cfg.data.seed)

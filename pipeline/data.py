@@ -196,6 +196,72 @@ def _warn_small_classes(splits: dict[str, Split], class_names: list[str]) -> Non
         )
 
 
+def load_labelled(
+    root: Path,
+    labels_path: Path,
+    label_column: str | None,
+    id_column: str | None = None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> Dataset:
+    """A flat folder of images whose classes come from a table (CelebA, most Kaggle sets): each image's
+    class is ``label_column`` of its row, matched by the same id rules as metadata; the split is the
+    seeded stratified one. Images without a row or without a label are left out, with a warning."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PipelineError(f"dataset folder {root} does not exist")
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise PipelineError(f"{root} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    ids = [f.relative_to(root).as_posix() for f in files]
+    table = load_metadata(labels_path, ids, id_column, root.name)
+    if not label_column:
+        raise PipelineError(f"--labels {labels_path} needs --label-column (one of: {', '.join(table.columns[:12])})")
+    if label_column not in table.columns:
+        raise PipelineError(
+            f"labels table {labels_path} has no column '{label_column}' (columns: {', '.join(table.columns[:12])})"
+        )
+    values = table[label_column].reindex(ids)
+    unlabelled = [i for i, v in zip(ids, values) if pd.isna(v)]
+    if unlabelled:
+        log.warning(
+            "warning: %d images have no row or no '%s' in %s (left out), e.g. %s",
+            len(unlabelled),
+            label_column,
+            labels_path,
+            ", ".join(unlabelled[:5]),
+        )
+    values = values.dropna()
+    present = sorted(values.unique(), key=lambda v: (str(type(v)), v))
+    if len(present) < 2:
+        raise PipelineError(f"column '{label_column}' of {labels_path} has {len(present)} class(es); need two or more")
+    if set(present) == {-1, 1}:  # CelebA's binary attributes
+        names = {-1: f"not_{label_column}", 1: label_column}
+    else:
+        names = {v: str(v) for v in present}
+    class_names = [names[v] for v in present]
+    y = values.map({v: k for k, v in enumerate(present)}).to_numpy(dtype=np.int64)
+    kept = list(values.index)
+    parts = stratified_split(y, [val_fraction, test_fraction], seed)
+    splits = {s: Split([kept[i] for i in p], y[p]) for s, p in zip(SPLITS, parts)}
+    for s in SPLITS:
+        if len(splits[s]) == 0:
+            raise PipelineError(f"split '{s}' of {root} is empty; add images or change the split fractions")
+    _warn_small_classes(splits, class_names)
+    return Dataset(root.resolve().name, root, class_names, splits, [])
+
+
+def from_config(cfg) -> Dataset:
+    """The dataset a Config names: class subfolders, or a flat folder with --labels."""
+    d = cfg.data
+    if d.labels:
+        return load_labelled(
+            cfg.dataset_dir, Path(d.labels), d.label_column, d.id_column, d.val_fraction, d.test_fraction, d.seed
+        )
+    return load_dataset(cfg.dataset_dir, d.val_fraction, d.test_fraction, d.seed)
+
+
 def _read_celeba_table(path: Path) -> pd.DataFrame | None:
     """CelebA's ``list_attr_celeba.txt`` layout (a row-count line, a header of N names, then rows of
     ``filename v1 ... vN`` separated by whitespace), or None for any other file."""

@@ -26,7 +26,7 @@ import numpy as np
 from pipeline import backbones
 from pipeline import taps as taps_mod
 from pipeline.config import Config, library_versions, run_record, writable_dir, write_json_atomic
-from pipeline.data import SPLITS, Dataset, image_dataset, load_dataset
+from pipeline.data import SPLITS, Dataset, from_config, image_dataset
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def append_rows(
 
 def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
     """Extract embeddings for every split of the configured dataset, or reuse the cache."""
-    ds = dataset or load_dataset(cfg.dataset_dir, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
+    ds = dataset or from_config(cfg)
     spec = backbones.from_config(cfg.backbone)
     size = cfg.backbone.input_size or spec.input_size
     weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)

@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline import backbones, results, uptodate
 from pipeline.config import Config, atomic_path, run_record, writable_dir, write_json_atomic
-from pipeline.data import Dataset, image_dataset, load_dataset, nested_subset
+from pipeline.data import Dataset, from_config, image_dataset, nested_subset
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None
     import keras
 
     ft = cfg.finetune
-    ds = dataset or load_dataset(cfg.dataset_dir, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
+    ds = dataset or from_config(cfg)
     if n_subset is not None and n_subset >= len(ds.splits["train"]):
         n_subset = None
     if n_subset is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.data import load_dataset, load_metadata, stratified_split
+from pipeline.data import from_config, load_metadata, stratified_split
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def run(cfg: Config) -> Path:
         prepare_fashion_mnist(target, p.n_train, p.n_val, p.n_test, cfg.data.seed)
     elif name == "elpv":
         prepare_elpv(target, p.elpv_classes, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
-    ds = load_dataset(target, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
+    ds = from_config(cfg)
     log.info("%s", ds.summary())
     if cfg.metadata_path is not None:
         meta = load_metadata(cfg.metadata_path, ds.all_ids(), cfg.data.id_column, ds.name)

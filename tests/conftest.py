@@ -84,3 +84,43 @@ def _info_logs(caplog):
     import logging
 
     caplog.set_level(logging.INFO, logger="pipeline")
+
+
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
+    "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
+    "High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose "
+    "Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
+    "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
+).split()
+
+
+def make_celeba_like(root: Path, n_images: int = 36, n_rows: int = 60, seed: int = 0) -> tuple[Path, Path]:
+    """A folder laid out like CelebA: ``img_align_celeba/000001.jpg``... (generated face-like images: a skin
+    ellipse, two eyes, a mouth; 'Male' faces get a dark beard band, so the class is learnable) and a
+    ``list_attr_celeba.txt`` (count line, 40 attribute names, ``filename  1 -1 ...`` rows) with rows for
+    more images than the folder holds, as when a user trains on a subset."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    images = root / "img_align_celeba"
+    images.mkdir(parents=True)
+    attrs = rng.choice([-1, 1], size=(n_rows, len(CELEBA_ATTRIBUTES)))
+    male = CELEBA_ATTRIBUTES.index("Male")
+    attrs[:, male] = np.where(np.arange(n_rows) % 2 == 0, 1, -1)
+    for k in range(n_images):
+        img = Image.new("RGB", (24, 24), tuple(int(v) for v in rng.integers(0, 80, 3)))
+        d = ImageDraw.Draw(img)
+        skin = tuple(int(v) for v in np.clip(np.array([220, 180, 150]) + rng.normal(0, 12, 3), 0, 255))
+        d.ellipse((4, 2, 20, 22), fill=skin)
+        d.ellipse((8, 8, 10, 10), fill=(30, 30, 30))
+        d.ellipse((14, 8, 16, 10), fill=(30, 30, 30))
+        if attrs[k, male] == 1:
+            d.rectangle((6, 15, 18, 21), fill=(50, 35, 25))
+        d.line((10, 17, 14, 17), fill=(150, 40, 40))
+        img.save(images / f"{k + 1:06d}.jpg", quality=95)
+    lines = [str(n_rows), " ".join(CELEBA_ATTRIBUTES)]
+    lines += [f"{k + 1:06d}.jpg " + " ".join(f"{v:2d}" for v in attrs[k]) for k in range(n_rows)]
+    table = root / "list_attr_celeba.txt"
+    table.write_text("\n".join(lines) + "\n")
+    return images, table

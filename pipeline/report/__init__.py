@@ -96,9 +96,9 @@ def run(cfg: Config) -> Path:
 
     meta = None
     if cfg.metadata_path is not None:
-        from pipeline.data import load_dataset, load_metadata
+        from pipeline.data import from_config, load_metadata
 
-        ds = load_dataset(cfg.dataset_dir, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
+        ds = from_config(cfg)
         meta = load_metadata(cfg.metadata_path, ds.all_ids(), cfg.data.id_column, ds.name)
 
     table = comparison_table(res, with_meta=meta is not None)
