@@ -23,7 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline import backbones
+from pipeline import backbones, lock
 from pipeline import taps as taps_mod
 from pipeline.config import Config, library_versions, run_record, writable_dir, write_json_atomic
 from pipeline.data import SPLITS, Dataset, from_config, image_dataset
@@ -179,11 +179,15 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
     key = cache_key(spec, weights, size, ds, cfg)
     out = cache_path(cfg)
     writable_dir(out.parent)
+    with lock.exclusive(out):  # one writer per cache; a second run waits, then usually finds it done
+        return _extract(cfg, ds, spec, size, weights, key, out)
 
+
+def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out: Path) -> ExtractResult:
     if out.exists():
         with h5py.File(out, "r") as f:
             old = read_key(f)
-            if old == key:
+            if old == key and f.attrs.get("complete"):
                 n, skipped = _contents(f)
                 log.info("cache hit: %s (%d embeddings, no forward pass needed)", out, n)
                 return ExtractResult(out, True, n, float(f.attrs["extract_seconds"]), skipped)
