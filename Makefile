@@ -11,15 +11,18 @@ TF        ?= cpu
 ARGS      ?=
 CONFIG    ?=
 SIZES     ?= 50000 200000
+ENGINE    ?= local
+EXTRAS    ?=
 BACKBONES ?= efficientnet_lite0 efficientnet_lite1 efficientnet_lite2
 FINETUNE  ?=
 
 RUN    := $(BIN)/python -m pipeline
+space  := $(subst ,, )
 # ARGS go only to the stage named on the command line (`make finetune ARGS=...`), not to its prerequisites.
 STAGE_ARGS = $(if $(filter $@,$(MAKECMDGOALS)),$(ARGS))
 CFG    := $(if $(CONFIG),--config $(CONFIG))
 COMMON := --dataset $(DATA) --artifacts $(ARTIFACTS) $(CFG)
-STAMP  := $(VENV)/.installed-$(TF)
+STAMP  := $(VENV)/.installed-$(TF)$(if $(EXTRAS),-$(subst $(space),-,$(EXTRAS)))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data extract svm finetune report demo curve sweep test lint bench clean
@@ -34,7 +37,7 @@ setup: $(STAMP) ## create .venv and install the project (editable) with test ext
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[$(TF),test]"
+	$(BIN)/python -m pip install -q -e ".[$(TF),test$(foreach e,$(EXTRAS),,$(e))]"
 	touch $@
 
 data: setup ## prepare DATA under data/ (embedded: fashion-mnist, elpv) or check a user's folder
@@ -44,7 +47,7 @@ endif
 	$(RUN) data --dataset $(DATA) $(CFG) $(STAGE_ARGS)
 
 extract: data ## frozen BACKBONE -> HDF5 embedding cache (cached, resumable)
-	$(RUN) extract $(COMMON) --backbone $(BACKBONE) $(STAGE_ARGS)
+	$(RUN) extract $(COMMON) --backbone $(BACKBONE) --engine $(ENGINE) $(STAGE_ARGS)
 
 svm: extract ## tuned, timed sklearn heads on the cached embeddings (+ metadata when present)
 	$(RUN) heads $(COMMON) --backbone $(BACKBONE) $(STAGE_ARGS)
@@ -74,8 +77,8 @@ sweep: data ## extract + svm (+ finetune with FINETUNE=1) for each of BACKBONES=
 test: setup ## run the test suite (fast: tiny backbones and generated images)
 	$(BIN)/python -m pytest -q
 
-bench: data ## extraction ratios, heads-vs-finetune cost, heads at scale (SIZES="50000 200000 1000000")
-	$(BIN)/python benchmarks/extract_throughput.py --backbone $(BACKBONE) --artifacts $(ARTIFACTS) --source data/$(DATA)/train
+bench: data ## extraction ratios (ENGINE=ray: ray vs local too), heads-vs-finetune cost, heads at scale (SIZES=...)
+	$(BIN)/python benchmarks/extract_throughput.py --backbone $(BACKBONE) --artifacts $(ARTIFACTS) --source data/$(DATA)/train --engine $(ENGINE)
 	$(BIN)/python benchmarks/heads_vs_finetune.py --dataset $(DATA) --artifacts $(ARTIFACTS) || true
 	$(BIN)/python benchmarks/heads_scale.py --sizes $(SIZES)
 

@@ -3,12 +3,14 @@
 (a) raw forward pass on in-memory tensors (compiled, no I/O),
 (b) the pipeline's `extract` from image files on disk to the HDF5 cache,
 (c) the idiomatic Keras way: image_dataset_from_directory + model.predict,
-(d) `extract` with the default taps (every resolution stage pooled in the same pass).
+(d) `extract` with the default taps (every resolution stage pooled in the same pass),
+(e) with `--engine ray`: (b) on the Ray engine (a local Ray cluster on this machine).
 
-(b) runs with `--taps none`, so (a)-(c) compare the same single output.
-Prints images/s and the ratios (b)/(a), (b)/(c) and (d)/(b), plus the peak RSS of
-`extract` on two dataset sizes (memory must not grow with the dataset).
-Usage: python benchmarks/extract_throughput.py [--images 960] [--backbone efficientnet_lite0]
+(b) and (e) run with `--taps none`, so (a)-(c) and (e) compare the same single output. Every measure is
+repeated, interleaved (so drift in machine speed hits all alike), and reported as min / median / max;
+the ratios use the medians. Also the peak RSS of `extract` on two dataset sizes (memory must not grow
+with the dataset).
+Usage: python benchmarks/extract_throughput.py [--images 2000] [--repeats 3] [--engine ray]
 """
 
 from __future__ import annotations
@@ -73,7 +75,13 @@ def keras_idiomatic(model, folder: Path, size: int, batch: int) -> float:
 
 
 def pipeline_extract(
-    folder: Path, artifacts: Path, backbone: str, batch: int, size: int | None, taps: tuple[str, ...] = ("none",)
+    folder: Path,
+    artifacts: Path,
+    backbone: str,
+    batch: int,
+    size: int | None,
+    taps: tuple[str, ...] = ("none",),
+    engine: str = "local",
 ) -> tuple[float, float]:
     """Runs the real stage; returns (images/s over its whole run, images/s over its extraction loop)."""
     from pipeline import extract
@@ -87,6 +95,7 @@ def pipeline_extract(
     cfg.backbone.input_size = size
     cfg.extract.batch_size = batch
     cfg.extract.taps = taps
+    cfg.extract.engine = engine
     t0 = time.perf_counter()
     res = extract.run(cfg)
     wall = time.perf_counter() - t0
@@ -125,7 +134,8 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--weights", default="default")
     ap.add_argument("--images", type=int, default=2000, help="images for the throughput comparison")
-    ap.add_argument("--repeats", type=int, default=2, help="each measurement is repeated; the best counts")
+    ap.add_argument("--repeats", type=int, default=3, help="each measure is repeated (min / median / max)")
+    ap.add_argument("--engine", default="local", choices=("local", "ray"), help="ray: also measure (e)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rss-sizes", type=int, nargs=2, default=(2000, 8000))
     ap.add_argument("--rss-input-size", type=int, default=96, help="smaller input keeps the RSS runs short")
@@ -143,20 +153,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = make_images(tmp / "images", args.images, Path(args.source))
-        a = b_wall = b_loop = c = d_loop = 0.0
+        runs: dict[str, list[float]] = {k: [] for k in ("a", "b", "b_wall", "c", "d", "e")}
+        if args.engine == "ray":
+            import ray
+
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         for r in range(args.repeats):  # interleaved, so drift in machine speed hits all of them alike
             bw, bl = pipeline_extract(folder, tmp / f"art-{r}", args.backbone, args.batch_size, None)
-            b_wall, b_loop = max(b_wall, bw), max(b_loop, bl)
-            _, dl = pipeline_extract(folder, tmp / f"taps-{r}", args.backbone, args.batch_size, None, ("stages",))
-            d_loop = max(d_loop, dl)
-            a = max(a, raw_forward(model, size, args.batch_size, args.images))
-            c = max(c, keras_idiomatic(model, folder, size, args.batch_size))
+            runs["b_wall"].append(bw)
+            runs["b"].append(bl)
+            runs["d"].append(
+                pipeline_extract(folder, tmp / f"taps-{r}", args.backbone, args.batch_size, None, ("stages",))[1]
+            )
+            runs["a"].append(raw_forward(model, size, args.batch_size, args.images))
+            runs["c"].append(keras_idiomatic(model, folder, size, args.batch_size))
+            if args.engine == "ray":
+                runs["e"].append(
+                    pipeline_extract(folder, tmp / f"ray-{r}", args.backbone, args.batch_size, None, engine="ray")[1]
+                )
         rss = {}
         for n in args.rss_sizes:
             f = make_images(tmp / f"rss{n}", n, Path(args.source))
             rss[str(n)] = round(peak_rss_mb(f, tmp / f"art{n}", args.backbone, args.batch_size, args.rss_input_size), 1)
             shutil.rmtree(f)
 
+    med = {k: float(np.median(v)) for k, v in runs.items() if v}
+    spread = {k: [round(min(v), 2), round(med[k], 2), round(max(v), 2)] for k, v in runs.items() if v}
     result = {
         "backbone": args.backbone,
         "weights": weights.source,
@@ -164,15 +186,20 @@ def main() -> None:
         "batch_size": args.batch_size,
         "images": args.images,
         "repeats": args.repeats,
-        "a_raw_forward_img_s": round(a, 2),
-        "b_pipeline_extract_img_s": round(b_loop, 2),
-        "b_pipeline_extract_wall_img_s": round(b_wall, 2),
-        "c_keras_idiomatic_img_s": round(c, 2),
-        "d_pipeline_extract_default_taps_img_s": round(d_loop, 2),
-        "ratio_d_taps_over_b_no_taps": round(d_loop / b_loop, 3),
-        "ratio_b_over_a": round(b_loop / a, 3),
-        "ratio_b_over_c": round(b_loop / c, 3),
-        "ratio_b_wall_over_c": round(b_wall / c, 3),
+        "img_s_min_median_max": {
+            "a_raw_forward": spread["a"],
+            "b_pipeline_extract_loop": spread["b"],
+            "b_pipeline_extract_whole_command": spread["b_wall"],
+            "c_keras_idiomatic": spread["c"],
+            "d_pipeline_extract_default_taps": spread["d"],
+            **({"e_ray_engine_loop": spread["e"]} if "e" in spread else {}),
+        },
+        "ratio_b_over_a": round(med["b"] / med["a"], 3),
+        "ratio_b_over_c": round(med["b"] / med["c"], 3),
+        "ratio_b_whole_over_b_loop": round(med["b_wall"] / med["b"], 3),
+        "ratio_d_taps_over_b_no_taps": round(med["d"] / med["b"], 3),
+        **({"ratio_e_ray_over_b_local": round(med["e"] / med["b"], 3)} if "e" in med else {}),
+        "ratios_use": "medians",
         "peak_rss_mb_by_images": rss,
         "rss_input_size": args.rss_input_size,
     }

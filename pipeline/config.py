@@ -94,6 +94,13 @@ class ExtractConfig:
     )
     tap_grid: int = _opt(1, "pool each tap to GRID x GRID cells and flatten (1 = global average)")
     views: int = _opt(0, "also cache this many augmented views of every training image (heads: --train-views)")
+    engine: str = _opt(
+        "local",
+        "how the forward pass runs: local (this process) or ray (Ray Data across a cluster's CPUs/GPUs; "
+        "RAY_ADDRESS joins an existing cluster, else a local one is started); the views pass stays local",
+        choices=("local", "ray"),
+    )
+    ray_actors: int = _opt(0, "ray: model replicas (default: one per GPU in the cluster, else 1)")
 
 
 @dataclass

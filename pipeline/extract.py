@@ -23,7 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline import backbones, lock
+from pipeline import backbones, engines, lock
 from pipeline import taps as taps_mod
 from pipeline.config import Config, library_versions, run_record, writable_dir, write_json_atomic
 from pipeline.data import SPLITS, Dataset, from_config, image_dataset
@@ -172,6 +172,7 @@ def append_rows(
 
 def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
     """Extract embeddings for every split of the configured dataset, or reuse the cache."""
+    engines.check(cfg.extract.engine)
     ds = dataset or from_config(cfg)
     spec = backbones.from_config(cfg.backbone)
     size = cfg.backbone.input_size or spec.input_size
@@ -228,7 +229,13 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
     partial = out.with_name(out.name + ".partial")
     f = _open_partial(partial, key, dim, taps, groups)
     try:
-        _extract_splits(f, ds, forward, size, cfg)
+        if cfg.extract.engine == "ray":
+            from pipeline.engines import ray_data
+
+            sources = {s: (ds.splits[s].ids, ds.splits[s].labels) for s in SPLITS}
+            ray_data.run_pass(f, ds, sources, model, size, cfg, "extract")
+        else:
+            _extract_splits(f, ds, forward, size, cfg)
         if cfg.extract.views:
             _extract_views(f, ds, forward_augmented, size, cfg)
         f.attrs.update(
@@ -298,7 +305,7 @@ def _run_pass(f: h5py.File, ds: Dataset, sources: dict, forward, size: int, cfg:
             end = int(index[-1]) + 1
             if cfg.extract.strict and end - pos != len(index):
                 first = sorted(set(range(pos, end)) - set(index.tolist()))[0]
-                _unreadable(id_of(first))
+                unreadable(id_of(first))
             for k, group in enumerate(groups):
                 sel = group_of[index] == k
                 if sel.any():
@@ -320,8 +327,13 @@ def _run_pass(f: h5py.File, ds: Dataset, sources: dict, forward, size: int, cfg:
     finally:
         bar.close()
     if cfg.extract.strict and pos < len(todo):
-        _unreadable(id_of(pos))
-    for group in groups:
+        unreadable(id_of(pos))
+    finish_pass(f, sources)
+
+
+def finish_pass(f: h5py.File, sources: dict) -> None:
+    """Every item of ``sources`` is done: record the resume point and which ids were skipped as unreadable."""
+    for group in sources:
         g = f[group]
         g.attrs["next_index"] = len(sources[group][0])
         written = set(g["ids"].asstr()[()])
@@ -336,5 +348,5 @@ def _run_pass(f: h5py.File, ds: Dataset, sources: dict, forward, size: int, cfg:
     f.flush()
 
 
-def _unreadable(image_id: str):
+def unreadable(image_id: str):
     raise PipelineError(f"unreadable image {image_id} (--strict; drop --strict to skip such files)")

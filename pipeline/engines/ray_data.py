@@ -1,0 +1,153 @@
+"""Extraction on Ray Data: decode in CPU tasks, the model as a pool of actors, rows back to the driver.
+
+The (position, path) items still to do flow through two ``map_batches`` stages: ``decode`` (the local
+engine's own tf.data decoding, so pixels are identical; unreadable files come back flagged, not
+dropped) and ``Embed``, a stateful class run as an ``ActorPoolStrategy`` pool (one GPU per actor when
+the cluster has GPUs; TensorFlow's thread pools and GPU memory growth set inside the actor). The
+model travels as its Keras config and weights, so workers need the package, not the weights file.
+Ray Data does not keep order: every row carries its position and the driver's reorder buffer writes
+the contiguous prefix through the same append path as the local engine, so ``next_index`` stays a
+valid resume point and a killed Ray run resumes like a local one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import h5py
+import numpy as np
+
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def _init_ray():
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        log.info("ray: %s", "joined " + address if address else f"local cluster, {ray.cluster_resources()}")
+    return ray
+
+
+def decode(batch: dict, size: int) -> dict:
+    """Paths -> float32 RGB images, exactly as the local engine decodes them; unreadable ones flagged."""
+    from pipeline.data import image_dataset
+
+    paths = [str(p) for p in batch["path"]]
+    images = np.zeros((len(paths), size, size, 3), np.float32)
+    ok = np.zeros(len(paths), bool)
+    for imgs, index in image_dataset(paths, size, max(len(paths), 1)):
+        idx = index.numpy()
+        images[idx] = imgs.numpy()
+        ok[idx] = True
+    return {"k": batch["k"], "ok": ok, "image": images}
+
+
+class Embed:
+    """One model replica per actor; returns each readable image's outputs (embedding, taps...)."""
+
+    def __init__(self, config: dict, weights: list, threads: int):
+        import keras
+        import tensorflow as tf
+
+        from pipeline.backbones import layers as _registered  # noqa: F401  (Preprocess deserialises)
+
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(2)
+        self.model = keras.Model.from_config(config)
+        self.model.set_weights(weights)
+        self.forward = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = batch["ok"]
+        out = {"k": batch["k"], "ok": ok}
+        images = batch["image"][ok]
+        outs = self.forward(images) if len(images) else None
+        outs = outs if isinstance(outs, list | tuple) else [outs]
+        for j, o in enumerate(self.model.outputs):
+            full = np.zeros((len(ok), o.shape[-1]), np.float32)
+            if len(images):
+                full[ok] = np.asarray(outs[j], dtype=np.float32)
+            out[f"out{j}"] = full
+        return out
+
+
+def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, desc: str) -> None:
+    """The Ray counterpart of ``extract._run_pass``: same items, same rows, same resume point."""
+    from tqdm.auto import tqdm
+
+    from pipeline.extract import append_rows, finish_pass, unreadable
+
+    ray = _init_ray()
+    groups = list(sources)
+    todo = [(g, i) for g in groups for i in range(int(f[g].attrs["next_index"]), len(sources[g][0]))]
+    if not todo:
+        finish_pass(f, sources)
+        return
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    actors = cfg.extract.ray_actors or max(gpus, 1)
+    cpus = int(resources.get("CPU", 1))
+    threads = 0 if gpus else max(1, cpus // actors)  # Ray sets OMP threads, not TensorFlow's own pools
+    bs = cfg.extract.batch_size
+    items = ray.data.from_items([{"k": k, "path": str(ds.root / sources[g][0][i])} for k, (g, i) in enumerate(todo)])
+    weights = ray.put(model.get_weights())
+    pipe = items.map_batches(decode, fn_kwargs={"size": size}, batch_size=bs, batch_format="numpy", num_cpus=0.5)
+    pipe = pipe.map_batches(
+        Embed,
+        fn_constructor_args=(model.get_config(), weights, threads),
+        batch_size=bs,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus else 0,
+        num_cpus=0 if gpus else max(0.5, cpus / actors - 1),  # leave a core's worth for the decode tasks
+    )
+    log.info("ray engine: %d items, %d actor(s)%s, batch %d", len(todo), actors, " on GPUs" if gpus else "", bs)
+
+    pending: dict[int, tuple[bool, list[np.ndarray]]] = {}
+    nxt = 0
+    bar = tqdm(total=len(todo), unit="img", desc=f"{desc} (ray)", disable=None, smoothing=0.1)
+    t0 = time.perf_counter()
+    try:
+        for batch in pipe.iter_batches(batch_size=None, batch_format="numpy"):
+            n_out = sum(1 for key in batch if key.startswith("out"))
+            for r, k in enumerate(batch["k"]):
+                pending[int(k)] = (bool(batch["ok"][r]), [batch[f"out{j}"][r] for j in range(n_out)])
+            start = nxt
+            while nxt in pending:
+                nxt += 1
+            if nxt == start:
+                continue
+            run = range(start, nxt)
+            for group in groups:
+                ks = [k for k in run if todo[k][0] == group]
+                if not ks:
+                    continue
+                good = [k for k in ks if pending[k][0]]
+                if cfg.extract.strict and len(good) < len(ks):
+                    unreadable(sources[group][0][todo[next(k for k in ks if not pending[k][0])][1]])
+                ids, labels = sources[group]
+                last = todo[ks[-1]][1] + 1
+                if good:
+                    rows = [todo[k][1] for k in good]
+                    outs = [np.stack([pending[k][1][j] for k in good]) for j in range(n_out)]
+                    append_rows(f[group], outs[0], labels[rows], [ids[i] for i in rows], last, outs[1:])
+                else:
+                    f[group].attrs["next_index"] = last
+            for k in run:
+                del pending[k]
+            now = time.perf_counter()
+            f.attrs["extract_seconds"] = float(f.attrs["extract_seconds"]) + now - t0
+            t0 = now
+            bar.update(len(run))
+    finally:
+        bar.close()
+    finish_pass(f, sources)

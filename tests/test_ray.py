@@ -1,0 +1,86 @@
+"""The Ray engine writes the same cache as the local one, resumes the same way, and says when Ray is missing."""
+
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import extract
+from pipeline.errors import PipelineError
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def _read(path):
+    with h5py.File(path) as f:
+        key = extract.read_key(f)
+        splits = {}
+        for s in ("train", "val", "test"):
+            g = f[s]
+            taps = [g["taps"][n][()] for n in g["taps"]] if "taps" in g else []
+            splits[s] = (g["ids"].asstr()[()], g["labels"][()], np.hstack([g["embeddings"][()], *taps]))
+        return key, splits, bool(f.attrs["complete"])
+
+
+def _local_reference(cfg, tmp_path):
+    cfg.artifacts = str(tmp_path / "local")
+    extract.run(cfg)
+    ref = _read(extract.cache_path(cfg))
+    cfg.artifacts = str(tmp_path / "ray")
+    return ref
+
+
+def _same(a, b):
+    assert a[0] == b[0] and a[2] and b[2]  # same key, both complete
+    for s in ("train", "val", "test"):
+        ids_a, y_a, x_a = a[1][s]
+        ids_b, y_b, x_b = b[1][s]
+        assert list(ids_a) == list(ids_b) and (y_a == y_b).all()
+        np.testing.assert_allclose(x_a, x_b, atol=1e-4)
+
+
+def test_ray_engine_writes_the_local_engines_cache(cfg, tmp_path, ray_cluster, caplog):
+    ref = _local_reference(cfg, tmp_path)
+    cfg.extract.engine = "ray"
+    extract.run(cfg)
+    assert "ray engine: 36 items" in caplog.text
+    _same(ref, _read(extract.cache_path(cfg)))
+
+
+def test_an_interrupted_ray_run_resumes_to_the_same_result(cfg, tmp_path, ray_cluster, monkeypatch, caplog):
+    ref = _local_reference(cfg, tmp_path)
+    cfg.extract.engine = "ray"
+    real, calls = extract.append_rows, []
+
+    def crash_after_two(*a, **k):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(extract, "append_rows", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(cfg)
+    monkeypatch.setattr(extract, "append_rows", real)
+    partial = extract.cache_path(cfg).with_name("tiny_cnn.h5.partial")
+    assert partial.exists() and not extract.cache_path(cfg).exists()
+    extract.run(cfg)
+    assert "resuming tiny_cnn.h5.partial" in caplog.text
+    _same(ref, _read(extract.cache_path(cfg)))
+
+
+def test_without_ray_the_engine_is_a_one_line_error(cfg, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    cfg.extract.engine = "ray"
+    with pytest.raises(PipelineError) as err:
+        extract.run(cfg)
+    assert "\n" not in str(err.value) and "pip install -e '.[ray]'" in str(err.value)
+    assert not extract.cache_path(cfg).parent.exists()  # refused before any work
