@@ -34,6 +34,17 @@ def _results():
     )
 
 
+def _report_cfg(tmp_path):
+    """A config whose dataset is an empty folder 'd': the report reads only the results table."""
+    from pipeline.config import Config
+
+    cfg = Config()
+    cfg.artifacts = str(tmp_path / "artifacts")
+    (tmp_path / "data" / "d").mkdir(parents=True)
+    cfg.data.dataset = str(tmp_path / "data" / "d")
+    return cfg
+
+
 def test_deltas_and_time_ratios_against_the_fine_tuned_baseline():
     t = report.comparison_table(_results()).set_index(["backbone", "method", "features"])
     logreg = t.loc[("efficientnet_lite0", "logreg", "image")]
@@ -89,12 +100,7 @@ def test_subgroup_accuracy_matches_a_hand_count():
 
 
 def test_report_builds_from_a_results_table_alone(tmp_path, capsys):
-    from pipeline.config import Config
-
-    cfg = Config()
-    cfg.artifacts = str(tmp_path / "artifacts")
-    (tmp_path / "data" / "d").mkdir(parents=True)
-    cfg.data.dataset = str(tmp_path / "data" / "d")
+    cfg = _report_cfg(tmp_path)
     for row in _results().to_dict("records"):
         upsert(results_path(cfg.artifacts, "d"), row)
     out = report.run(cfg)
@@ -113,12 +119,7 @@ def test_report_builds_from_a_results_table_alone(tmp_path, capsys):
 def test_layer_sets_are_rows_of_their_own_and_the_per_layer_chart_is_shown(tmp_path):
     import json
 
-    from pipeline.config import Config
-
-    cfg = Config()
-    cfg.artifacts = str(tmp_path / "artifacts")
-    (tmp_path / "data" / "d").mkdir(parents=True)
-    cfg.data.dataset = str(tmp_path / "data" / "d")
+    cfg = _report_cfg(tmp_path)
     rows = _results().to_dict("records")
     rows.append({**rows[1], "layers": "all", "test_accuracy": 0.93, "val_accuracy": 0.93})
     for row in rows:
@@ -209,12 +210,7 @@ def _write_preds(path, correct: np.ndarray):
 
 
 def test_verdict_states_ci_mcnemar_and_the_baseline(tmp_path):
-    from pipeline.config import Config
-
-    cfg = Config()
-    cfg.artifacts = str(tmp_path / "artifacts")
-    (tmp_path / "data" / "d").mkdir(parents=True)
-    cfg.data.dataset = str(tmp_path / "data" / "d")
+    cfg = _report_cfg(tmp_path)
     art = tmp_path / "artifacts"
     base = np.arange(400) % 10 != 0  # 90% right
     head = base.copy()
@@ -264,12 +260,7 @@ def test_verdict_states_ci_mcnemar_and_the_baseline(tmp_path):
 
 
 def test_two_backbones_make_one_report_with_both(tmp_path):
-    from pipeline.config import Config
-
-    cfg = Config()
-    cfg.artifacts = str(tmp_path / "artifacts")
-    (tmp_path / "data" / "d").mkdir(parents=True)
-    cfg.data.dataset = str(tmp_path / "data" / "d")
+    cfg = _report_cfg(tmp_path)
     rows = _results().to_dict("records")
     rows.append({**rows[0], "backbone": "resnet50", "test_accuracy": 0.85})
     for row in rows:
