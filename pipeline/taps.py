@@ -121,6 +121,43 @@ def adaptive_pool(x, grid: int):
     return ops.concatenate(cells, axis=-1)
 
 
+def _adaptive_pool_layer():
+    """``adaptive_pool`` as a registered Keras layer, so a feature model round-trips through its config
+    (the Ray engine ships models to its actors that way)."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="pipeline")
+    class AdaptivePool(keras.layers.Layer):
+        def __init__(self, grid: int = 1, **kw):
+            super().__init__(**kw)
+            self.grid = grid
+
+        def call(self, x):
+            return adaptive_pool(x, self.grid)
+
+        def compute_output_shape(self, shape):
+            return (shape[0], shape[-1] * self.grid * self.grid)
+
+        def get_config(self):
+            return {**super().get_config(), "grid": self.grid}
+
+    return AdaptivePool
+
+
+_POOL: list = []
+
+
+def pool_class():
+    """The AdaptivePool layer class, defined (and registered with Keras) on first use."""
+    if not _POOL:
+        _POOL.append(_adaptive_pool_layer())
+    return _POOL[0]
+
+
+def pool_layer(grid: int, name: str):
+    return pool_class()(grid, name=name)
+
+
 def feature_model(spec, base, taps: list[Tap]):
     """Raw RGB 0-255 in; [final embedding, tap 1, tap 2, ...] out (float32), one forward pass.
 
@@ -140,8 +177,7 @@ def feature_model(spec, base, taps: list[Tap]):
     pooled = [keras.layers.Activation("linear", dtype="float32", name="embedding")(outs[0])]
     for k, (tap, out) in enumerate(zip(taps, outs[1:])):
         if tap.spatial:
-            layer = keras.layers.Lambda(lambda t, g=tap.grid: adaptive_pool(t, g), name=f"tap{k}_pool")
-            out = layer(out)
+            out = pool_layer(tap.grid, f"tap{k}_pool")(out)
         pooled.append(keras.layers.Activation("linear", dtype="float32", name=f"tap{k}")(out))
     return keras.Model(inputs, pooled, name=f"{spec.name}_features_taps")
 

@@ -117,8 +117,6 @@ def test_report_builds_from_a_results_table_alone(tmp_path, capsys):
 
 
 def test_layer_sets_are_rows_of_their_own_and_the_per_layer_chart_is_shown(tmp_path):
-    import json
-
     cfg = _report_cfg(tmp_path)
     rows = _results().to_dict("records")
     rows.append({**rows[1], "layers": "all", "test_accuracy": 0.93, "val_accuracy": 0.93})

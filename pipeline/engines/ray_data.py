@@ -55,15 +55,20 @@ class Embed:
         import keras
         import tensorflow as tf
 
+        from pipeline import taps
         from pipeline.backbones import layers as _registered  # noqa: F401  (Preprocess deserialises)
+
+        taps.pool_class()  # registers AdaptivePool before the config is read
 
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(2)
+        import ray
+
         self.model = keras.Model.from_config(config)
-        self.model.set_weights(weights)
+        self.model.set_weights(ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights)
         self.forward = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
 
     def __call__(self, batch: dict) -> dict:
