@@ -57,16 +57,16 @@ def where_finetuning_pays(curve: pd.DataFrame, load_pred) -> list[str]:
             parts.append(text + ")")
             if significant and pays is None:
                 pays = f["n_train"]
-        who = f"{b}: f" if curve["backbone"].nunique() > 1 else "F"
+        subject = f"{b}: fine-tuning" if curve["backbone"].nunique() > 1 else "Fine-tuning"
         if not parts:
             continue
         if pays is not None:
             head = (
-                f"{who}ine-tuning starts to pay at {pays:,.0f} training images (the smallest measured size where "
+                f"{subject} starts to pay at {pays:,.0f} training images (the smallest measured size where "
                 "it beats the best frozen head beyond the 95% CI)."
             )
         else:
-            head = f"{who}ine-tuning does not significantly beat the best frozen head at any measured size."
+            head = f"{subject} does not significantly beat the best frozen head at any measured size."
         lines.append(head + " " + "; ".join(parts) + ".")
     return lines
 
