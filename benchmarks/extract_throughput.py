@@ -4,7 +4,8 @@
 (b) the pipeline's `extract` from image files on disk to the HDF5 cache,
 (c) the idiomatic Keras way: image_dataset_from_directory + model.predict,
 (d) `extract` with the default taps (every resolution stage pooled in the same pass),
-(e) with `--engine ray`: (b) on the Ray engine (a local Ray cluster on this machine).
+(e) with `--engine ray`: (b) on the Ray engine (a local Ray cluster on this machine),
+(f) decoding alone (read + decode + resize, no model): the input side's ceiling, for the scaling model.
 
 (b) and (e) run with `--taps none`, so (a)-(c) and (e) compare the same single output. Every measure is
 repeated, interleaved (so drift in machine speed hits all alike), and reported as min / median / max;
@@ -61,6 +62,16 @@ def raw_forward(model, size: int, batch: int, n: int) -> float:
     for _ in range(steps):
         forward(x).numpy()
     return steps * batch / (time.perf_counter() - t0)
+
+
+def decode_only(folder: Path, size: int, batch: int) -> float:
+    """(f) the input side alone: read + decode + resize, as extract's tf.data pipeline does it."""
+    from pipeline.data import image_dataset
+
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    t0 = time.perf_counter()
+    n = sum(int(images.shape[0]) for images, _ in image_dataset(paths, size, batch))
+    return n / (time.perf_counter() - t0)
 
 
 def keras_idiomatic(model, folder: Path, size: int, batch: int) -> float:
@@ -153,7 +164,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = make_images(tmp / "images", args.images, Path(args.source))
-        runs: dict[str, list[float]] = {k: [] for k in ("a", "b", "b_wall", "c", "d", "e")}
+        runs: dict[str, list[float]] = {k: [] for k in ("a", "b", "b_wall", "c", "d", "e", "f")}
         if args.engine == "ray":
             import ray
 
@@ -167,6 +178,7 @@ def main() -> None:
             )
             runs["a"].append(raw_forward(model, size, args.batch_size, args.images))
             runs["c"].append(keras_idiomatic(model, folder, size, args.batch_size))
+            runs["f"].append(decode_only(folder, size, args.batch_size))
             if args.engine == "ray":
                 runs["e"].append(
                     pipeline_extract(folder, tmp / f"ray-{r}", args.backbone, args.batch_size, None, engine="ray")[1]
@@ -193,12 +205,15 @@ def main() -> None:
             "c_keras_idiomatic": spread["c"],
             "d_pipeline_extract_default_taps": spread["d"],
             **({"e_ray_engine_loop": spread["e"]} if "e" in spread else {}),
+            "f_decode_only": spread["f"],
         },
         "ratio_b_over_a": round(med["b"] / med["a"], 3),
         "ratio_b_over_c": round(med["b"] / med["c"], 3),
         "ratio_b_whole_over_b_loop": round(med["b_wall"] / med["b"], 3),
         "ratio_d_taps_over_b_no_taps": round(med["d"] / med["b"], 3),
         **({"ratio_e_ray_over_b_local": round(med["e"] / med["b"], 3)} if "e" in med else {}),
+        "ratio_f_decode_over_a_forward": round(med["f"] / med["a"], 3),
+        "cpu_cores": os.cpu_count(),
         "ratios_use": "medians",
         "peak_rss_mb_by_images": rss,
         "rss_input_size": args.rss_input_size,
