@@ -31,6 +31,9 @@ def _init_ray():
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         log.info("ray: %s", "joined " + address if address else f"local cluster, {ray.cluster_resources()}")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours is the tqdm bar over rows written
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's per-operator INFO lines
     return ray
 
 
