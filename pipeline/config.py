@@ -101,6 +101,7 @@ class ExtractConfig:
         choices=("local", "ray"),
     )
     ray_actors: int = _opt(0, "ray: model replicas (default: one per GPU in the cluster, else 1)")
+    ray_decoders: int = _opt(0, "ray: parallel decode tasks (default: the cluster's CPUs the actors leave, at least 1)")
 
 
 @dataclass
