@@ -40,14 +40,10 @@ def inputs_key(**parts: Any) -> str:
 
 
 def file_digest(path: Path | None) -> str | None:
-    """Content hash of an input file (the metadata table), streamed."""
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """Content hash of an input file (the metadata table)."""
+    from pipeline.backbones import sha256_file
+
+    return None if path is None else sha256_file(path)
 
 
 def reusable(record: Path, key: str, *files: Path, force: bool = False) -> dict | None:

@@ -43,13 +43,13 @@ def name_for(backbone: str) -> str:
 
 def digest(path: Path) -> str:
     """Content hash of the file, or of every file of a SavedModel folder (names included)."""
+    from pipeline.backbones import sha256_file  # the package imports this module first
+
+    if not path.is_dir():
+        return sha256_file(path)
     h = hashlib.sha256()
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+    for f in sorted(f for f in path.rglob("*") if f.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
