@@ -164,6 +164,11 @@ def load_dataset(root: Path, val_fraction: float = 0.15, test_fraction: float = 
         tr, va, te = stratified_split(y, [val_fraction, test_fraction], seed)
         for s, p in zip(SPLITS, (tr, va, te)):
             splits[s] = Split([ids[i] for i in p], y[p])
+    return _checked(root, class_names, splits, ignored)
+
+
+def _checked(root: Path, class_names: list[str], splits: dict[str, Split], ignored: list[str]) -> Dataset:
+    """The dataset, once every split has images (one-line error otherwise) and small classes are said."""
     for s in SPLITS:
         if len(splits[s]) == 0:
             raise PipelineError(f"split '{s}' of {root} is empty; add images or change the split fractions")
@@ -245,11 +250,7 @@ def load_labelled(
     kept = list(values.index)
     parts = stratified_split(y, [val_fraction, test_fraction], seed)
     splits = {s: Split([kept[i] for i in p], y[p]) for s, p in zip(SPLITS, parts)}
-    for s in SPLITS:
-        if len(splits[s]) == 0:
-            raise PipelineError(f"split '{s}' of {root} is empty; add images or change the split fractions")
-    _warn_small_classes(splits, class_names)
-    return Dataset(root.resolve().name, root, class_names, splits, [])
+    return _checked(root, class_names, splits, [])
 
 
 def from_config(cfg) -> Dataset:
