@@ -176,11 +176,6 @@ class CacheInfo(_CacheAttrs):
         """``last`` and the tapped layers, in network order (as ``FeatureSet.layer_names``)."""
         return [LAST] + self.tap_layers
 
-    @property
-    def n_train(self) -> int:
-        with h5py.File(self.path, "r") as f:
-            return int(f["train"]["labels"].shape[0])
-
 
 def train_labels(path: Path) -> np.ndarray:
     """The training split's labels alone (to draw learning-curve subsets before loading anything)."""

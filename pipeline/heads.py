@@ -373,10 +373,11 @@ def run(cfg: Config, n_subset: int | None = None) -> list[HeadResult]:
     path = cache_path(cfg)
     attrs = check_cache(path, name_for(cfg.backbone.backbone))
     info = CacheInfo(path, attrs)
+    keep = None  # the training rows of a learning-curve point, drawn once
     if n_subset is not None:
-        n_subset = len(nested_subset(train_labels(path), n_subset, cfg.data.seed))
-        if n_subset >= info.n_train:
-            n_subset = None
+        labels = train_labels(path)
+        keep = nested_subset(labels, n_subset, cfg.data.seed) if n_subset < len(labels) else None
+        n_subset = None if keep is None else len(keep)
     res_path = results.results_path(cfg.artifacts, cfg.dataset_name)
     out_dir = writable_dir(Path(cfg.artifacts) / "heads" / cfg.dataset_name / info.backbone)
     out: list[HeadResult] = []
@@ -397,7 +398,7 @@ def run(cfg: Config, n_subset: int | None = None) -> list[HeadResult]:
         budget.check(
             list(dict.fromkeys(p.head for p in in_memory)), path, cfg, any(p.features != "image" for p in in_memory)
         )
-        out += _run_in_memory(cfg, in_memory, path, res_path, out_dir, n_subset)
+        out += _run_in_memory(cfg, in_memory, path, res_path, out_dir, keep)
     streaming = [p for p in todo if p.head in STREAMING]
     if streaming:
         out += _run_streaming(cfg, streaming, info, res_path, out_dir)
@@ -426,17 +427,16 @@ def _from_record(saved: dict) -> HeadResult:
 
 
 def _run_in_memory(
-    cfg: Config, plan: list[_Planned], path: Path, res_path: Path, out_dir: Path, n_subset: int | None
+    cfg: Config, plan: list[_Planned], path: Path, res_path: Path, out_dir: Path, keep: np.ndarray | None
 ) -> list[HeadResult]:
     full = load_features(path, name_for(cfg.backbone.backbone))
     share = 1.0  # of the extraction time: a curve point is charged for the images it needed
-    if n_subset is not None:
+    if keep is not None:
         rows = sum(len(full.splits[s].y) for s in ("train", "val", "test"))
-        full = full.subset_train(nested_subset(full.splits["train"].y, n_subset, cfg.data.seed))
+        full = full.subset_train(keep)
         share = sum(len(full.splits[s].y) for s in ("train", "val", "test")) / rows
-    labels = list(dict.fromkeys(p.label for p in plan))
-    layer_sets = [(label, layers) for label, layers in layer_select.variants(cfg.heads.layers, full.layer_names())]
-    layer_sets = [(label, layers) for label, layers in layer_sets if label in labels]
+    labels = {p.label for p in plan}
+    layer_sets = [v for v in layer_select.variants(cfg.heads.layers, full.layer_names()) if v[0] in labels]
 
     meta = None
     if any(p.features != "image" for p in plan):
@@ -444,9 +444,9 @@ def _run_in_memory(
 
     sel = None
     wants_auto = any(layers is None for _, layers in layer_sets)
-    if wants_auto or (n_subset is None and len(full.layer_names()) > 1 and len(full.splits["val"].y)):
+    if wants_auto or (keep is None and len(full.layer_names()) > 1 and len(full.splits["val"].y)):
         sel = layer_select.select(full, greedy=wants_auto)  # per-layer scores for the report, and auto's choice
-        if n_subset is None:
+        if keep is None:
             write_json_atomic(out_dir / "layers.json", run_record(cfg, "layers", **dataclasses.asdict(sel)))
 
     out: list[HeadResult] = []
