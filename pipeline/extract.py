@@ -229,13 +229,7 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
     partial = out.with_name(out.name + ".partial")
     f = _open_partial(partial, key, dim, taps, groups)
     try:
-        if cfg.extract.engine == "ray":
-            from pipeline.engines import ray_data
-
-            sources = {s: (ds.splits[s].ids, ds.splits[s].labels) for s in SPLITS}
-            ray_data.run_pass(f, ds, sources, model, size, cfg, "extract")
-        else:
-            _extract_splits(f, ds, forward, size, cfg)
+        _extract_splits(f, ds, model, forward, size, cfg)
         if cfg.extract.views:
             _extract_views(f, ds, forward_augmented, size, cfg)
         f.attrs.update(
@@ -267,11 +261,16 @@ def augmentation(names: tuple[str, ...], seed: int):
     return keras.Sequential(augmentation_layers(names, seed), name="view_augmentation")
 
 
-def _extract_splits(f: h5py.File, ds: Dataset, forward, size: int, cfg: Config) -> None:
-    """One tf.data pipeline over every split's remaining images, so decoding never restarts
-    (and the forward pass never waits) at a split boundary; rows go to their split's group."""
+def _extract_splits(f: h5py.File, ds: Dataset, model, forward, size: int, cfg: Config) -> None:
+    """One pass over every split's remaining images, so decoding never restarts (and the forward pass
+    never waits) at a split boundary; rows go to their split's group. ``--engine`` picks who runs it."""
     sources = {s: (ds.splits[s].ids, ds.splits[s].labels) for s in SPLITS}
-    _run_pass(f, ds, sources, forward, size, cfg, "extract")
+    if cfg.extract.engine == "ray":
+        from pipeline.engines import ray_data
+
+        ray_data.run_pass(f, ds, sources, model, size, cfg, "extract")
+    else:
+        _run_pass(f, ds, sources, forward, size, cfg, "extract")
 
 
 def _extract_views(f: h5py.File, ds: Dataset, forward, size: int, cfg: Config) -> None:
