@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.report.stats import counts_ci, paired_delta_ci
-from pipeline.report.tables import method_label
+from pipeline.report.stats import counts_ci, paired_correct, paired_delta_ci
+from pipeline.report.tables import ci_text, method_label
 
 
 def curve_points(results: pd.DataFrame) -> pd.DataFrame:
@@ -48,11 +48,8 @@ def where_finetuning_pays(curve: pd.DataFrame, load_pred) -> list[str]:
             significant = False
             pf, ph = load_pred(f), load_pred(h)
             if pf is not None and ph is not None:
-                m = pf.merge(ph, on="id", suffixes=("_f", "_h"))
-                _, lo, hi = paired_delta_ci(
-                    (m["y_true_f"] == m["y_pred_f"]).to_numpy(), (m["y_true_h"] == m["y_pred_h"]).to_numpy()
-                )
-                text += f", 95% CI {lo * 100:+.1f} … {hi * 100:+.1f}"
+                _, lo, hi = paired_delta_ci(*paired_correct(pf, ph))
+                text += f", 95% CI {ci_text(lo * 100, hi * 100, signed=True)}"
                 significant = lo > 0
             parts.append(text + ")")
             if significant and pays is None:

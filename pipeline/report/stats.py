@@ -79,6 +79,13 @@ def correct_by_id(pred: pd.DataFrame) -> pd.Series:
     return pd.Series((pred["y_true"] == pred["y_pred"]).to_numpy(), index=pred["id"].astype(str))
 
 
+def paired_correct(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Which test images each of two prediction sets got right, on the images both scored, in one order."""
+    ca, cb = correct_by_id(a), correct_by_id(b)
+    both = ca.index.intersection(cb.index)
+    return ca[both].to_numpy(), cb[both].to_numpy()
+
+
 def with_uncertainty(table: pd.DataFrame, preds: dict[int, pd.DataFrame], baselines: dict[str, int]) -> pd.DataFrame:
     """Add acc_ci_low/high to every row with predictions, and delta_ci_low/high + mcnemar_p against
     its backbone's fine-tune (``baselines``: backbone -> row index), paired on the test images both scored."""
@@ -86,16 +93,14 @@ def with_uncertainty(table: pd.DataFrame, preds: dict[int, pd.DataFrame], baseli
     for col in ("acc_ci_low", "acc_ci_high", "delta_ci_low", "delta_ci_high", "mcnemar_p"):
         out[col] = np.nan
     for i, pred in preds.items():
-        c = correct_by_id(pred)
-        out.loc[i, ["acc_ci_low", "acc_ci_high"]] = accuracy_ci(c.to_numpy())
+        out.loc[i, ["acc_ci_low", "acc_ci_high"]] = accuracy_ci((pred["y_true"] == pred["y_pred"]).to_numpy())
         base = baselines.get(out.loc[i, "backbone"])
         if base is None or base == i or base not in preds:
             continue
-        b = correct_by_id(preds[base])
-        both = c.index.intersection(b.index)
-        if not len(both):
+        c, b = paired_correct(pred, preds[base])
+        if not len(c):
             continue
-        _, lo, hi = paired_delta_ci(c[both].to_numpy(), b[both].to_numpy())
+        _, lo, hi = paired_delta_ci(c, b)
         out.loc[i, ["delta_ci_low", "delta_ci_high"]] = lo * 100, hi * 100
-        out.loc[i, "mcnemar_p"] = mcnemar(c[both].to_numpy(), b[both].to_numpy())[2]
+        out.loc[i, "mcnemar_p"] = mcnemar(c, b)[2]
     return out

@@ -127,11 +127,12 @@ def best_head(table: pd.DataFrame, backbone: str | None = None) -> pd.Series | N
     return ok.sort_values(["val_accuracy", "total_seconds"], ascending=[False, True]).iloc[0]
 
 
-def _ci(lo, hi, scale: float = 1.0, signed: bool = False) -> str:
+def ci_text(lo, hi, signed: bool = False) -> str:
+    """'0.872 … 0.899' for an accuracy, '-0.1 … +2.2' for a difference in points; '' when unknown."""
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return ""
     f = "{:+.1f}" if signed else "{:.3f}"
-    return f"{f.format(lo * scale)} … {f.format(hi * scale)}"
+    return f"{f.format(lo)} … {f.format(hi)}"
 
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -145,9 +146,9 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
                 "Backbone": r["backbone"],
                 "Method": method_label(r["method"], r["features"], r["layers"]),
                 "Test accuracy": f"{r['test_accuracy']:.4f}" if ok else "not run",
-                "95% CI": _ci(r.get("acc_ci_low", np.nan), r.get("acc_ci_high", np.nan)),
+                "95% CI": ci_text(r.get("acc_ci_low", np.nan), r.get("acc_ci_high", np.nan)),
                 "Δ vs fine-tune (pt)": f"{delta:+.2f}" if ok and np.isfinite(delta) else "",
-                "Δ 95% CI": _ci(r.get("delta_ci_low", np.nan), r.get("delta_ci_high", np.nan), signed=True),
+                "Δ 95% CI": ci_text(r.get("delta_ci_low", np.nan), r.get("delta_ci_high", np.nan), signed=True),
                 "Time (s)": f"{r['total_seconds']:,.1f}" if ok else "",
                 "Cost vs fine-tune": ratio_text(r.get("time_ratio", np.nan)) if ok else "",
             }

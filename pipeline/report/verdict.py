@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from pipeline.report.tables import best_head, method_label, pareto_front, ratio_text
+from pipeline.report.tables import best_head, ci_text, method_label, pareto_front, ratio_text
 
 ALPHA = 0.05
 
@@ -62,7 +62,7 @@ def verdict(table: pd.DataFrame) -> list[str]:
         lo, hi, p = head.get("delta_ci_low", np.nan), head.get("delta_ci_high", np.nan), head.get("mcnemar_p", np.nan)
         stats = []
         if np.isfinite(lo):
-            stats.append(f"95% CI {lo:+.1f} … {hi:+.1f}")
+            stats.append(f"95% CI {ci_text(lo, hi, signed=True)}")
         if np.isfinite(p):
             if p < ALPHA:
                 side = "the head is" if head["delta_pt"] > 0 else "the fine-tune is"
@@ -95,5 +95,5 @@ def verdict(table: pd.DataFrame) -> list[str]:
 
 
 def _acc_ci(row: pd.Series) -> str:
-    lo, hi = row.get("acc_ci_low", np.nan), row.get("acc_ci_high", np.nan)
-    return f" (95% CI {lo:.3f} … {hi:.3f})" if np.isfinite(lo) else ""
+    text = ci_text(row.get("acc_ci_low", np.nan), row.get("acc_ci_high", np.nan))
+    return f" (95% CI {text})" if text else ""
