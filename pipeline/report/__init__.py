@@ -22,7 +22,7 @@ from pipeline.config import Config, library_versions, writable_dir
 from pipeline.errors import PipelineError
 from pipeline.report.curve import curve_points, heads_only_note, where_finetuning_pays
 from pipeline.report.layers import layer_sections
-from pipeline.report.plots import plot_accuracy_vs_time, plot_confusion, plot_curve, plot_gradcam
+from pipeline.report.plots import gradcam, plot_accuracy_vs_time, plot_confusion, plot_curve, plot_gradcam
 from pipeline.report.render import Verdict, render
 from pipeline.report.stats import with_uncertainty
 from pipeline.report.tables import (
@@ -32,7 +32,9 @@ from pipeline.report.tables import (
     details_table,
     display_table,
     method_label,
+    pareto_front,
     per_class_table,
+    ratio_text,
     subgroup_accuracy,
 )
 from pipeline.report.verdict import verdict
@@ -231,9 +233,6 @@ def _print_summary(lines: list[str], main: pd.DataFrame, out_dir: Path) -> None:
         print(line)
     print(f"\nreport: {out_dir / 'report.html'} (and report.md, summary.csv, accuracy_vs_time.png)")
 
-
-from pipeline.report.plots import gradcam  # noqa: E402  (re-exported: the fine-tune's tests use it)
-from pipeline.report.tables import pareto_front, ratio_text  # noqa: E402
 
 __all__ = [
     "run",
