@@ -4,7 +4,8 @@
 (b) the pipeline's `extract` from image files on disk to the HDF5 cache,
 (c) the idiomatic Keras way: image_dataset_from_directory + model.predict,
 (d) `extract` with the default taps (every resolution stage pooled in the same pass),
-(e) with `--engine ray`: (b) on the Ray engine (a local Ray cluster on this machine),
+(e) with `--engine ray`: (b) on the Ray engine (a local Ray cluster on this machine); also its whole
+    command, and its rate after the first rows come back (steady state, without the actors' start),
 (f) decoding alone (read + decode + resize, no model): the input side's ceiling, for the scaling model.
 
 (b) and (e) run with `--taps none`, so (a)-(c) and (e) compare the same single output. Every measure is
@@ -17,6 +18,7 @@ Usage: python benchmarks/extract_throughput.py [--images 2000] [--repeats 3] [--
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import subprocess
@@ -83,6 +85,20 @@ def keras_idiomatic(model, folder: Path, size: int, batch: int) -> float:
     )
     out = model.predict(ds, verbose=0)
     return len(out) / (time.perf_counter() - t0)
+
+
+class _FirstRows(logging.Handler):
+    """Keeps the Ray engine's time to first rows, which it logs once per pass."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seconds: list[float] = []
+
+    def emit(self, record):
+        from pipeline.engines import ray_data
+
+        if record.msg == ray_data.FIRST_ROWS:
+            self.seconds.append(float(record.args[0]))
 
 
 def pipeline_extract(
@@ -164,11 +180,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = make_images(tmp / "images", args.images, Path(args.source))
-        runs: dict[str, list[float]] = {k: [] for k in ("a", "b", "b_wall", "c", "d", "e", "f")}
+        runs: dict[str, list[float]] = {k: [] for k in ("a", "b", "b_wall", "c", "d", "e", "e_wall", "e_steady", "f")}
+        first_rows = _FirstRows()
         if args.engine == "ray":
             import ray
 
             ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            logging.getLogger("pipeline.engines.ray_data").setLevel(logging.INFO)
+            logging.getLogger("pipeline.engines.ray_data").addHandler(first_rows)
         for r in range(args.repeats):  # interleaved, so drift in machine speed hits all of them alike
             bw, bl = pipeline_extract(folder, tmp / f"art-{r}", args.backbone, args.batch_size, None)
             runs["b_wall"].append(bw)
@@ -180,9 +199,12 @@ def main() -> None:
             runs["c"].append(keras_idiomatic(model, folder, size, args.batch_size))
             runs["f"].append(decode_only(folder, size, args.batch_size))
             if args.engine == "ray":
-                runs["e"].append(
-                    pipeline_extract(folder, tmp / f"ray-{r}", args.backbone, args.batch_size, None, engine="ray")[1]
-                )
+                ew, el = pipeline_extract(folder, tmp / f"ray-{r}", args.backbone, args.batch_size, None, engine="ray")
+                runs["e_wall"].append(ew)
+                runs["e"].append(el)
+                seconds, first = args.images / el, first_rows.seconds[-1]
+                runs["e_steady"].append((args.images - args.batch_size) / (seconds - first))
+                runs.setdefault("e_first_rows_s", []).append(first)
         rss = {}
         for n in args.rss_sizes:
             f = make_images(tmp / f"rss{n}", n, Path(args.source))
@@ -204,14 +226,31 @@ def main() -> None:
             "b_pipeline_extract_whole_command": spread["b_wall"],
             "c_keras_idiomatic": spread["c"],
             "d_pipeline_extract_default_taps": spread["d"],
-            **({"e_ray_engine_loop": spread["e"]} if "e" in spread else {}),
+            **(
+                {
+                    "e_ray_engine_loop": spread["e"],
+                    "e_ray_engine_whole_command": spread["e_wall"],
+                    "e_ray_engine_after_first_rows": spread["e_steady"],
+                }
+                if "e" in spread
+                else {}
+            ),
             "f_decode_only": spread["f"],
         },
         "ratio_b_over_a": round(med["b"] / med["a"], 3),
         "ratio_b_over_c": round(med["b"] / med["c"], 3),
         "ratio_b_whole_over_b_loop": round(med["b_wall"] / med["b"], 3),
         "ratio_d_taps_over_b_no_taps": round(med["d"] / med["b"], 3),
-        **({"ratio_e_ray_over_b_local": round(med["e"] / med["b"], 3)} if "e" in med else {}),
+        **(
+            {
+                "ratio_e_ray_over_b_local": round(med["e"] / med["b"], 3),
+                "ratio_e_ray_over_b_local_whole_command": round(med["e_wall"] / med["b_wall"], 3),
+                "ratio_e_ray_after_first_rows_over_b_local": round(med["e_steady"] / med["b"], 3),
+                "e_ray_first_rows_seconds": spread["e_first_rows_s"],
+            }
+            if "e" in med
+            else {}
+        ),
         "ratio_f_decode_over_a_forward": round(med["f"] / med["a"], 3),
         "cpu_cores": os.cpu_count(),
         "ratios_use": "medians",

@@ -101,7 +101,11 @@ class ExtractConfig:
         choices=("local", "ray"),
     )
     ray_actors: int = _opt(0, "ray: model replicas (default: one per GPU in the cluster, else 1)")
-    ray_decoders: int = _opt(0, "ray: parallel decode tasks (default: the cluster's CPUs the actors leave, at least 1)")
+    ray_decoders: int = _opt(
+        -1,
+        "ray: parallel decode tasks; 0 decodes inside the model actors (-1, the default: 0 on a cluster "
+        "without GPUs, where the forward pass needs every core, else the CPUs the GPU actors leave)",
+    )
 
 
 @dataclass

@@ -26,7 +26,8 @@ def _read(path):
         for s in ("train", "val", "test"):
             g = f[s]
             taps = [g["taps"][n][()] for n in g["taps"]] if "taps" in g else []
-            splits[s] = (g["ids"].asstr()[()], g["labels"][()], np.hstack([g["embeddings"][()], *taps]))
+            skipped = g["skipped"].asstr()[()].tolist()
+            splits[s] = (g["ids"].asstr()[()], g["labels"][()], np.hstack([g["embeddings"][()], *taps]), skipped)
         return key, splits, bool(f.attrs["complete"])
 
 
@@ -41,17 +42,25 @@ def _local_reference(cfg, tmp_path):
 def _same(a, b):
     assert a[0] == b[0] and a[2] and b[2]  # same key, both complete
     for s in ("train", "val", "test"):
-        ids_a, y_a, x_a = a[1][s]
-        ids_b, y_b, x_b = b[1][s]
-        assert list(ids_a) == list(ids_b) and (y_a == y_b).all()
+        ids_a, y_a, x_a, skipped_a = a[1][s]
+        ids_b, y_b, x_b, skipped_b = b[1][s]
+        assert list(ids_a) == list(ids_b) and (y_a == y_b).all() and skipped_a == skipped_b
         np.testing.assert_allclose(x_a, x_b, atol=1e-4)
 
 
-def test_ray_engine_writes_the_local_engines_cache(cfg, tmp_path, ray_cluster, caplog):
+@pytest.mark.parametrize(
+    ("decoders", "says"), [(-1, "decoding in the actors"), (1, "1 decode task(s)")], ids=["in-actor", "decode-stage"]
+)
+def test_ray_engine_writes_the_local_engines_cache(cfg, presplit, tmp_path, ray_cluster, caplog, decoders, says):
+    """Both placements of decoding (in the model actors: the CPU default; a CPU stage: the GPU default)."""
+    victim = next((presplit / "val" / "green").glob("*.png"))
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # unreadable: skipped, recorded
     ref = _local_reference(cfg, tmp_path)
+    assert ref[1]["val"][3] == [victim.relative_to(presplit).as_posix()]
     cfg.extract.engine = "ray"
+    cfg.extract.ray_decoders = decoders
     extract.run(cfg)
-    assert "ray engine: 36 items" in caplog.text
+    assert f"ray engine: 36 items, 1 actor(s), {says}" in caplog.text
     _same(ref, _read(extract.cache_path(cfg)))
 
 

@@ -1,10 +1,13 @@
 """Extraction on Ray Data: decode in CPU tasks, the model as a pool of actors, rows back to the driver.
 
-The (position, path) items still to do flow through two ``map_batches`` stages: ``decode`` (the local
-engine's own tf.data decoding, so pixels are identical; unreadable files come back flagged, not
-dropped) and ``Embed``, a stateful class run as an ``ActorPoolStrategy`` pool (one GPU per actor when
-the cluster has GPUs; TensorFlow's thread pools and GPU memory growth set inside the actor). The
-model travels as its Keras config and weights, so workers need the package, not the weights file.
+The (position, path) items still to do flow through ``decode`` (the local engine's own tf.data
+decoding, so pixels are identical; unreadable files come back flagged, not dropped) and ``Embed``, a
+stateful class run as an ``ActorPoolStrategy`` pool (one GPU per actor when the cluster has GPUs;
+TensorFlow's thread pools and GPU memory growth set inside the actor). With GPUs, decoding is its own
+CPU stage, so the nodes' cores keep the GPUs fed; without them the forward pass needs every core and
+decoding is ~2% of its cost, so each actor decodes its own batch (a separate stage would add a
+process importing TensorFlow and float32 images through the object store: measured in NOTES.md).
+The model travels as its Keras config and weights, so workers need the package, not the weights file.
 Ray Data does not keep order: every row carries its position and the driver's reorder buffer writes
 the contiguous prefix through the same append path as the local engine, so ``next_index`` stays a
 valid resume point and a killed Ray run resumes like a local one.
@@ -22,6 +25,8 @@ import numpy as np
 from pipeline.config import Config
 
 log = logging.getLogger(__name__)
+# logged once per pass; benchmarks/extract_throughput.py reads its argument to split start-up from steady state
+FIRST_ROWS = "ray: first rows after %.1fs (the actors' start: TensorFlow import, model build, first trace)"
 
 
 def _init_ray():
@@ -54,7 +59,7 @@ def decode(batch: dict, size: int) -> dict:
 class Embed:
     """One model replica per actor; returns each readable image's outputs (embedding, taps...)."""
 
-    def __init__(self, config: dict, weights: list, threads: int):
+    def __init__(self, config: dict, weights: list, threads: int, size: int):
         import keras
         import tensorflow as tf
 
@@ -73,8 +78,11 @@ class Embed:
         self.model = keras.Model.from_config(config)
         self.model.set_weights(ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights)
         self.forward = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        self.size = size
 
     def __call__(self, batch: dict) -> dict:
+        if "image" not in batch:  # no decode stage: this actor decodes its own batch
+            batch = decode(batch, self.size)
         ok = batch["ok"]
         out = {"k": batch["k"], "ok": ok}
         images = batch["image"][ok]
@@ -108,21 +116,23 @@ def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, des
     bs = cfg.extract.batch_size
     items = ray.data.from_items([{"k": k, "path": str(ds.root / sources[g][0][i])} for k, (g, i) in enumerate(todo)])
     weights = ray.put(model.get_weights())
-    actor_cpus = 0 if gpus else max(0.5, cpus / actors - 1)  # leave a core's worth for decoding
-    # the cores the actors leave, one decode task each (each task worker imports TensorFlow once: on a
-    # small machine more of them only compete with the model; measured 0.75 -> 0.81 of local on 2 cores)
-    decoders = cfg.extract.ray_decoders or max(1, int(cpus - actors * actor_cpus))
-    pipe = items.map_batches(
-        decode,
-        fn_kwargs={"size": size},
-        batch_size=bs,
-        batch_format="numpy",
-        num_cpus=0.5,
-        compute=ray.data.TaskPoolStrategy(size=decoders),
-    )
+    decoders = cfg.extract.ray_decoders
+    if decoders < 0:  # the CPUs the GPU actors leave, one decode task each; none without GPUs
+        decoders = max(1, cpus - actors) if gpus else 0
+    actor_cpus = 0 if gpus else max(0.5, cpus / actors - (1 if decoders else 0))
+    pipe = items
+    if decoders:
+        pipe = pipe.map_batches(
+            decode,
+            fn_kwargs={"size": size},
+            batch_size=bs,
+            batch_format="numpy",
+            num_cpus=0.5,
+            compute=ray.data.TaskPoolStrategy(size=decoders),
+        )
     pipe = pipe.map_batches(
         Embed,
-        fn_constructor_args=(model.get_config(), weights, threads),
+        fn_constructor_args=(model.get_config(), weights, threads, size),
         batch_size=bs,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -130,20 +140,24 @@ def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, des
         num_cpus=actor_cpus,
     )
     log.info(
-        "ray engine: %d items, %d actor(s)%s, %d decode task(s), batch %d",
+        "ray engine: %d items, %d actor(s)%s, %s, batch %d",
         len(todo),
         actors,
         " on GPUs" if gpus else "",
-        decoders,
+        f"{decoders} decode task(s)" if decoders else "decoding in the actors",
         bs,
     )
 
     pending: dict[int, tuple[bool, list[np.ndarray]]] = {}
     nxt = 0
     bar = tqdm(total=len(todo), unit="img", desc=f"{desc} (ray)", disable=None, smoothing=0.1)
-    t0 = time.perf_counter()
+    t0 = began = time.perf_counter()
+    first = None
     try:
         for batch in pipe.iter_batches(batch_size=None, batch_format="numpy"):
+            if first is None:
+                first = time.perf_counter() - began
+                log.info(FIRST_ROWS, first)
             n_out = sum(1 for key in batch if key.startswith("out"))
             for r, k in enumerate(batch["k"]):
                 pending[int(k)] = (bool(batch["ok"][r]), [batch[f"out{j}"][r] for j in range(n_out)])
@@ -176,4 +190,7 @@ def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, des
             bar.update(len(run))
     finally:
         bar.close()
+    if first is not None:
+        rest = time.perf_counter() - began - first
+        log.info("ray: %.1f img/s after the first rows", (len(todo) - bs) / max(rest, 1e-9))
     finish_pass(f, sources)
