@@ -270,3 +270,39 @@ def test_two_backbones_make_one_report_with_both(tmp_path):
     best = text.split("## Best per backbone")[1].split("##")[0]
     assert "| efficientnet_lite0 | linear_svm |" in best and "| resnet50 | logreg |" in best
     assert "efficientnet_lite0: Best frozen head" in text and "resnet50: Best frozen head" in text
+
+
+def test_when_metadata_wins_the_verdict_also_gives_the_images_alone(tmp_path):
+    cfg = _report_cfg(tmp_path)
+    art = tmp_path / "artifacts"
+    truth = {"ft": np.arange(400) % 10 != 0, "img": np.arange(400) % 8 != 0, "meta": np.arange(400) % 20 != 0}
+    rows = [
+        dict(method="finetune", features="image", val_accuracy=0.9, train_seconds=400.0, predictions="ft.csv"),
+        dict(method="ridge", features="image", val_accuracy=0.88, train_seconds=5.0, predictions="img.csv"),
+        dict(method="ridge", features="image+meta", val_accuracy=0.95, train_seconds=6.0, predictions="meta.csv"),
+    ]
+    for r in rows:
+        correct = truth[r["predictions"].removesuffix(".csv")]
+        _write_preds(art / r["predictions"], correct)
+        upsert(
+            results_path(cfg.artifacts, "d"),
+            dict(
+                dataset="d",
+                backbone="b0",
+                n_train=300,
+                n_test=400,
+                test_accuracy=correct.mean(),
+                extract_seconds=10.0,
+                params="{}",
+                **r,
+            ),
+        )
+    out = report.run(cfg)
+    first = (out.parent / "report.md").read_text().split("## Comparison")[0]
+    img, meta, ft = (truth[k].mean() for k in ("img", "meta", "ft"))
+    assert f"Best frozen head (by validation accuracy): ridge + meta — {meta:.4f}" in first
+    assert (
+        f"Images alone, the best head is ridge: {img:.4f}, {(img - ft) * 100:+.2f} pt vs the fine-tune (95% CI "
+        in first
+    )
+    assert f"the metadata adds {(meta - img) * 100:+.2f} pt." in first

@@ -75,6 +75,8 @@ def verdict(table: pd.DataFrame) -> list[str]:
         cost = ratio_text(ratio).replace("faster", "cheaper").replace("slower", "dearer")
         text += f", {cost} ({head['total_seconds']:,.0f} s vs {f['total_seconds']:,.0f} s)." if cost else "."
         lines.append(text)
+        if head["features"] != "image":
+            lines.extend(_image_only(table, b, head))
         lines.append(_baseline(f))
         dense = ok[(ok["backbone"] == b) & (ok["method"] == "frozen_dense")]
         if len(dense):
@@ -92,6 +94,23 @@ def verdict(table: pd.DataFrame) -> list[str]:
     ]
     lines.append(f"On the Pareto front (nothing else is both more accurate and cheaper): {', '.join(names)}.")
     return lines
+
+
+def _image_only(table: pd.DataFrame, backbone: str, head: pd.Series) -> list[str]:
+    """When the best head uses metadata, what the images alone give: the metadata's own worth, and the
+    answer for a user who will not have the metadata at prediction time."""
+    alone = best_head(table[table["features"] == "image"], backbone)
+    if alone is None:
+        return []
+    lo, hi = alone.get("delta_ci_low", np.nan), alone.get("delta_ci_high", np.nan)
+    ci = ci_text(lo, hi, signed=True)
+    gain = (head["test_accuracy"] - alone["test_accuracy"]) * 100
+    return [
+        f"Images alone, the best head is {method_label(alone['method'], alone['features'], alone['layers'])}: "
+        f"{alone['test_accuracy']:.4f}, {alone['delta_pt']:+.2f} pt vs the fine-tune"
+        + (f" (95% CI {ci})" if ci else "")
+        + f"; the metadata adds {gain:+.2f} pt."
+    ]
 
 
 def _acc_ci(row: pd.Series) -> str:
