@@ -306,3 +306,41 @@ def test_when_metadata_wins_the_verdict_also_gives_the_images_alone(tmp_path):
         in first
     )
     assert f"the metadata adds {(meta - img) * 100:+.2f} pt." in first
+
+
+def test_crowded_point_labels_do_not_overlap():
+    from pipeline.report.plots import accuracy_vs_time_figure
+
+    heads = ["ridge", "logreg", "linear_svm", "rbf_svm", "mlp", "knn"]
+    rows = [
+        dict(
+            backbone="b0",
+            method=m,
+            features=f,
+            layers=layers,
+            status="ok",
+            total_seconds=170.0 + i,
+            test_accuracy=0.88 + 0.0005 * i,
+        )
+        for i, (m, f, layers) in enumerate(
+            [(m, "image", lay) for m in heads for lay in ("last", "all")] + [("ridge", "image+meta", "all")]
+        )
+    ]
+    rows.append(
+        dict(
+            backbone="b0",
+            method="finetune",
+            features="image",
+            layers="",
+            status="ok",
+            total_seconds=1000.0,
+            test_accuracy=0.876,
+        )
+    )
+    fig = accuracy_vs_time_figure(pd.DataFrame(rows), "d")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert len(boxes) == len(rows)
+    overlaps = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert not overlaps, [(ax.texts[i].get_text(), ax.texts[j].get_text()) for i, j in overlaps]

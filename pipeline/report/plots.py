@@ -34,11 +34,21 @@ MARKERS = {
 
 def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None:
     plt = _plt()
+    fig = accuracy_vs_time_figure(table, dataset)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def accuracy_vs_time_figure(table: pd.DataFrame, dataset: str):
+    """Heads crowd at the same cost (they share the extraction): adjustText moves their labels apart."""
+    from adjustText import adjust_text
+
+    plt = _plt()
     ok = table[table["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     colours = {b: plt.cm.tab10(i % 10) for i, b in enumerate(sorted(ok["backbone"].unique()))}
     fills = {"image": "full", "image+meta": "left", "image+meta_norm": "none"}
-    placed: dict[tuple, int] = {}
+    labels = []
     for _, r in ok.iterrows():
         lo, hi = r.get("acc_ci_low", np.nan), r.get("acc_ci_high", np.nan)
         yerr = [[r["test_accuracy"] - lo], [hi - r["test_accuracy"]]] if np.isfinite(lo) else None
@@ -56,15 +66,7 @@ def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None
             alpha=0.9,
         )
         label = method_label(r["method"], r["features"], r["layers"])
-        spot = (round(float(np.log10(r["total_seconds"])), 1), round(float(r["test_accuracy"]), 3))
-        k = placed[spot] = placed.get(spot, -1) + 1  # stack the labels of coinciding points
-        ax.annotate(
-            label,
-            (r["total_seconds"], r["test_accuracy"]),
-            textcoords="offset points",
-            xytext=(7, 4 - 9 * k),
-            fontsize=7,
-        )
+        labels.append(ax.text(r["total_seconds"], r["test_accuracy"], label, fontsize=7))
     front = pareto_front(table)
     ax.plot(front["total_seconds"], front["test_accuracy"], "--", color="grey", linewidth=1, label="Pareto front")
     for b, c in colours.items():
@@ -82,8 +84,9 @@ def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    if labels:
+        adjust_text(labels, ax=ax, arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
+    return fig
 
 
 def plot_confusion(pred: pd.DataFrame, class_names: list[str], path: Path, title: str) -> None:
