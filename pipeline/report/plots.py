@@ -85,7 +85,15 @@ def accuracy_vs_time_figure(table: pd.DataFrame, dataset: str):
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     if labels:
-        adjust_text(labels, ax=ax, arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
+        adjust_text(
+            labels,
+            x=ok["total_seconds"].to_numpy(float),  # keep off the markers too
+            y=ok["test_accuracy"].to_numpy(float),
+            ax=ax,
+            expand=(1.2, 1.5),
+            force_text=(0.5, 1.0),
+            arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5},
+        )
     return fig
 
 
