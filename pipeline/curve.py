@@ -10,6 +10,7 @@ computes only that size; the full-size point is the `make svm` / `make finetune`
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import numpy as np
@@ -19,6 +20,8 @@ from pipeline.backbones.model_file import name_for
 from pipeline.config import Config
 from pipeline.data import from_config, nested_subset
 from pipeline.errors import PipelineError
+from pipeline.extract import cache_path
+from pipeline.features import load_features
 
 log = logging.getLogger(__name__)
 MIN_PER_CLASS = 2
@@ -52,10 +55,12 @@ def run(cfg: Config) -> list[int]:
     if streamed:
         log.info("notice: %s stream from the cache and are left out of the curve", ", ".join(streamed))
     head_cfg.heads.heads = tuple(h for h in cfg.heads.heads if h not in results.STREAMING_HEADS)
+    # read the cache once for all points, and only if some point has heads to fit
+    load = functools.cache(lambda: load_features(cache_path(cfg), name_for(cfg.backbone.backbone)))
     for n in points:
         log.info("curve point: %d of %d training images", n, n_full)
         if head_cfg.heads.heads:
-            heads.run(head_cfg, n_subset=n if n < n_full else None)
+            heads.run(head_cfg, n_subset=n if n < n_full else None, load=load)
         if n in ft_points:
             finetune.run(cfg, ds, n_subset=n if n < n_full else None)
     table = results.read_results(results.results_path(cfg.artifacts, cfg.dataset_name))

@@ -22,6 +22,7 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +47,7 @@ from pipeline.estimators import CosineKNN, KerasMLP, KernelSVC
 from pipeline.extract import KEY_FIELDS, cache_path
 from pipeline.features import (
     CacheInfo,
+    FeatureSet,
     SplitData,
     check_cache,
     fuse,
@@ -357,11 +359,12 @@ def _plan(cfg: Config, attrs: dict, names: list[str], n_subset: int | None) -> l
     return plan
 
 
-def run(cfg: Config, n_subset: int | None = None) -> list[HeadResult]:
+def run(cfg: Config, n_subset: int | None = None, load: Callable[[], FeatureSet] | None = None) -> list[HeadResult]:
     """Fit every configured head on every layer set and applicable feature set; save, score, record.
 
     ``n_subset``: fit on a nested stratified subset of that many training images (learning curve);
-    its artifacts get a ``-n<N>`` suffix. A head whose inputs match a saved result is reused."""
+    its artifacts get a ``-n<N>`` suffix. A head whose inputs match a saved result is reused.
+    ``load``: returns the cache's features (the curve passes one memo, so its points read the cache once)."""
     if cfg.heads.refit not in ("train", "train+val"):
         raise PipelineError(f"--refit must be 'train' or 'train+val', not {cfg.heads.refit}")
     unknown = [f for f in cfg.heads.features if f not in FEATURE_SETS]
@@ -398,7 +401,8 @@ def run(cfg: Config, n_subset: int | None = None) -> list[HeadResult]:
         budget.check(
             list(dict.fromkeys(p.head for p in in_memory)), path, cfg, any(p.features != "image" for p in in_memory)
         )
-        out += _run_in_memory(cfg, in_memory, path, res_path, out_dir, keep)
+        load = load or (lambda: load_features(path, name_for(cfg.backbone.backbone)))
+        out += _run_in_memory(cfg, in_memory, load(), res_path, out_dir, keep)
     streaming = [p for p in todo if p.head in STREAMING]
     if streaming:
         out += _run_streaming(cfg, streaming, info, res_path, out_dir)
@@ -427,9 +431,8 @@ def _from_record(saved: dict) -> HeadResult:
 
 
 def _run_in_memory(
-    cfg: Config, plan: list[_Planned], path: Path, res_path: Path, out_dir: Path, keep: np.ndarray | None
+    cfg: Config, plan: list[_Planned], full: FeatureSet, res_path: Path, out_dir: Path, keep: np.ndarray | None
 ) -> list[HeadResult]:
-    full = load_features(path, name_for(cfg.backbone.backbone))
     share = 1.0  # of the extraction time: a curve point is charged for the images it needed
     if keep is not None:
         rows = sum(len(full.splits[s].y) for s in ("train", "val", "test"))

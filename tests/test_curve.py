@@ -5,6 +5,7 @@ import pandas as pd
 
 from pipeline import curve, extract, results
 from pipeline.data import nested_subset
+from pipeline.features import load_features
 from pipeline.report.curve import curve_points
 
 
@@ -17,8 +18,10 @@ def test_subsets_are_stratified_nested_and_keep_two_per_class():
     assert len(nested_subset(labels, 100, seed=3)) == 100
 
 
-def test_curve_writes_one_row_per_method_and_size_and_a_rerun_replaces_them(cfg, caplog):
+def test_curve_writes_one_row_per_method_and_size_and_a_rerun_replaces_them(cfg, caplog, monkeypatch):
     extract.run(cfg)
+    reads = []
+    monkeypatch.setattr(curve, "load_features", lambda *a: reads.append(1) or load_features(*a))
     cfg.heads.heads = ("ridge", "logreg")
     cfg.heads.layers = ("last",)
     cfg.heads.features = ("image",)
@@ -27,6 +30,7 @@ def test_curve_writes_one_row_per_method_and_size_and_a_rerun_replaces_them(cfg,
     cfg.finetune.batch_size = 6
     points = curve.run(cfg)
     assert points == [9, 18]  # 18 training images (6 per class): half is 3 per class
+    assert len(reads) == 1  # the cache is read once for all points
     path = results.results_path(cfg.artifacts, "toy")
     table = results.read_results(path)
     got = sorted(zip(table["method"], table["n_train"]))
@@ -39,7 +43,7 @@ def test_curve_writes_one_row_per_method_and_size_and_a_rerun_replaces_them(cfg,
 
     caplog.clear()
     curve.run(cfg)  # nothing changed: every point reused
-    assert caplog.text.count("up to date") == 4
+    assert caplog.text.count("up to date") == 4 and len(reads) == 1  # nothing to fit: the cache is not read
     cfg.force = True
     curve.run(cfg)
     again = results.read_results(path)
