@@ -49,7 +49,9 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize(
-    ("decoders", "says"), [(-1, "decoding in the actors"), (1, "1 decode task(s)")], ids=["in-actor", "decode-stage"]
+    ("decoders", "says"),
+    [(-1, "of 2 CPU(s), decoding in the actors"), (1, "of 1 CPU(s), 1 decode task(s)")],
+    ids=["in-actor", "decode-stage"],
 )
 def test_ray_engine_writes_the_local_engines_cache(cfg, presplit, tmp_path, ray_cluster, caplog, decoders, says):
     """Both placements of decoding (in the model actors: the CPU default; a CPU stage: the GPU default)."""
@@ -60,7 +62,7 @@ def test_ray_engine_writes_the_local_engines_cache(cfg, presplit, tmp_path, ray_
     cfg.extract.engine = "ray"
     cfg.extract.ray_decoders = decoders
     extract.run(cfg)
-    assert f"ray engine: 36 items, 1 actor(s), {says}" in caplog.text
+    assert f"ray engine: 36 items, 1 actor(s) {says}" in caplog.text
     _same(ref, _read(extract.cache_path(cfg)))
 
 
@@ -93,3 +95,21 @@ def test_without_ray_the_engine_is_a_one_line_error(cfg, monkeypatch):
         extract.run(cfg)
     assert "\n" not in str(err.value) and "pip install -e '.[ray]'" in str(err.value)
     assert not extract.cache_path(cfg).parent.exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    ("nodes", "actors", "decoders", "expected"),
+    [
+        ([{"CPU": 2.0}], 0, -1, (1, 2.0, 2, 0, 0)),  # this machine: one actor with both cores, decoding itself
+        ([{"CPU": 8.0}, {"CPU": 8.0}], 0, -1, (2, 8.0, 8, 0, 0)),  # one actor per node, never a node's more
+        ([{"CPU": 2.0}, {"CPU": 2.0}], 4, -1, (4, 1.0, 1, 0, 0)),  # --ray-actors 4 share the cores
+        ([{"CPU": 2.0}], 0, 1, (1, 1.0, 1, 1, 0)),  # a decode stage leaves the actor a core less
+        ([{"CPU": 16.0, "GPU": 2.0}], 0, -1, (2, 0, 0, 14, 2)),  # one actor per GPU, the cores decode
+    ],
+)
+def test_the_pool_fits_the_cluster(nodes, actors, decoders, expected):
+    from pipeline.config import ExtractConfig
+    from pipeline.engines.ray_data import plan_pool
+
+    plan = plan_pool(nodes, ExtractConfig(ray_actors=actors, ray_decoders=decoders))
+    assert (plan.actors, plan.actor_cpus, plan.threads, plan.decoders, plan.gpus) == expected

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -40,6 +41,35 @@ def _init_ray():
     ctx.enable_progress_bars = False  # ours is the tqdm bar over rows written
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's per-operator INFO lines
     return ray
+
+
+@dataclass(frozen=True)
+class Pool:
+    """How many model actors, what each asks Ray for, and how many decode tasks."""
+
+    actors: int
+    actor_cpus: float
+    threads: int  # TensorFlow intra-op threads per actor (0: TensorFlow's default)
+    decoders: int  # 0: each actor decodes its own batch
+    gpus: int
+
+
+def plan_pool(nodes: list[dict], cfg) -> Pool:
+    """Sizes the pool from the alive nodes' resources: one actor per GPU; without GPUs one per node,
+    each asking for no more CPUs than one node has (a request for the cluster's total would never be
+    scheduled on a cluster of several nodes)."""
+    gpus = int(sum(n.get("GPU", 0) for n in nodes))
+    cpu_nodes = [n["CPU"] for n in nodes if n.get("CPU", 0) > 0] or [1.0]
+    cpus = sum(cpu_nodes)
+    actors = cfg.ray_actors or gpus or len(cpu_nodes)
+    decoders = cfg.ray_decoders
+    if decoders < 0:  # the CPUs the GPU actors leave, one decode task each; none without GPUs
+        decoders = max(1, int(cpus) - actors) if gpus else 0
+    if gpus:
+        return Pool(actors, 0, 0, decoders, gpus)
+    per_actor = min(min(cpu_nodes), cpus / actors) - (1 if decoders else 0)
+    actor_cpus = max(0.5, per_actor)
+    return Pool(actors, actor_cpus, max(1, int(actor_cpus)), decoders, 0)
 
 
 def decode(batch: dict, size: int) -> dict:
@@ -108,18 +138,11 @@ def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, des
     if not todo:
         finish_pass(f, sources)
         return
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    actors = cfg.extract.ray_actors or max(gpus, 1)
-    cpus = int(resources.get("CPU", 1))
-    threads = 0 if gpus else max(1, cpus // actors)  # Ray sets OMP threads, not TensorFlow's own pools
+    plan = plan_pool([n["Resources"] for n in ray.nodes() if n.get("Alive")], cfg.extract)
     bs = cfg.extract.batch_size
     items = ray.data.from_items([{"k": k, "path": str(ds.root / sources[g][0][i])} for k, (g, i) in enumerate(todo)])
     weights = ray.put(model.get_weights())
-    decoders = cfg.extract.ray_decoders
-    if decoders < 0:  # the CPUs the GPU actors leave, one decode task each; none without GPUs
-        decoders = max(1, cpus - actors) if gpus else 0
-    actor_cpus = 0 if gpus else max(0.5, cpus / actors - (1 if decoders else 0))
+    actors, decoders = plan.actors, plan.decoders
     pipe = items
     if decoders:
         pipe = pipe.map_batches(
@@ -132,18 +155,18 @@ def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, des
         )
     pipe = pipe.map_batches(
         Embed,
-        fn_constructor_args=(model.get_config(), weights, threads, size),
+        fn_constructor_args=(model.get_config(), weights, plan.threads, size),
         batch_size=bs,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if gpus else 0,
-        num_cpus=actor_cpus,
+        num_gpus=1 if plan.gpus else 0,
+        num_cpus=plan.actor_cpus,
     )
     log.info(
         "ray engine: %d items, %d actor(s)%s, %s, batch %d",
         len(todo),
         actors,
-        " on GPUs" if gpus else "",
+        " on GPUs" if plan.gpus else f" of {plan.actor_cpus:g} CPU(s)",
         f"{decoders} decode task(s)" if decoders else "decoding in the actors",
         bs,
     )
