@@ -330,6 +330,15 @@ def load_metadata(
     return df
 
 
+def load_image(path, image_size: int):
+    """One image file -> float32 0-255 RGB, ``image_size`` square: the ops every engine decodes with."""
+    import tensorflow as tf
+
+    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    img = tf.image.resize(img, (image_size, image_size))
+    return tf.ensure_shape(img, (image_size, image_size, 3))
+
+
 def image_dataset(
     paths: list[str],
     image_size: int,
@@ -355,9 +364,7 @@ def image_dataset(
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
 
     def load(path, tag):
-        img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        img = tf.image.resize(img, (image_size, image_size))
-        return tf.ensure_shape(img, (image_size, image_size, 3)), tag
+        return load_image(path, image_size), tag
 
     ds = ds.map(load, num_parallel_calls=autotune, deterministic=True).ignore_errors()
     return ds.batch(batch_size).prefetch(autotune)

@@ -15,6 +15,7 @@ valid resume point and a killed Ray run resumes like a local one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -72,17 +73,31 @@ def plan_pool(nodes: list[dict], cfg) -> Pool:
     return Pool(actors, actor_cpus, max(1, int(actor_cpus)), decoders, 0)
 
 
+@functools.cache
+def _loader(size: int):
+    """The local engine's decoding ops as one traced function per worker process (a tf.data pipeline
+    per batch cost ~70 ms of set-up per 32 images, in series with the forward pass)."""
+    import tensorflow as tf
+
+    from pipeline.data import load_image
+
+    return tf.function(lambda path: load_image(path, size), input_signature=[tf.TensorSpec([], tf.string)])
+
+
 def decode(batch: dict, size: int) -> dict:
     """Paths -> float32 RGB images, exactly as the local engine decodes them; unreadable ones flagged."""
-    from pipeline.data import image_dataset
+    import tensorflow as tf
 
+    load = _loader(size)
     paths = [str(p) for p in batch["path"]]
     images = np.zeros((len(paths), size, size, 3), np.float32)
     ok = np.zeros(len(paths), bool)
-    for imgs, index in image_dataset(paths, size, max(len(paths), 1)):
-        idx = index.numpy()
-        images[idx] = imgs.numpy()
-        ok[idx] = True
+    for i, path in enumerate(paths):
+        try:
+            images[i] = load(tf.constant(path)).numpy()
+            ok[i] = True
+        except tf.errors.OpError:  # unreadable or not an image: flagged, as the local engine skips it
+            pass
     return {"k": batch["k"], "ok": ok, "image": images}
 
 
@@ -107,7 +122,9 @@ class Embed:
 
         self.model = keras.Model.from_config(config)
         self.model.set_weights(ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights)
-        self.forward = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        self.forward = tf.function(  # one trace, whatever the batch's length
+            lambda x: self.model(x, training=False), input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)]
+        )
         self.size = size
 
     def __call__(self, batch: dict) -> dict:
@@ -140,7 +157,12 @@ def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, des
         return
     plan = plan_pool([n["Resources"] for n in ray.nodes() if n.get("Alive")], cfg.extract)
     bs = cfg.extract.batch_size
-    items = ray.data.from_items([{"k": k, "path": str(ds.root / sources[g][0][i])} for k, (g, i) in enumerate(todo)])
+    # one block per batch, and each stage takes whole blocks: a batch_size that cut across blocks left
+    # remainders (measured: 28 calls of 3 images beside 28 of 32 on 1,000 images)
+    items = ray.data.from_items(
+        [{"k": k, "path": str(ds.root / sources[g][0][i])} for k, (g, i) in enumerate(todo)],
+        override_num_blocks=-(-len(todo) // bs),
+    )
     weights = ray.put(model.get_weights())
     actors, decoders = plan.actors, plan.decoders
     pipe = items
@@ -148,7 +170,7 @@ def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, des
         pipe = pipe.map_batches(
             decode,
             fn_kwargs={"size": size},
-            batch_size=bs,
+            batch_size=None,
             batch_format="numpy",
             num_cpus=0.5,
             compute=ray.data.TaskPoolStrategy(size=decoders),
@@ -156,7 +178,7 @@ def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, des
     pipe = pipe.map_batches(
         Embed,
         fn_constructor_args=(model.get_config(), weights, plan.threads, size),
-        batch_size=bs,
+        batch_size=None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if plan.gpus else 0,
