@@ -91,13 +91,14 @@ class _FirstRows(logging.Handler):
     """Keeps the Ray engine's time to first rows, which it logs once per pass."""
 
     def __init__(self):
+        from pipeline.engines.ray_data import FIRST_ROWS
+
         super().__init__(logging.INFO)
+        self.message = FIRST_ROWS
         self.seconds: list[float] = []
 
     def emit(self, record):
-        from pipeline.engines import ray_data
-
-        if record.msg == ray_data.FIRST_ROWS:
+        if record.msg == self.message:
             self.seconds.append(float(record.args[0]))
 
 

@@ -100,7 +100,7 @@ class ExtractConfig:
         "RAY_ADDRESS joins an existing cluster, else a local one is started); the views pass stays local",
         choices=("local", "ray"),
     )
-    ray_actors: int = _opt(0, "ray: model replicas (default: one per GPU in the cluster, else 1)")
+    ray_actors: int = _opt(0, "ray: model replicas (default: one per GPU in the cluster, else one per node)")
     ray_decoders: int = _opt(
         -1,
         "ray: parallel decode tasks; 0 decodes inside the model actors (-1, the default: 0 on a cluster "

@@ -1,12 +1,13 @@
-"""Extraction on Ray Data: decode in CPU tasks, the model as a pool of actors, rows back to the driver.
+"""Extraction on Ray Data: the model as a pool of actors (decoding in them or in CPU tasks), rows back to
+the driver.
 
-The (position, path) items still to do flow through ``decode`` (the local engine's own tf.data
-decoding, so pixels are identical; unreadable files come back flagged, not dropped) and ``Embed``, a
-stateful class run as an ``ActorPoolStrategy`` pool (one GPU per actor when the cluster has GPUs;
-TensorFlow's thread pools and GPU memory growth set inside the actor). With GPUs, decoding is its own
-CPU stage, so the nodes' cores keep the GPUs fed; without them the forward pass needs every core and
-decoding is ~2% of its cost, so each actor decodes its own batch (a separate stage would add a
-process importing TensorFlow and float32 images through the object store: measured in NOTES.md).
+The (position, path) items still to do flow through ``decode`` (the local engine's own decoding ops,
+``data.load_image``, so pixels are identical; unreadable files come back flagged, not dropped) and
+``Embed``, a stateful class run as an ``ActorPoolStrategy`` pool (one GPU per actor when the cluster has
+GPUs; TensorFlow's thread pools and GPU memory growth set inside the actor). With GPUs, decoding is its
+own CPU stage, so the nodes' cores keep the GPUs fed; without them the forward pass needs every core and
+decoding is ~2% of its cost, so each actor decodes its own batch (a separate stage would add a process
+importing TensorFlow and float32 images through the object store: measured in NOTES.md).
 The model travels as its Keras config and weights, so workers need the package, not the weights file.
 Ray Data does not keep order: every row carries its position and the driver's reorder buffer writes
 the contiguous prefix through the same append path as the local engine, so ``next_index`` stays a
@@ -164,32 +165,31 @@ def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, des
         override_num_blocks=-(-len(todo) // bs),
     )
     weights = ray.put(model.get_weights())
-    actors, decoders = plan.actors, plan.decoders
     pipe = items
-    if decoders:
+    if plan.decoders:
         pipe = pipe.map_batches(
             decode,
             fn_kwargs={"size": size},
             batch_size=None,
             batch_format="numpy",
             num_cpus=0.5,
-            compute=ray.data.TaskPoolStrategy(size=decoders),
+            compute=ray.data.TaskPoolStrategy(size=plan.decoders),
         )
     pipe = pipe.map_batches(
         Embed,
         fn_constructor_args=(model.get_config(), weights, plan.threads, size),
         batch_size=None,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=1 if plan.gpus else 0,
         num_cpus=plan.actor_cpus,
     )
     log.info(
         "ray engine: %d items, %d actor(s)%s, %s, batch %d",
         len(todo),
-        actors,
+        plan.actors,
         " on GPUs" if plan.gpus else f" of {plan.actor_cpus:g} CPU(s)",
-        f"{decoders} decode task(s)" if decoders else "decoding in the actors",
+        f"{plan.decoders} decode task(s)" if plan.decoders else "decoding in the actors",
         bs,
     )
 
