@@ -55,7 +55,8 @@ def cache_shape(path: Path) -> tuple[dict[str, int], int]:
 
 
 def need(head: str, rows: dict[str, int], width: int, cfg, with_meta: bool) -> int:
-    """Bytes an in-memory head needs: the packed cache, a fused copy with metadata, and its own working set."""
+    """Bytes an in-memory head needs: the packed cache, a fused copy with metadata, the standardised copy of
+    train + val it is tuned on (the shared arrays are never scaled in place), and its own working set."""
     cache = sum(rows.values()) * width * 4
     n, n_val = rows["train"], rows["val"]
     own = {
@@ -64,7 +65,8 @@ def need(head: str, rows: dict[str, int], width: int, cfg, with_meta: bool) -> i
         "knn": n * width * 4,
         "mlp": n * width * 4,
     }.get(head, n * width * 8 if n * width <= cfg.heads.exact_max_size else 0)
-    return OVERHEAD + cache * (2 if with_meta else 1) + own
+    scaled = (n + n_val) * width * 4
+    return OVERHEAD + cache * (2 if with_meta else 1) + scaled + own
 
 
 def check(heads: list[str], path: Path, cfg, with_meta: bool) -> None:

@@ -16,6 +16,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.preprocessing import normalize
 
+from pipeline.contract import fit_data, predict_data
+
 _CHUNK = 1024
 _KCHUNK = 256  # rows of a kernel block against up to rbf_max_train columns, in float64
 
@@ -34,13 +36,14 @@ class CosineKNN(ClassifierMixin, BaseEstimator):
         self.temperature = temperature
 
     def fit(self, X, y):
+        X, y = fit_data(self, X, y)
         self.classes_, self.y_ = np.unique(y, return_inverse=True)
-        self.X_ = normalize(np.asarray(X, dtype=np.float32))
+        self.X_ = normalize(X)
         return self
 
     def _neighbours(self, X, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k similarities and indices, in chunks so memory stays chunk x n_train."""
-        Xq = normalize(np.asarray(X, dtype=np.float32))
+        Xq = normalize(predict_data(self, X))
         k = min(k, len(self.X_))
         sims, idx = [], []
         for start in range(0, len(Xq), _CHUNK):
@@ -64,7 +67,8 @@ class CosineKNN(ClassifierMixin, BaseEstimator):
         return votes / votes.sum(axis=1, keepdims=True)
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        best = np.argmax(self.predict_proba(X), axis=1)  # validates (and checks fitted) first
+        return self.classes_[best]
 
     def tune(self, X, y, X_val, y_val, grid: dict, desc: str | None = None) -> tuple[dict, float, float]:
         """Every k from one neighbour search; returns (best params, val accuracy, fit seconds)."""
@@ -111,15 +115,18 @@ class KerasMLP(ClassifierMixin, BaseEstimator):
         self.seed = seed
 
     def _build(self, dim: int, n_classes: int):
+        """The network, every random draw seeded from ``seed`` (initialisers, dropout): no global RNG is
+        reset, so fitting an MLP changes nothing else in the process."""
         import keras
 
-        keras.utils.set_random_seed(self.seed)
+        seeds = np.random.SeedSequence(self.seed).generate_state(3)
+        init = [keras.initializers.GlorotUniform(seed=int(s)) for s in seeds[:2]]
         model = keras.Sequential(
             [
                 keras.Input((dim,)),
-                keras.layers.Dense(self.hidden, activation="relu"),
-                keras.layers.Dropout(self.dropout),
-                keras.layers.Dense(n_classes, activation="softmax"),
+                keras.layers.Dense(self.hidden, activation="relu", kernel_initializer=init[0]),
+                keras.layers.Dropout(self.dropout, seed=int(seeds[2])),
+                keras.layers.Dense(n_classes, activation="softmax", kernel_initializer=init[1]),
             ]
         )
         opt = keras.optimizers.AdamW(self.learning_rate, weight_decay=self.weight_decay)
@@ -130,9 +137,10 @@ class KerasMLP(ClassifierMixin, BaseEstimator):
         """With a validation split: early stopping on its loss, best epoch restored and kept in ``epochs_``.
         Without: ``epochs`` (or ``max_epochs``) epochs."""
         import keras
+        import tensorflow as tf
 
+        X, y = fit_data(self, X, y)
         self.classes_, yi = np.unique(y, return_inverse=True)
-        X = np.asarray(X, dtype=np.float32)
         self.model_ = self._build(X.shape[1], len(self.classes_))
         kw = {"epochs": self.epochs or self.max_epochs}
         if X_val is not None:
@@ -142,7 +150,9 @@ class KerasMLP(ClassifierMixin, BaseEstimator):
             stop = keras.callbacks.EarlyStopping("val_loss", patience=self.patience, restore_best_weights=True)
             kw.update(epochs=self.max_epochs, validation_data=(np.asarray(X_val, np.float32), yv), callbacks=[stop])
         batch = min(self.batch_size, max(16, len(X) // 16))  # small sets still get several steps an epoch
-        hist = self.model_.fit(X, yi, batch_size=batch, shuffle=True, verbose=0, **kw)
+        # shuffled by a seeded tf.data op (Keras' own shuffle draws from the global TF seed)
+        train = tf.data.Dataset.from_tensor_slices((X, yi)).shuffle(len(X), seed=self.seed).batch(batch)
+        hist = self.model_.fit(train, verbose=0, **kw)
         if X_val is not None:
             best = int(np.argmin(hist.history["val_loss"]))
             self.epochs_ = best + 1
@@ -152,12 +162,13 @@ class KerasMLP(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X):
-        X = np.asarray(X, np.float32)  # direct calls in chunks: no predict-function retracing per call
+        X = predict_data(self, X)  # direct calls in chunks: no predict-function retracing per call
         parts = [np.asarray(self.model_(X[i : i + 4096], training=False)) for i in range(0, len(X), 4096)]
         return np.vstack(parts) if parts else np.zeros((0, len(self.classes_)), np.float32)
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        best = np.argmax(self.predict_proba(X), axis=1)  # validates (and checks fitted) first
+        return self.classes_[best]
 
     def tune(self, X, y, X_val, y_val, grid: dict, desc: str | None = None) -> tuple[dict, float, float]:
         """Each grid point trained once with early stopping on val; the best model is kept as fitted."""
@@ -248,7 +259,7 @@ class KernelSVC(ClassifierMixin, BaseEstimator):
         self.n_train_ = K.shape[0]
 
     def fit(self, X, y):
-        X = np.asarray(X, dtype=np.float32)
+        X, y = fit_data(self, X, y)
         self.gamma_ = self._gamma(X)
         self._fit_kernel(self._train_kernel(X), y)
         self.support_vectors_ = X[self.svc_.support_]
@@ -259,7 +270,7 @@ class KernelSVC(ClassifierMixin, BaseEstimator):
         return self.svc_.predict(K.astype(np.float64))
 
     def predict(self, X):
-        X = np.asarray(X, dtype=np.float32)
+        X = predict_data(self, X)
         out = []
         for s in range(0, len(X), _KCHUNK):  # the kernel against the support vectors only; zeros elsewhere
             full = np.zeros((min(_KCHUNK, len(X) - s), self.n_train_), dtype=np.float64)
@@ -271,7 +282,7 @@ class KernelSVC(ClassifierMixin, BaseEstimator):
         """Both kernels once, then a coarse-to-fine search over C; the best fit is kept."""
         from pipeline import tuning
 
-        X = np.asarray(X, dtype=np.float32)
+        X, y = fit_data(self, X, y)
         t0 = time.perf_counter()
         self.gamma_ = self._gamma(X)
         mats = {"K": self._train_kernel(X)}

@@ -69,7 +69,10 @@ def cache_key(
     if cfg is not None and cfg.extract.taps and list(cfg.extract.taps) != [taps_mod.NONE]:
         extra["taps"] = json.dumps({"taps": list(cfg.extract.taps), "grid": cfg.extract.tap_grid})
     if cfg is not None and cfg.extract.views:
+        from pipeline.finetune import AUGMENT_SEEDS
+
         views = {"views": cfg.extract.views, "augment": list(cfg.finetune.augment), "seed": cfg.data.seed}
+        views["seeds"] = AUGMENT_SEEDS
         extra["views"] = json.dumps(views)
     return {
         "format": CACHE_FORMAT,

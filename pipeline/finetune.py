@@ -50,19 +50,24 @@ def model_path(cfg: Config, n_subset: int | None = None) -> Path:
     return Path(cfg.artifacts) / "models" / cfg.dataset_name / name
 
 
+AUGMENT_SEEDS = "independent per layer"  # in the inputs keys: results from the shared-seed recipe are redone
+
+
 def augmentation_layers(names: tuple[str, ...], seed: int) -> list:
-    """The Keras augmentation layers named in ``finetune.augment`` (also used for cached views)."""
+    """The Keras augmentation layers named in ``finetune.augment`` (also used for cached views), each with
+    its own seed derived from the run's: one shared seed would make their draws move together."""
     from keras import layers
 
     aug = {
-        "flip": lambda: layers.RandomFlip("horizontal", seed=seed),
-        "zoom": lambda: layers.RandomZoom(0.1, seed=seed),
-        "translate": lambda: layers.RandomTranslation(0.1, 0.1, seed=seed),
+        "flip": lambda s: layers.RandomFlip("horizontal", seed=s),
+        "zoom": lambda s: layers.RandomZoom(0.1, seed=s),
+        "translate": lambda s: layers.RandomTranslation(0.1, 0.1, seed=s),
     }
     unknown = [a for a in names if a not in aug]
     if unknown:
         raise PipelineError(f"unknown augmentation(s) {', '.join(unknown)} (known: {', '.join(aug)})")
-    return [aug[name]() for name in names]
+    seeds = np.random.SeedSequence(seed).generate_state(len(names))
+    return [aug[name](int(s)) for name, s in zip(names, seeds, strict=True)]
 
 
 def build_model(base, spec: backbones.BackboneSpec, n_classes: int, cfg: Config):
@@ -186,6 +191,7 @@ def _inputs_key(cfg: Config, ds: Dataset, spec, weights, size: int) -> str:
         input_size=size,
         finetune=settings,
         seed=cfg.data.seed,
+        augment_seeds=AUGMENT_SEEDS,
     )
 
 

@@ -16,7 +16,6 @@ coarse-to-fine, warm-started C path (``pipeline.tuning``). ``linear_probe``
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -37,6 +36,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline import budget, layer_select, results, tuning, uptodate
 from pipeline.backbones.model_file import name_for
@@ -63,10 +63,11 @@ log = logging.getLogger(__name__)
 FEATURE_SETS = ("image", "image+meta", "image+meta_norm")
 HEADS = results.IN_MEMORY_HEADS
 STREAMING = results.STREAMING_HEADS
-VAL_TUNED = ("mlp", "knn")  # tuned by their own ``tune`` on the validation split
+VAL_TUNED = ("mlp", "knn")
+FLOATS = (np.float64, np.float32)  # kept as they come  # tuned by their own ``tune`` on the validation split
 
 
-class BlockWeight(BaseEstimator, TransformerMixin):
+class BlockWeight(TransformerMixin, BaseEstimator):
     """Scale a standardised block so its total variance is ``weight`` x that of another block.
 
     A handful of metadata columns next to 1,280 embedding dimensions would be
@@ -79,12 +80,14 @@ class BlockWeight(BaseEstimator, TransformerMixin):
         self.n_other = n_other
 
     def fit(self, X, y=None):
+        X = validate_data(self, X, dtype=FLOATS, reset=True)
         self.factor_ = self.weight * np.sqrt(self.n_other / max(X.shape[1], 1))
         return self
 
     def transform(self, X):
-        X = np.asarray(X)
-        return X * np.asarray(self.factor_, dtype=X.dtype if X.dtype.kind == "f" else np.float64)
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=FLOATS, reset=False)
+        return X * np.asarray(self.factor_, dtype=X.dtype)
 
 
 def make_classifier(head: str, cfg: Config, seed: int, n: int = 0, d: int = 0):
@@ -198,7 +201,7 @@ def _accuracy(clf, X: np.ndarray, y: np.ndarray) -> float:
 
 def _tune_on_val(pipe: Pipeline, grid: dict, train: SplitData, val: SplitData, desc: str | None = None):
     """Tune on the validation split: the preprocessing fitted once per setting of its own grid (the
-    metadata weight) and applied in place, then the classifier's own ``tune`` (every value of its grid
+    metadata weight) and applied into one scaled copy, then the classifier's own ``tune`` (every value of its grid
     in one go) or a coarse-to-fine, warm-started ``path_search`` over C.
 
     Returns (best pipeline fitted on train, params, val accuracy, seconds fitting the kept model)."""
@@ -212,24 +215,23 @@ def _tune_on_val(pipe: Pipeline, grid: dict, train: SplitData, val: SplitData, d
     for pre_params in ParameterGrid(pre_grid):
         pre = tuning.fit_scalers(clone(pipe[:-1]).set_params(**pre_params), train.X)
         ab = tuning.affine(pre, train.X.shape[1])
-        in_place = ab is not None and all(X.dtype == np.float32 and X.flags.writeable for X in (train.X, val.X))
-        if in_place:
-            ctx = tuning.transformed_in_place([train.X, val.X], *ab)
+        if ab is not None and all(X.dtype == np.float32 for X in (train.X, val.X)):
+            Xt, Xv = tuning.transformed(train.X, *ab), tuning.transformed(val.X, *ab)
         else:
-            ctx = contextlib.nullcontext([pre.transform(train.X), pre.transform(val.X)])
-        with ctx as (Xt, Xv):
-            clf = clone(pipe[-1])
-            if hasattr(clf, "tune"):
-                params, acc, fit_seconds = clf.tune(Xt, train.y, Xv, val.y, clf_grid, desc=desc)
-            else:
-                ((name, values),) = clf_grid.items()
+            Xt, Xv = pre.transform(train.X), pre.transform(val.X)
+        clf = clone(pipe[-1])
+        if hasattr(clf, "tune"):
+            params, acc, fit_seconds = clf.tune(Xt, train.y, Xv, val.y, clf_grid, desc=desc)
+        else:
+            ((name, values),) = clf_grid.items()
 
-                def fit_score(v, clf=clf, name=name):
-                    clf.set_params(**{name: v}).fit(Xt, train.y)
-                    return _accuracy(clf, Xv, val.y)
+            def fit_score(v, clf=clf, name=name, Xt=Xt, Xv=Xv):
+                clf.set_params(**{name: v}).fit(Xt, train.y)
+                return _accuracy(clf, Xv, val.y)
 
-                value, acc, _, clf, fit_seconds = tuning.path_search(fit_score, clf, values, name, desc)
-                params = {name: value}
+            value, acc, _, clf, fit_seconds = tuning.path_search(fit_score, clf, values, name, desc)
+            params = {name: value}
+        del Xt, Xv  # before the next setting's copy
         if best is None or acc > best[2]:
             fitted = Pipeline([*pre.steps, ("clf", clf)])
             best = (fitted, {**pre_params, **{f"clf__{k}": v for k, v in params.items()}}, acc, fit_seconds)

@@ -22,7 +22,9 @@ import time
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.metaestimators import available_if
 
+from pipeline.contract import binary_scores, fit_data, predict_data
 from pipeline.tuning import edge_values, gram_products, progress_bar, row_chunks
 
 LOSSES = ("log", "squared_hinge")
@@ -39,13 +41,22 @@ def _accuracy_per_head(X: np.ndarray, W: np.ndarray, b: np.ndarray, y: np.ndarra
 
 
 class _Linear(ClassifierMixin, BaseEstimator):
-    """A fitted ``coef_`` (classes x features) and ``intercept_``, scored in float32."""
+    """A fitted ``coef_`` (classes x features, one row per class even for two) and ``intercept_``,
+    scored in float32."""
+
+    def _scores(self, X) -> np.ndarray:
+        return self._raw(predict_data(self, X))
+
+    def _raw(self, X: np.ndarray) -> np.ndarray:
+        """Scores of an already validated float32 X (tuning scores one X for many settings)."""
+        return X @ self.coef_.T + self.intercept_
 
     def decision_function(self, X):
-        return np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_
+        return binary_scores(self._scores(X))
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        best = np.argmax(self._scores(X), axis=1)  # validates (and checks fitted) first
+        return self.classes_[best]
 
 
 class LinearHead(_Linear):
@@ -83,7 +94,7 @@ class LinearHead(_Linear):
         """Train one head per C side by side; returns (W, b, val accuracy per head at the end)."""
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
-        X = np.asarray(X, dtype=np.float32)
+        X, y = fit_data(self, X, y)
         self.classes_, yi = np.unique(y, return_inverse=True)
         n, d = X.shape
         k, g = len(self.classes_), len(Cs)
@@ -162,10 +173,10 @@ class LinearHead(_Linear):
         self.val_accuracy_ = float(acc[j])
         return {"C": self.C}, self.val_accuracy_, time.perf_counter() - t0
 
+    @available_if(lambda self: self.loss == "log")
     def predict_proba(self, X):
-        if self.loss != "log":
-            raise AttributeError("predict_proba needs loss='log'")
-        Z = self.decision_function(X)
+        """Softmax of the class scores (the model ``loss='log'`` trains); absent for the squared hinge."""
+        Z = self._scores(X)
         Z = Z - Z.max(axis=1, keepdims=True)
         P = np.exp(Z)
         return P / P.sum(axis=1, keepdims=True)
@@ -179,7 +190,7 @@ class RidgeHead(_Linear):
         self.alpha = alpha
 
     def _decompose(self, X, y):
-        X = np.asarray(X, dtype=np.float32)
+        X, y = fit_data(self, X, y)
         self.classes_, yi = np.unique(y, return_inverse=True)
         n = len(X)
         T = 2.0 * np.eye(len(self.classes_))[yi] - 1.0
@@ -204,11 +215,12 @@ class RidgeHead(_Linear):
         parts = self._decompose(X, y)
         alphas = sorted(grid.get("alpha", [self.alpha]))
         scores: dict[float, float] = {}
+        X_val = predict_data(self, X_val)  # validated once for the whole grid
 
         def score(values):
             for a in values:
                 self._set(*parts, a)
-                scores[a] = float(np.mean(self.predict(X_val) == y_val))
+                scores[a] = float(np.mean(self.classes_[np.argmax(self._raw(X_val), axis=1)] == y_val))
 
         score(alphas)
         best = max(sorted(scores), key=lambda a: scores[a])

@@ -3,6 +3,10 @@
 One row per (dataset, backbone, method, features, layers, n_train); rerunning a
 configuration replaces its row instead of duplicating it. ``n_train`` is the number of
 training images the method was given: the whole training split, or a learning-curve subset.
+
+Several stages write it, possibly at once (``make -j2 demo``, a second terminal): every
+read-modify-write holds the table's OS lock, and the new table replaces the old by an atomic rename.
+A table that no longer parses (edited by hand) is named with its bad line instead of being rewritten.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
+from pipeline import lock
 from pipeline.config import atomic_path
+from pipeline.errors import PipelineError
 
 KEY = ["dataset", "backbone", "method", "features", "layers", "n_train"]
 FINETUNED = ("finetune", "frozen_dense")  # trained end to end on images (frozen_dense: phase 1 of the fine-tune)
@@ -70,11 +76,29 @@ def read_results(path: Path) -> pd.DataFrame:
     """The table; rows written before layer sets existed read as ``layers = last``."""
     if not Path(path).exists():
         return pd.DataFrame(columns=COLUMNS)
-    table = pd.read_csv(path)
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path} is not a valid results table: {_first_line(e)}; {_FIX}") from None
+    missing = [k for k in KEY if k != "layers" and k not in table.columns]
+    if missing:
+        raise PipelineError(f"{path} is not a valid results table: no column(s) {', '.join(missing)}; {_FIX}")
+    bad = table[table[["dataset", "backbone", "method"]].isna().any(axis=1)]
+    if len(bad):
+        line = int(bad.index[0]) + 2  # the header is line 1
+        raise PipelineError(f"{path} is not a valid results table: line {line} has no dataset/backbone/method; {_FIX}")
     if "layers" not in table.columns:
         table["layers"] = "last"
     table["layers"] = table["layers"].fillna("last")
     return table
+
+
+_FIX = "fix or delete that line (each stage's rerun adds its rows back), or move the file away"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__
 
 
 def _same(a, b) -> bool:
@@ -88,7 +112,12 @@ def _same(a, b) -> bool:
 
 
 def upsert(path: Path, row: dict) -> pd.DataFrame:
-    """Replace the row with the same key (or append), written atomically."""
+    """Replace the row with the same key (or append), under the table's lock, written atomically."""
+    with lock.exclusive(path, announce=False):
+        return _upsert(Path(path), row)
+
+
+def _upsert(path: Path, row: dict) -> pd.DataFrame:
     row = {"timestamp": datetime.now(UTC).isoformat(timespec="seconds"), "layers": "last", **row}
     table = read_results(path)
     if len(table):
