@@ -30,7 +30,8 @@ def exclusive(path: Path, announce: bool = True):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            (log.warning if announce else log.debug)("waiting: %s is being written by %s; continuing when it is done", Path(path).name, holder)
+            say = log.warning if announce else log.debug
+            say("waiting: %s is being written by %s; continuing when it is done", Path(path).name, holder)
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
