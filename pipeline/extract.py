@@ -43,7 +43,9 @@ KEY_FIELDS = (
     "class_names",
     "taps",
     "views",
+    "precision",
 )
+SHOWN = ("backbone", "weights", "input_size", "preprocessing", "precision")  # old -> new in the stale message
 VIEWS = "views"  # augmented training views, a group beside the split groups
 
 
@@ -83,16 +85,26 @@ def cache_key(
         "preprocessing": spec.preprocessing,
         "dataset_fingerprint": ds.fingerprint(),
         "class_names": json.dumps(ds.class_names),
+        "precision": backbones.compute_precision(cfg.backbone.mixed_precision if cfg else True),
         **extra,
     }
 
 
 def read_key(f: h5py.File) -> dict:
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items() if k in KEY_FIELDS}
+    """The key a cache was made with. Caches from before ``precision`` was keyed recorded only their
+    device, and on a CPU that settles it: float32."""
+    key = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items() if k in KEY_FIELDS}
+    if "precision" not in key and f.attrs.get("device") == "CPU":
+        key["precision"] = "float32 (CPU)"
+    return key
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    return [k for k in KEY_FIELDS if old.get(k) != new.get(k)]
+    return [
+        f"{k} changed: {old.get(k) or '(not recorded)'} -> {new.get(k)}" if k in SHOWN else f"{k} changed"
+        for k in KEY_FIELDS
+        if old.get(k) != new.get(k)
+    ]
 
 
 def _contents(f: h5py.File) -> tuple[int, dict[str, list[str]]]:
@@ -195,7 +207,7 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
                 n, skipped = _contents(f)
                 log.info("cache hit: %s (%d embeddings, no forward pass needed)", out, n)
                 return ExtractResult(out, True, n, float(f.attrs["extract_seconds"]), skipped)
-        log.info("cache %s is stale (%s changed); re-extracting", out, ", ".join(_differences(old, key)))
+        log.info("cache %s is stale (%s); re-extracting", out, "; ".join(_differences(old, key)))
 
     import tensorflow as tf
 

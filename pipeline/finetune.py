@@ -192,6 +192,7 @@ def _inputs_key(cfg: Config, ds: Dataset, spec, weights, size: int) -> str:
         finetune=settings,
         seed=cfg.data.seed,
         augment_seeds=AUGMENT_SEEDS,
+        precision=backbones.compute_precision(cfg.backbone.mixed_precision),
     )
 
 

@@ -114,3 +114,22 @@ def test_augmentation_layers_draw_from_independent_seeds():
     assert len(set(seeds)) == 3
     assert seeds == [layer.seed for layer in augmentation_layers(("flip", "zoom", "translate"), 0)]
     assert seeds != [layer.seed for layer in augmentation_layers(("flip", "zoom", "translate"), 1)]
+
+
+def test_a_cache_of_another_precision_is_reextracted_with_the_reason(cfg, caplog):
+    import h5py
+
+    from pipeline import extract
+
+    first = extract.run(cfg)
+    with h5py.File(first.path, "r") as f:
+        assert f.attrs["precision"] == "float32 (CPU)"
+    with h5py.File(first.path, "a") as f:  # as a GPU run under mixed precision would have written it
+        f.attrs["precision"] = "mixed_float16 (GPU)"
+        f.attrs["device"] = "GPU"
+    second = extract.run(cfg)
+    assert not second.cache_hit
+    assert "precision changed: mixed_float16 (GPU) -> float32 (CPU)" in caplog.text
+    with h5py.File(second.path, "a") as f:  # a cache from before precision was keyed: its device settles it
+        del f.attrs["precision"]
+    assert extract.run(cfg).cache_hit

@@ -275,6 +275,28 @@ def resolve_weights(spec: BackboneSpec, weights: str, artifacts: Path, input_siz
     return Weights(f"file ({path.name})", sha256_file(path), path)
 
 
+def gpu_visible() -> bool:
+    """Whether TensorFlow sees a GPU. With only the CPU wheel installed the answer needs no TensorFlow
+    import, so a cache hit stays fast."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("tensorflow")  # the GPU-capable wheel; `tensorflow-cpu` is its own distribution
+    except PackageNotFoundError:
+        return False
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def compute_precision(mixed_precision: bool = True) -> str:
+    """What the forward pass computes in, and where: ``float32 (CPU)``, ``mixed_float16 (GPU)`` or
+    ``float32 (GPU)``. Part of every cache and fine-tune key: a GPU's float16 (or TF32) features are
+    not a CPU's float32 features, and must never be reused as if they were."""
+    gpu = gpu_visible()
+    return f"{'mixed_float16' if gpu and mixed_precision else 'float32'} ({'GPU' if gpu else 'CPU'})"
+
+
 @contextlib.contextmanager
 def device_policy(mixed_precision: bool = True):
     """Yields whether a GPU is visible; models built inside use float16 compute there
