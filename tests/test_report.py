@@ -344,3 +344,56 @@ def test_crowded_point_labels_do_not_overlap():
     assert len(boxes) == len(rows)
     overlaps = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
     assert not overlaps, [(ax.texts[i].get_text(), ax.texts[j].get_text()) for i, j in overlaps]
+
+
+def test_a_head_scored_on_fewer_test_images_is_compared_on_the_common_ones(tmp_path):
+    """--metadata-missing drop left 40 test images out of the head's predictions, all ones the fine-tune got
+    wrong: its accuracy on those 360 against the fine-tune's on all 400 reads +9.2 pt; on the same images it is
+    -0.8 pt."""
+    from pipeline.report.stats import mcnemar, paired_delta_ci
+
+    cfg = _report_cfg(tmp_path)
+    art = tmp_path / "artifacts"
+    ft = np.arange(400) % 10 != 0  # 90% right; the 40 wrong ones are ids 0, 10, 20, ...
+    head = ft.copy()
+    head[[1, 2, 3]] = False
+    kept = np.arange(400) % 10 != 0  # the head has no metadata row for exactly the fine-tune's misses
+    _write_preds(art / "ft.csv", ft)
+    _write_preds(art / "meta.csv", head)
+    pred = pd.read_csv(art / "meta.csv")
+    pred[kept].to_csv(art / "meta.csv", index=False)
+    for method, features, correct, file in (
+        ("finetune", "image", ft, "ft.csv"),
+        ("ridge", "image+meta", head[kept], "meta.csv"),
+    ):
+        upsert(
+            results_path(cfg.artifacts, "d"),
+            dict(
+                dataset="d",
+                backbone="b0",
+                method=method,
+                features=features,
+                n_train=300,
+                n_test=len(correct),
+                test_accuracy=correct.mean(),
+                val_accuracy=0.9,
+                train_seconds=50.0,
+                extract_seconds=1.0,
+                params="{}",
+                predictions=file,
+            ),
+        )
+    out = report.run(cfg)
+    text = (out.parent / "report.md").read_text()
+    first = text.split("## Comparison")[0]
+    paired_delta = (head[kept].mean() - ft[kept].mean()) * 100
+    assert head[kept].mean() - ft.mean() > 0.09  # the unpaired difference: +9.3 pt
+    assert f"{head[kept].mean():.4f} on its 360 test images vs {ft.mean():.4f} fine-tuned on 400" in first
+    assert f"on the 360 images both scored {paired_delta:+.2f} pt" in first
+    summary = pd.read_csv(out.parent / "summary.csv")
+    row = summary[(summary["method"] == "ridge") & (summary["status"] == "ok")].iloc[0]
+    assert row["n_paired"] == 360 and row["delta_pt"] == pytest.approx(paired_delta)
+    assert row["mcnemar_p"] == pytest.approx(mcnemar(head[kept], ft[kept])[2])
+    _, lo, hi = paired_delta_ci(head[kept], ft[kept])
+    assert (row["delta_ci_low"], row["delta_ci_high"]) == pytest.approx((lo * 100, hi * 100))
+    assert f"{paired_delta:+.2f} (on 360 paired)" in text.split("## Comparison")[1]

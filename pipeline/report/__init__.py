@@ -36,6 +36,7 @@ from pipeline.report.tables import (
     per_class_table,
     ratio_text,
     subgroup_accuracy,
+    vs_finetune,
 )
 from pipeline.report.verdict import verdict
 from pipeline.results import head_name, read_results, results_path
@@ -111,6 +112,7 @@ def run(cfg: Config) -> Path:
             preds[i] = pred
     baselines = {r["backbone"]: i for i, r in table.iterrows() if r["method"] == "finetune" and r["status"] == "ok"}
     table = with_uncertainty(table, preds, baselines)
+    table["vs_finetune"] = vs_finetune(table)
     table.to_csv(out_dir / "summary.csv", index=False)
 
     sections: list[tuple[str, object]] = [("", Verdict(verdict(table)))]

@@ -79,6 +79,12 @@ def correct_by_id(pred: pd.DataFrame) -> pd.Series:
     return pd.Series((pred["y_true"] == pred["y_pred"]).to_numpy(), index=pred["id"].astype(str))
 
 
+def unpaired(row: pd.Series) -> bool:
+    """Whether a row's method and its fine-tune scored different test images (so Δ is on the common ones)."""
+    n = [row.get(k, np.nan) for k in ("n_paired", "n_scored", "n_base")]
+    return bool(np.isfinite(n).all() and len(set(n)) > 1)
+
+
 def paired_correct(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Which test images each of two prediction sets got right, on the images both scored, in one order."""
     ca, cb = correct_by_id(a), correct_by_id(b)
@@ -87,20 +93,25 @@ def paired_correct(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.nda
 
 
 def with_uncertainty(table: pd.DataFrame, preds: dict[int, pd.DataFrame], baselines: dict[str, int]) -> pd.DataFrame:
-    """Add acc_ci_low/high to every row with predictions, and delta_ci_low/high + mcnemar_p against
-    its backbone's fine-tune (``baselines``: backbone -> row index), paired on the test images both scored."""
+    """Add acc_ci_low/high to every row with predictions, and delta_pt, delta_ci_low/high, mcnemar_p and
+    n_paired against its backbone's fine-tune (``baselines``: backbone -> row index), all computed on the
+    test images both scored: a head that dropped images (``--metadata-missing drop``) is compared with
+    the fine-tune on the images it kept, never its accuracy on fewer images against one on all."""
     out = table.copy()
-    for col in ("acc_ci_low", "acc_ci_high", "delta_ci_low", "delta_ci_high", "mcnemar_p"):
+    for col in ("acc_ci_low", "acc_ci_high", "delta_ci_low", "delta_ci_high", "mcnemar_p", "n_scored", "n_paired", "n_base"):
         out[col] = np.nan
     for i, pred in preds.items():
         out.loc[i, ["acc_ci_low", "acc_ci_high"]] = accuracy_ci((pred["y_true"] == pred["y_pred"]).to_numpy())
+        out.loc[i, "n_scored"] = len(pred)
         base = baselines.get(out.loc[i, "backbone"])
         if base is None or base == i or base not in preds:
             continue
         c, b = paired_correct(pred, preds[base])
+        out.loc[i, ["n_paired", "n_base"]] = len(c), len(preds[base])
         if not len(c):
+            out.loc[i, "delta_pt"] = np.nan
             continue
-        _, lo, hi = paired_delta_ci(c, b)
-        out.loc[i, ["delta_ci_low", "delta_ci_high"]] = lo * 100, hi * 100
+        delta, lo, hi = paired_delta_ci(c, b)
+        out.loc[i, ["delta_pt", "delta_ci_low", "delta_ci_high"]] = delta * 100, lo * 100, hi * 100
         out.loc[i, "mcnemar_p"] = mcnemar(c, b)[2]
     return out

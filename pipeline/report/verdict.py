@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from pipeline.report.stats import unpaired
 from pipeline.report.tables import best_head, ci_text, method_label, pareto_front, ratio_text
 
 ALPHA = 0.05
@@ -55,10 +56,7 @@ def verdict(table: pd.DataFrame) -> list[str]:
             )
             continue
         f = ft.iloc[0]
-        text = (
-            f"{who}Best frozen head (by validation accuracy): {label} — {head['test_accuracy']:.4f} vs "
-            f"{f['test_accuracy']:.4f} fine-tuned, {head['delta_pt']:+.2f} pt"
-        )
+        text = f"{who}Best frozen head (by validation accuracy): {label} — {_versus(head, f)}"
         lo, hi, p = head.get("delta_ci_low", np.nan), head.get("delta_ci_high", np.nan), head.get("mcnemar_p", np.nan)
         stats = []
         if np.isfinite(lo):
@@ -111,6 +109,18 @@ def _image_only(table: pd.DataFrame, backbone: str, head: pd.Series) -> list[str
         + (f" (95% CI {ci})" if ci else "")
         + f"; the metadata adds {gain:+.2f} pt."
     ]
+
+
+def _versus(head: pd.Series, ft: pd.Series) -> str:
+    """The two accuracies and Δ; when the head scored other test images than the fine-tune (metadata rows
+    dropped), each accuracy with its count and Δ on the images both scored, which is what Δ is."""
+    if not unpaired(head):
+        return f"{head['test_accuracy']:.4f} vs {ft['test_accuracy']:.4f} fine-tuned, {head['delta_pt']:+.2f} pt"
+    return (
+        f"{head['test_accuracy']:.4f} on its {head['n_scored']:,.0f} test images vs {ft['test_accuracy']:.4f} "
+        f"fine-tuned on {ft['n_scored']:,.0f}; on the {head['n_paired']:,.0f} images both scored "
+        f"{head['delta_pt']:+.2f} pt"
+    )
 
 
 def _acc_ci(row: pd.Series) -> str:
