@@ -98,7 +98,16 @@ def with_uncertainty(table: pd.DataFrame, preds: dict[int, pd.DataFrame], baseli
     test images both scored: a head that dropped images (``--metadata-missing drop``) is compared with
     the fine-tune on the images it kept, never its accuracy on fewer images against one on all."""
     out = table.copy()
-    for col in ("acc_ci_low", "acc_ci_high", "delta_ci_low", "delta_ci_high", "mcnemar_p", "n_scored", "n_paired", "n_base"):
+    for col in (
+        "acc_ci_low",
+        "acc_ci_high",
+        "delta_ci_low",
+        "delta_ci_high",
+        "mcnemar_p",
+        "n_scored",
+        "n_paired",
+        "n_base",
+    ):
         out[col] = np.nan
     for i, pred in preds.items():
         out.loc[i, ["acc_ci_low", "acc_ci_high"]] = accuracy_ci((pred["y_true"] == pred["y_pred"]).to_numpy())

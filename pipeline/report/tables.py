@@ -107,7 +107,9 @@ def comparison_table(results: pd.DataFrame, with_meta: bool = False) -> pd.DataF
 
 def vs_finetune(df: pd.DataFrame) -> list[str]:
     """'+1.0 pt, 5.9× faster' per row (again after the paired Δ replaces the unpaired one)."""
-    return ["" if not np.isfinite(d) else f"{d:+.1f} pt, {ratio_text(r)}" for d, r in zip(df["delta_pt"], df["time_ratio"])]
+    return [
+        "" if not np.isfinite(d) else f"{d:+.1f} pt, {ratio_text(r)}" for d, r in zip(df["delta_pt"], df["time_ratio"])
+    ]
 
 
 def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
