@@ -12,8 +12,6 @@ import os
 import re
 from pathlib import Path
 
-import h5py
-
 from pipeline.errors import PipelineError
 
 DEFAULT_FRACTION = 0.75
@@ -47,7 +45,9 @@ def parse(text: str | None) -> int:
 
 def cache_shape(path: Path) -> tuple[dict[str, int], int]:
     """(rows per split, feature width of last + every tap), from the cache's metadata only."""
-    with h5py.File(path, "r") as f:
+    from pipeline.features import reading
+
+    with reading(path) as f:
         taps = json.loads(f.attrs.get("tap_layers", "[]"))
         rows = {s: f[s]["embeddings"].shape[0] for s in ("train", "val", "test")}
         width = f["train"]["embeddings"].shape[1] + sum(f["train"]["taps"][n].shape[1] for n in taps)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shutil
+import signal
 import sys
 import traceback
+from pathlib import Path
 
 from pipeline.config import add_config_arguments, resolve_config
 from pipeline.errors import PipelineError
@@ -99,9 +103,33 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every ``finally`` runs: temporary files are removed, the cache's
+    partial file is closed at its last complete batch, nothing half-written is left in place."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def disk_full_message(e: OSError) -> str:
+    """One line for a full disk (or a file-size limit): where, how much is free, and that nothing is lost."""
+    where = Path(e.filename) if e.filename else Path.cwd()
+    folder = next((p for p in (where, *where.parents) if p.exists()), Path.cwd())
+    free = shutil.disk_usage(folder).free
+    return (
+        f"no space left writing {e.filename or 'a file'} ({os.strerror(e.errno)}; {free / 2**20:,.0f} MiB free on "
+        f"the disk of {folder}): nothing already written was replaced; free space and rerun the same command"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.stage == "backbones":
             _list_backbones(args)
@@ -115,9 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, OSError) as e:
         if args.debug:
             traceback.print_exc()
-        msg = str(e) if isinstance(e, PipelineError) else f"{type(e).__name__}: {e}"
+        if isinstance(e, PipelineError):
+            msg = str(e)
+        elif e.errno in DISK_FULL:
+            msg = disk_full_message(e)
+        else:
+            msg = f"{type(e).__name__}: {e}"
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}; nothing half-written was kept: rerun the same command to continue", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130

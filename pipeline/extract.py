@@ -14,8 +14,13 @@ images (the fine-tune's own augmentation layers), for heads' ``--train-views``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +170,21 @@ def _open_partial(path: Path, key: dict, dim: int, taps: list[taps_mod.Tap], gro
     return f
 
 
+CHUNK_ROWS = 256
+SLACK = 256 * 2**10  # HDF5's own metadata and heap growth per batch, beyond the rows and a new chunk per dataset
+
+
+def ensure_room(path: Path, nbytes: int) -> None:
+    """Raise ENOSPC *before* a write that would not fit on the disk (or under the process's file-size
+    limit). HDF5 turns a write that fails half way into a file it can no longer open, so a full disk
+    must be met while the partial file is still whole: then it resumes once space is freed."""
+    free = shutil.disk_usage(path.parent).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    size = path.stat().st_size if path.exists() else 0
+    if nbytes > free or (limit != resource.RLIM_INFINITY and size + nbytes > limit):
+        raise OSError(errno.ENOSPC if nbytes > free else errno.EFBIG, os.strerror(errno.ENOSPC), str(path))
+
+
 def append_rows(
     group: h5py.Group,
     embeddings: np.ndarray,
@@ -177,6 +197,9 @@ def append_rows(
     rows = int(group.attrs["rows"])
     n = len(ids)
     columns = [embeddings, labels, np.asarray(ids, dtype=object), *taps]
+    # a new storage chunk per dataset at worst, the batch itself, and HDF5's slack
+    chunk_bytes = sum(CHUNK_ROWS * int(np.prod(c.shape[1:])) * 4 for c in (embeddings, *taps))
+    ensure_room(Path(group.file.filename), chunk_bytes + sum(len(i) + 16 for i in ids) + n * 8 + SLACK)
     for name, values in zip(row_datasets(group), columns, strict=True):
         group[name].resize(rows + n, axis=0)
         group[name][rows:] = values
@@ -199,15 +222,29 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
         return _extract(cfg, ds, spec, size, weights, key, out)
 
 
-def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out: Path) -> ExtractResult:
-    if out.exists():
+def _cache_hit(out: Path, key: dict) -> ExtractResult | None:
+    """The complete cache made with ``key``, or None (and why) when it must be (re)built. An unreadable
+    cache (truncated, corrupted) is rebuilt: it holds nothing a rerun cannot make again."""
+    if not out.exists():
+        return None
+    try:
         with h5py.File(out, "r") as f:
             old = read_key(f)
             if old == key and f.attrs.get("complete"):
                 n, skipped = _contents(f)
                 log.info("cache hit: %s (%d embeddings, no forward pass needed)", out, n)
                 return ExtractResult(out, True, n, float(f.attrs["extract_seconds"]), skipped)
-        log.info("cache %s is stale (%s); re-extracting", out, "; ".join(_differences(old, key)))
+    except (OSError, KeyError) as e:
+        log.warning("warning: cache %s is unreadable (%s); rebuilding it", out, str(e).splitlines()[0])
+        return None
+    log.info("cache %s is stale (%s); re-extracting", out, "; ".join(_differences(old, key)))
+    return None
+
+
+def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out: Path) -> ExtractResult:
+    hit = _cache_hit(out, key)
+    if hit is not None:
+        return hit
 
     import tensorflow as tf
 
@@ -244,9 +281,15 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
     partial = out.with_name(out.name + ".partial")
     f = _open_partial(partial, key, dim, taps, groups)
     try:
-        _extract_splits(f, ds, model, forward, size, cfg)
-        if cfg.extract.views:
-            _extract_views(f, ds, forward_augmented, size, cfg)
+        try:
+            _extract_splits(f, ds, model, forward, size, cfg)
+            if cfg.extract.views:
+                _extract_views(f, ds, forward_augmented, size, cfg)
+        except (OSError, RuntimeError) as e:
+            full = _disk_full(e, f, partial, ds, cfg, dim + sum(t.width for t in taps))
+            if full is None:
+                raise
+            raise full from None
         f.attrs.update(
             embedding_dim=dim,
             complete=True,
@@ -257,14 +300,46 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
         seconds = float(f.attrs["extract_seconds"])
         n, skipped = _contents(f)
         n_views = int(f[VIEWS]["ids"].shape[0]) if VIEWS in f else 0
-    finally:
-        f.close()
+    except BaseException:
+        with contextlib.suppress(RuntimeError, OSError):  # a failed write may fail the close too: say the first
+            f.close()
+        raise
+    f.close()  # a failure here (the last flush) propagates: the partial file is never renamed into place
     partial.replace(out)
     write_json_atomic(out.with_suffix(".json"), run_record(cfg, "extract", key=key, seconds=seconds, skipped=skipped))
     views = f" + {n_views} augmented views" if n_views else ""
     rate = (n + n_views) / max(seconds, 1e-9)
     log.info("wrote %s: %d x %d embeddings%s in %.1fs (%.1f img/s)", out, n, dim, views, seconds, rate)
     return ExtractResult(out, False, n, seconds, skipped)
+
+
+def _disk_full(e: Exception, f: h5py.File, partial: Path, ds: Dataset, cfg: Config, width: int) -> Exception | None:
+    """A full disk (or file-size limit) met while writing the cache, in one line: where, what is free, what
+    the rest needs, and that the rows written so far resume. None for any other error."""
+    code = getattr(e, "errno", None)
+    if code not in (errno.ENOSPC, errno.EFBIG) and not any(f"errno = {c}" in str(e) for c in (28, 27)):
+        return None
+    total = sum(len(ds.splits[s].ids) for s in SPLITS) + cfg.extract.views * len(ds.splits["train"].ids)
+    done = sum(int(f[g].attrs["rows"]) for g in f if "rows" in f[g].attrs)
+    need = (total - done) * (width * 4 + 64)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if code == errno.EFBIG and limit != resource.RLIM_INFINITY:
+        room = f"the file-size limit (ulimit -f) is {_mib(limit)}"
+    else:
+        room = f"{_mib(shutil.disk_usage(partial.parent).free)} free on the disk of {partial.parent}"
+    whole = isinstance(e, OSError) and code is not None  # stopped before the write: the partial file is whole
+    kept = (
+        f"the {done:,} rows written are kept; free space and rerun the same command to resume"
+        if whole
+        else "HDF5 failed mid-write, so the partial file may be damaged (a rerun restarts it); free space first"
+    )
+    return PipelineError(
+        f"disk full writing {partial} ({room}; the remaining {total - done:,} images need ~{_mib(need)} more): {kept}"
+    )
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def augmentation(names: tuple[str, ...], seed: int):

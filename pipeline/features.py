@@ -6,6 +6,7 @@ embedding's id, and the metadata table is indexed by the same ids.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -179,17 +180,26 @@ class CacheInfo(_CacheAttrs):
 
 def train_labels(path: Path) -> np.ndarray:
     """The training split's labels alone (to draw learning-curve subsets before loading anything)."""
-    with h5py.File(path, "r") as f:
+    with reading(path) as f:
         return f["train"]["labels"][()]
 
 
-def _open(path: Path) -> h5py.File:
+@contextlib.contextmanager
+def reading(path: Path):
+    """The cache open for reading. A file HDF5 cannot read (truncated, overwritten) is one line naming it
+    and the command that rebuilds it, never a traceback from inside h5py, however deep the read."""
+    path = Path(path)
     if not path.exists():
         raise PipelineError(f"no embedding cache at {path}: run `make extract` (python -m pipeline extract) first")
     try:
-        return h5py.File(path, "r")
-    except OSError as e:
-        raise PipelineError(f"{path} is not a readable HDF5 cache ({e}); delete it and rerun `make extract`") from None
+        with h5py.File(path, "r") as f:
+            yield f
+    except (OSError, KeyError, RuntimeError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(
+            f"{path} is not a readable HDF5 cache (truncated or corrupt: {why}); rerun `make extract` "
+            "(python -m pipeline extract), which rebuilds it"
+        ) from None
 
 
 def _checked_attrs(f: h5py.File, path: Path, backbone: str | None) -> dict:
@@ -204,14 +214,14 @@ def _checked_attrs(f: h5py.File, path: Path, backbone: str | None) -> dict:
 def check_cache(path: Path, backbone: str | None = None) -> dict:
     """The attributes of a complete cache made by ``backbone``; one-line errors otherwise. Loads no rows."""
     path = Path(path)
-    with _open(path) as f:
+    with reading(path) as f:
         return _checked_attrs(f, path, backbone)
 
 
 def load_features(path: Path, backbone: str | None = None) -> FeatureSet:
     """Read a complete cache; refuse a partial one or one made by another backbone."""
     path = Path(path)
-    with _open(path) as f:
+    with reading(path) as f:
         attrs = _checked_attrs(f, path, backbone)
         layers = json.loads(attrs.get("tap_layers", "[]"))
         packed, splits, embeddings, taps = {}, {}, {}, {}

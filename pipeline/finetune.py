@@ -291,6 +291,7 @@ def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None
     ids, y_true, y_pred = _predict(model, ds, "test", size, ft.batch_size)
     scores = results.scores(y_true, y_pred)
 
+    uptodate.invalidate(stem.with_suffix(".json"))
     with atomic_path(out, ".keras") as tmp:
         model.save(tmp)
     res = FinetuneResult(out, float(val_acc), scores, state["phase_seconds"], state["epochs_run"])

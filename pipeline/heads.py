@@ -486,6 +486,7 @@ def _run_in_memory(
             if label != layer_select.LAST:
                 r.params["layers"] = list(layers)
             stem = out_dir / p.name
+            uptodate.invalidate(stem.with_name(stem.name + ".json"))
             with atomic_path(stem.with_name(stem.name + ".joblib")) as tmp:
                 joblib.dump(model, tmp)
             pred_path = out_dir / f"{p.name}.predictions.csv"
@@ -576,6 +577,7 @@ def _run_streaming(
             list(layers),
         )
         stem = out_dir / p.name
+        uptodate.invalidate(stem.with_name(stem.name + ".json"))
         with atomic_path(stem.with_name(stem.name + ".keras"), suffix=".keras") as tmp:
             res.model.save(tmp)
         pred_path = out_dir / f"{p.name}.predictions.csv"

@@ -55,3 +55,9 @@ def reusable(record: Path, key: str, *files: Path, force: bool = False) -> dict 
     except (OSError, json.JSONDecodeError):
         return None
     return saved if saved.get("inputs_key") == key else None
+
+
+def invalidate(record: Path) -> None:
+    """Remove a result's record before its files are rewritten: the record is written last and vouches for
+    them, so between the two (a kill, a full disk) nothing claims that half-replaced files are a result."""
+    Path(record).unlink(missing_ok=True)

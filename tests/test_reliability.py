@@ -133,3 +133,158 @@ def test_a_cache_of_another_precision_is_reextracted_with_the_reason(cfg, caplog
     with h5py.File(second.path, "a") as f:  # a cache from before precision was keyed: its device settles it
         del f.attrs["precision"]
     assert extract.run(cfg).cache_hit
+
+
+def _cache_arrays(path):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {
+            s: (f[s]["ids"].asstr()[()].tolist(), f[s]["embeddings"][()], [f[s]["taps"][n][()] for n in f[s]["taps"]])
+            for s in ("train", "val", "test")
+        }
+
+
+def _same_cache(a, b):
+    for s in ("train", "val", "test"):
+        assert a[s][0] == b[s][0]
+        np.testing.assert_allclose(a[s][1], b[s][1], rtol=1e-5, atol=1e-6)
+        for x, y in zip(a[s][2], b[s][2], strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_a_disk_filling_up_mid_extraction_stops_in_one_line_and_resumes(cfg, tmp_path, monkeypatch):
+    """The free space runs out after three batches: a one-line error naming the disk and the space the rest
+    needs, the partial file whole (three batches), and a rerun resumes to the uninterrupted cache."""
+    import shutil
+
+    from pipeline import extract
+
+    real_usage = shutil.disk_usage
+
+    reference = _cache_arrays(extract.run(cfg).path)
+    cfg.artifacts = str(tmp_path / "full")
+    calls = {"n": 0}
+
+    def filling_disk(path):
+        calls["n"] += 1
+        usage = real_usage(path)
+        return usage._replace(free=usage.free if calls["n"] <= 3 else 1000)
+
+    monkeypatch.setattr(extract.shutil, "disk_usage", filling_disk)
+    with pytest.raises(PipelineError) as e:
+        extract.run(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"disk full writing {extract.cache_path(cfg)}.partial")
+    assert "MiB free on the disk of" in msg and "the remaining 24 images need ~" in msg
+    assert "the 12 rows written are kept; free space and rerun the same command to resume" in msg
+    monkeypatch.undo()
+    resumed = extract.run(cfg)
+    assert not resumed.cache_hit
+    _same_cache(_cache_arrays(resumed.path), reference)
+
+
+_LIMITED = textwrap.dedent(
+    """
+    import resource, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    import conftest  # registers the tiny backbone
+    from pipeline.cli import main
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+    sys.exit(main(sys.argv[3:]))
+    """
+)
+
+
+def test_a_real_file_size_limit_fails_cleanly_and_the_rerun_completes(cfg, tmp_path, presplit):
+    """RLIMIT_FSIZE makes the kernel refuse the cache's growth as a full disk would: one error line, no
+    traceback, and the rerun without the limit ends with the same cache as an uninterrupted run."""
+    from pathlib import Path
+
+    from pipeline import extract
+
+    reference = extract.run(cfg)
+    limit = reference.path.stat().st_size // 2
+    argv = ["extract", "--dataset", str(presplit), "--backbone", "tiny_cnn", "--weights", "none"]
+    argv += ["--batch-size", "4", "--artifacts", str(tmp_path / "limited")]
+    tests = str(Path(__file__).parent)
+    run = subprocess.run([sys.executable, "-c", _LIMITED, tests, str(limit), *argv], capture_output=True, text=True)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and len(errors) == 1 and "disk full writing" in errors[0], run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "the file-size limit (ulimit -f) is" in errors[0]
+
+    cfg.artifacts = str(tmp_path / "limited")
+    _same_cache(_cache_arrays(extract.run(cfg).path), _cache_arrays(reference.path))
+
+
+def test_a_truncated_cache_is_named_with_the_rebuild_command_and_extract_rebuilds_it(cfg, caplog, capsys):
+    from pipeline import extract, heads
+    from pipeline.cli import main
+
+    path = extract.run(cfg).path
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PipelineError, match=rf"{path} is not a readable HDF5 cache .*rerun `make extract`"):
+        heads.run(cfg)
+    rebuilt = extract.run(cfg)
+    assert not rebuilt.cache_hit and f"cache {path} is unreadable" in caplog.text and "rebuilding it" in caplog.text
+    assert len(heads.run(cfg)) > 0
+    corrupt = bytearray(path.read_bytes())  # a complete file whose data blocks were overwritten
+    corrupt[len(corrupt) // 3 :] = bytes(len(corrupt) - len(corrupt) // 3)
+    path.write_bytes(bytes(corrupt))
+    argv = ["heads", "--dataset", cfg.data.dataset, "--backbone", "tiny_cnn", "--artifacts", cfg.artifacts]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(path) in errors[0] and "`make extract`" in errors[0], errors
+
+
+_KILLED_MID_WRITE = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    import conftest  # registers the tiny backbone
+    import joblib
+    from pipeline import heads
+    from pipeline.cli import main
+    calls = {"n": 0}
+    def dump_then_die(obj, path):
+        calls["n"] += 1
+        joblib.dump(obj, path)
+        if calls["n"] == 3:  # the third model: half written to its temporary file when SIGTERM arrives
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            os.kill(os.getpid(), signal.SIGTERM)
+    heads.joblib = type("J", (), {"dump": staticmethod(dump_then_die), "load": joblib.load})
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+def test_sigterm_during_heads_leaves_no_half_written_artifact_and_a_rerun_finishes(cfg, caplog):
+    """Every sidecar left vouches for a complete model (the sidecar is removed before a model is rewritten
+    and written after it); temporary files are removed on the way out; the rerun fits only what is missing."""
+    from pathlib import Path
+
+    import joblib
+
+    from pipeline import extract, heads
+
+    extract.run(cfg)
+    argv = ["heads", "--dataset", cfg.data.dataset, "--backbone", "tiny_cnn", "--artifacts", cfg.artifacts]
+    run = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_WRITE, str(Path(__file__).parent), *argv], capture_output=True, text=True
+    )
+    assert run.returncode == 143, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith("terminated; nothing half-written was kept")
+    out = Path(cfg.artifacts) / "heads" / "toy" / "tiny_cnn"
+    assert not list(out.glob("*.tmp*"))
+    sidecars = sorted(out.glob("*.json"))
+    models = [p.with_suffix(".joblib") for p in sidecars if p.name != "layers.json"]
+    assert len(models) == 2  # the two finished heads; the third has no sidecar
+    for m in models:
+        assert hasattr(joblib.load(m), "predict")
+    rerun = heads.run(cfg)
+    assert len(rerun) == 8 and caplog.text.count("up to date") == 2
+    table = results.read_results(results.results_path(cfg.artifacts, "toy"))
+    assert len(table) == 8

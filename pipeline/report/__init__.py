@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from pipeline.config import Config, library_versions, writable_dir
+from pipeline.config import Config, atomic_path, library_versions, writable_dir
 from pipeline.errors import PipelineError
 from pipeline.report.curve import curve_points, heads_only_note, where_finetuning_pays
 from pipeline.report.layers import layer_sections
@@ -113,7 +113,8 @@ def run(cfg: Config) -> Path:
     baselines = {r["backbone"]: i for i, r in table.iterrows() if r["method"] == "finetune" and r["status"] == "ok"}
     table = with_uncertainty(table, preds, baselines)
     table["vs_finetune"] = vs_finetune(table)
-    table.to_csv(out_dir / "summary.csv", index=False)
+    with atomic_path(out_dir / "summary.csv") as tmp:
+        table.to_csv(tmp, index=False)
 
     sections: list[tuple[str, object]] = [("", Verdict(verdict(table)))]
     main = display_table(table)

@@ -13,7 +13,7 @@ import pandas as pd
 
 
 def plot_layer_scores(per_layer: pd.DataFrame, chosen: list[str], path: Path, title: str) -> None:
-    from pipeline.report.plots import _plt
+    from pipeline.report.plots import _plt, save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(per_layer) + 1.6), dpi=110)
@@ -30,7 +30,7 @@ def plot_layer_scores(per_layer: pd.DataFrame, chosen: list[str], path: Path, ti
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

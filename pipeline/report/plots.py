@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.config import atomic_path
 from pipeline.report.tables import method_label, pareto_front
+
+
+def save_figure(fig, path: Path) -> None:
+    """Written beside ``path`` and renamed into place: an interrupted report never leaves half a PNG."""
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
 
 
 def _plt():
@@ -35,7 +42,7 @@ MARKERS = {
 def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None:
     plt = _plt()
     fig = accuracy_vs_time_figure(table, dataset)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -117,7 +124,7 @@ def plot_confusion(pred: pd.DataFrame, class_names: list[str], path: Path, title
         )
         ax.set_title(f"{title}: {sub}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -180,7 +187,7 @@ def plot_gradcam(
         ax.axis("off")
     fig.suptitle("Grad-CAM of the fine-tuned model (predicted class)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -216,5 +223,5 @@ def plot_curve(curve: pd.DataFrame, path: Path, dataset: str) -> None:
     sec_ax.set_title("cost of each point", fontsize=10)
     acc_ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

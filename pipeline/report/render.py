@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.config import atomic_path
+
 
 def _fmt(v, col: str) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
@@ -85,5 +87,6 @@ def render(sections: list[tuple[str, object]], title: str, out_dir: Path) -> Non
             md += [str(content), ""]
             ht.append(f"<p>{html.escape(str(content))}</p>")
     ht.append("</body></html>")
-    (out_dir / "report.md").write_text("\n".join(md) + "\n")
-    (out_dir / "report.html").write_text("\n".join(ht) + "\n")
+    for name, lines in (("report.md", md), ("report.html", ht)):
+        with atomic_path(out_dir / name) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
