@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import joblib
@@ -485,16 +486,13 @@ def _run_in_memory(
             r.layers, r.layer_names = label, list(layers)
             if label != layer_select.LAST:
                 r.params["layers"] = list(layers)
-            stem = out_dir / p.name
-            uptodate.invalidate(stem.with_name(stem.name + ".json"))
-            with atomic_path(stem.with_name(stem.name + ".joblib")) as tmp:
-                joblib.dump(model, tmp)
-            pred_path = out_dir / f"{p.name}.predictions.csv"
             test = splits["test"]
-            results.write_predictions(pred_path, test.ids, test.y, r.test_pred, fs.class_names)
+            pred_path = _save(
+                out_dir / p.name, ".joblib", partial(joblib.dump, model), test.ids, test.y, r.test_pred, fs.class_names
+            )
             row = _row(cfg, fs, r, len(splits["train"].y), len(test.y), pred_path, share)
             results.upsert(res_path, row)
-            _sidecar(stem, r, fs, cfg, meta_names, inputs_key=p.key, row=row)  # last: it vouches for the rest
+            _sidecar(out_dir / p.name, r, fs, cfg, meta_names, inputs_key=p.key, row=row)  # last: it vouches
             log.info(
                 "  %-28s val %.4f  test %.4f  %s  tune %.1fs + fit %.1fs",
                 p.name,
@@ -576,15 +574,10 @@ def _run_streaming(
             p.label,
             list(layers),
         )
-        stem = out_dir / p.name
-        uptodate.invalidate(stem.with_name(stem.name + ".json"))
-        with atomic_path(stem.with_name(stem.name + ".keras"), suffix=".keras") as tmp:
-            res.model.save(tmp)
-        pred_path = out_dir / f"{p.name}.predictions.csv"
-        results.write_predictions(pred_path, test.ids(), test.labels, pred, info.class_names)
+        pred_path = _save(out_dir / p.name, ".keras", res.model.save, test.ids(), test.labels, pred, info.class_names)
         row = _row(cfg, info, r, streams["train"].n, test.n, pred_path)
         results.upsert(res_path, row)
-        _sidecar(stem, r, info, cfg, [], val_per_decay=res.val_per_decay, inputs_key=p.key, row=row)
+        _sidecar(out_dir / p.name, r, info, cfg, [], val_per_decay=res.val_per_decay, inputs_key=p.key, row=row)
         log.info(
             "  %-28s val %.4f  test %.4f  decay=%g epochs=%d  %.1fs",
             p.name,
@@ -598,6 +591,18 @@ def _run_streaming(
             st.close()
         out.append(r)
     return out
+
+
+def _save(stem: Path, ext: str, write_model, ids, y_true, y_pred, class_names: list[str]) -> Path:
+    """Model and test predictions written to temporary files first; only when both are whole is the old
+    record removed and are they renamed into place. A full disk or a kill while writing leaves the previous
+    result (model, predictions, record, results row) exactly as it was. Returns the predictions' path."""
+    pred_path = stem.with_name(stem.name + ".predictions.csv")
+    with atomic_path(stem.with_name(stem.name + ext), suffix=ext) as tmp_model, atomic_path(pred_path) as tmp_pred:
+        write_model(tmp_model)
+        results.write_predictions(tmp_pred, ids, y_true, y_pred, class_names)
+        uptodate.invalidate(stem.with_name(stem.name + ".json"))
+    return pred_path
 
 
 def _params_text(params: dict) -> str:

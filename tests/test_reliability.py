@@ -288,3 +288,32 @@ def test_sigterm_during_heads_leaves_no_half_written_artifact_and_a_rerun_finish
     assert len(rerun) == 8 and caplog.text.count("up to date") == 2
     table = results.read_results(results.results_path(cfg.artifacts, "toy"))
     assert len(table) == 8
+
+
+def test_a_full_disk_while_saving_a_head_keeps_the_previous_result_whole(cfg, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    from pipeline import extract
+    from pipeline.cli import main
+
+    extract.run(cfg)
+    argv = ["heads", "--dataset", cfg.data.dataset, "--backbone", "tiny_cnn", "--artifacts", cfg.artifacts]
+    argv += ["--heads", "ridge", "--layers", "last"]
+    assert main(argv) == 0
+    art = Path(cfg.artifacts)
+    before = {p: p.read_bytes() for p in art.rglob("*") if p.is_file() and "heads" in p.parts or p.suffix == ".csv"}
+    real = results.write_predictions
+
+    def full_disk(path, *a, **k):
+        real(path, *a, **k)  # the file is written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(results, "write_predictions", full_disk)
+    assert main([*argv, "--alpha-grid", "1e6"]) == 2  # another model than the saved one
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "no space left writing" in err[0] and "free on the disk of" in err[0], err
+    after = {p: p.read_bytes() for p in art.rglob("*") if p.is_file() and "heads" in p.parts or p.suffix == ".csv"}
+    after.pop(art / "heads" / "toy" / "tiny_cnn" / "layers.json")  # per-layer scores, rewritten whole each run
+    before.pop(art / "heads" / "toy" / "tiny_cnn" / "layers.json")
+    assert after == before  # model, predictions, sidecar and the results table as they were; no temporary files
