@@ -317,3 +317,21 @@ def test_a_full_disk_while_saving_a_head_keeps_the_previous_result_whole(cfg, mo
     after.pop(art / "heads" / "toy" / "tiny_cnn" / "layers.json")  # per-layer scores, rewritten whole each run
     before.pop(art / "heads" / "toy" / "tiny_cnn" / "layers.json")
     assert after == before  # model, predictions, sidecar and the results table as they were; no temporary files
+
+
+def test_the_fine_tune_key_has_the_precision_too(cfg, monkeypatch):
+    """A fine-tune trained on a GPU under mixed precision is not reused for a CPU float32 run."""
+    from pathlib import Path
+
+    from pipeline import backbones, finetune
+    from pipeline.data import from_config
+
+    ds = from_config(cfg)
+    spec = backbones.from_config(cfg.backbone)
+    weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), spec.input_size)
+    cpu = finetune._inputs_key(cfg, ds, spec, weights, spec.input_size)
+    monkeypatch.setattr(backbones, "gpu_visible", lambda: True)
+    gpu = finetune._inputs_key(cfg, ds, spec, weights, spec.input_size)
+    cfg.backbone.mixed_precision = False
+    gpu32 = finetune._inputs_key(cfg, ds, spec, weights, spec.input_size)
+    assert len({cpu, gpu, gpu32}) == 3
