@@ -216,7 +216,8 @@ def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None
     out = model_path(cfg, n_subset)
     stem = out.with_suffix("")
     frozen_stem = stem.with_name(stem.name.replace("-finetuned", "-frozen_dense"))
-    files = [out, _pred(stem)] + ([_pred(frozen_stem)] if ft.epochs_head > 0 else [])
+    frozen_model = frozen_stem.with_suffix(".keras")
+    files = [out, _pred(stem)] + ([_pred(frozen_stem), frozen_model] if ft.epochs_head > 0 else [])
     key = _inputs_key(cfg, ds, spec, weights, size)
     saved = uptodate.reusable(stem.with_suffix(".json"), key, *files, force=cfg.force)
     if saved is not None:
@@ -283,6 +284,8 @@ def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None
             # the Keras-guide recipe (frozen backbone + dense head, backbone run every epoch): its own method
             ids, y_true, y_pred = _predict(model, ds, "test", size, ft.batch_size)
             results.write_predictions(_pred(work / "frozen_dense"), ids, y_true, y_pred, ds.class_names)
+            with atomic_path(work / "frozen_dense.keras", ".keras") as tmp:  # so `predict` can apply it too
+                model.save(tmp)
             state["frozen"] = {"scores": results.scores(y_true, y_pred), "n_test": len(y_true)}
             write_json_atomic(state_file, state)
 
@@ -332,6 +335,8 @@ def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None
     ]
     if "frozen" in state and state["phase_seconds"]:
         (work / "frozen_dense.predictions.csv").replace(_pred(frozen_stem))
+        if (work / "frozen_dense.keras").exists():  # absent only in a work folder resumed from an older version
+            (work / "frozen_dense.keras").replace(frozen_model)
         rows.append(
             {
                 **common,
