@@ -15,6 +15,9 @@ ENGINE    ?= local
 EXTRAS    ?=
 BACKBONES ?= efficientnet_lite0 efficientnet_lite1 efficientnet_lite2
 FINETUNE  ?=
+IMAGES    ?=
+METHOD    ?=
+FORMAT    ?= keras
 
 RUN    := $(BIN)/python -m pipeline
 space  := $(subst ,, )
@@ -25,12 +28,12 @@ COMMON := --dataset $(DATA) --artifacts $(ARTIFACTS) $(CFG)
 STAMP  := $(VENV)/.installed-$(TF)$(if $(EXTRAS),-$(subst $(space),-,$(EXTRAS)))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data extract svm finetune report demo curve sweep test lint bench clean
+.PHONY: help setup data extract svm finetune report demo curve sweep predict export test lint bench clean
 
 help: ## list targets and variables
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: DATA=$(DATA) BACKBONE=$(BACKBONE) ARTIFACTS=$(ARTIFACTS) TF=$(TF) (cpu|gpu) CONFIG=run.toml ARGS=..."
-	@echo "             BACKBONES=\"$(BACKBONES)\" FINETUNE=1 (sweep)"
+	@echo "             BACKBONES=\"$(BACKBONES)\" FINETUNE=1 (sweep)  IMAGES=DIR METHOD=... (predict)  FORMAT=... (export)"
 
 setup: $(STAMP) ## create .venv and install the project (editable) with test extras
 
@@ -57,6 +60,12 @@ finetune: data ## fine-tune BACKBONE end to end (two phases, timed): the baselin
 
 report: setup ## accuracy-vs-time report from whatever results exist
 	$(RUN) report $(COMMON) $(STAGE_ARGS)
+
+predict: setup ## apply the verdict's method (METHOD=ridge@all, finetune, ... for another) to new images: IMAGES=DIR
+	$(RUN) predict $(COMMON) --backbone $(BACKBONE) $(if $(IMAGES),--images $(IMAGES)) $(if $(METHOD),--method $(METHOD)) $(STAGE_ARGS)
+
+export: setup ## the verdict's method (or METHOD=...) as one model: FORMAT=keras|saved_model|onnx|litert
+	$(RUN) export $(COMMON) --backbone $(BACKBONE) --format $(FORMAT) $(if $(METHOD),--method $(METHOD)) $(STAGE_ARGS)
 
 demo: svm finetune ## set up, prepare the default data and run the whole comparison
 	$(RUN) report $(COMMON)

@@ -52,6 +52,18 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
         ["data", "report"],
         "pipeline.report:run",
     ),
+    "predict": (
+        "apply the verdict's method (or --method: any head, finetune, frozen_dense) to new images: a CSV of "
+        "predicted classes and per-class scores, and the accuracy when the images carry labels",
+        ["data", "backbone", "predict"],
+        "pipeline.predict:run",
+    ),
+    "export": (
+        "export the verdict's method (or --method) as one self-contained model (raw RGB in, per-class scores "
+        "out) in Keras, SavedModel, ONNX or LiteRT format, with labels.txt and a manifest",
+        ["data", "backbone", "export"],
+        "pipeline.export:run",
+    ),
 }
 
 

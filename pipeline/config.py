@@ -205,6 +205,38 @@ class ReportConfig:
 
 
 @dataclass
+class PredictConfig:
+    images: str | None = _opt(
+        None, "new images: a folder (searched recursively; class subfolders give labels) or a text file of paths"
+    )
+    method: str | None = _opt(
+        None,
+        "what to apply: a head as named in artifacts/heads (ridge, ridge@all, logreg+meta_norm, ...), finetune or "
+        "frozen_dense (default: the method the report's verdict chose, artifacts/reports/<dataset>/choice.json)",
+    )
+    output: str | None = _opt(None, "predictions CSV (default: artifacts/predictions/<dataset>/<method>.csv)")
+    image_metadata: str | None = _opt(
+        None, "metadata CSV of the new images (a +meta method needs it; same id rules as training)"
+    )
+    image_labels: str | None = _opt(None, "a CSV giving the new images' classes (id column + 'label'), for accuracy")
+    metadata_missing: str | None = _opt(
+        None, "images without metadata: error, drop (listed, not scored) or impute (default: as in training)"
+    )
+    batch_size: int = _opt(32, "images per forward pass")
+
+
+@dataclass
+class ExportConfig:
+    method: str | None = _opt(None, "what to export, named as for predict (default: the verdict's choice)")
+    format: str = _opt(
+        "keras",
+        "keras (.keras), saved_model (TensorFlow SavedModel), onnx, or litert (.tflite)",
+        choices=("keras", "saved_model", "onnx", "litert"),
+    )
+    output: str | None = _opt(None, "folder (default: artifacts/export/<dataset>/<method>-<format>/)")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -218,6 +250,8 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     curve: CurveConfig = field(default_factory=CurveConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def dataset_dir(self) -> Path:

@@ -317,7 +317,33 @@ def encode_metadata(meta: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return encoded, list(map(str, numeric.columns))
 
 
-def fuse(fs: FeatureSet, meta: pd.DataFrame, missing: str = "error") -> tuple[dict[str, SplitData], list[str]]:
+@dataclass
+class MetaEncoding:
+    """How metadata became feature columns at training time, saved with each metadata head so that
+    ``predict`` encodes new images' rows exactly as the training images' were."""
+
+    columns: list[str]  # the raw metadata columns used
+    names: list[str]  # the encoded columns, in order (numeric ones, then one-hot ``col=value``)
+    numeric: list[str]
+    fill: dict[str, float]  # imputation values: the training median (numeric), 0 (one-hot: "unknown")
+    missing: str  # the --metadata-missing policy
+
+    def encode(self, meta: pd.DataFrame) -> pd.DataFrame:
+        """The encoded block of ``meta`` (indexed by id): categories never seen in training are all-zero
+        ("unknown"); a missing value stays NaN for the policy to handle."""
+        encoded, _ = encode_metadata(meta[self.columns])
+        block = encoded.reindex(columns=self.names)
+        onehot = [n for n in self.names if n not in self.numeric]
+        seen = encoded.columns.intersection(onehot)
+        block[[n for n in onehot if n not in seen]] = 0.0
+        for col in self.columns:  # a missing categorical value is missing in every one-hot column of its group
+            if col not in self.numeric:
+                group = [n for n in onehot if n.startswith(f"{col}=")]
+                block.loc[meta[col].isna().to_numpy(), group] = np.nan
+        return block
+
+
+def fuse(fs: FeatureSet, meta: pd.DataFrame, missing: str = "error") -> tuple[dict[str, SplitData], MetaEncoding]:
     """Concatenate [embedding | metadata] per split, joined by id.
 
     ``missing``: ``error`` names the first images lacking a row or value; ``drop``
@@ -330,26 +356,33 @@ def fuse(fs: FeatureSet, meta: pd.DataFrame, missing: str = "error") -> tuple[di
     names = list(encoded.columns)
     fill = pd.Series(0.0, index=names)
     fill[numeric] = encoded.reindex(fs.splits["train"].ids)[numeric].median().fillna(0.0)
+    spec = MetaEncoding(list(map(str, meta.columns)), names, numeric, fill.astype(float).to_dict(), missing)
     out: dict[str, SplitData] = {}
     for s in SPLITS:
         d = fs.splits[s]
         block = encoded.reindex(d.ids)
-        no_row = ~pd.Index(d.ids).isin(encoded.index)
-        incomplete = block.isna().any(axis=1).to_numpy()
-        if incomplete.any():
-            bad = d.ids[incomplete]
-            what = "no metadata row" if no_row[incomplete].all() else "missing metadata values"
-            if missing == "error":
-                raise PipelineError(
-                    f"{incomplete.sum()} {s} images have {what}, e.g. {', '.join(bad[:5])} "
-                    f"(use --metadata-missing drop|impute to proceed)"
-                )
-            if missing == "drop":
-                log.warning("warning: dropping %d %s images with %s, e.g. %s", len(bad), s, what, ", ".join(bad[:3]))
-                d, block = d.take(~incomplete), block[~incomplete]
-            else:
-                log.warning("warning: imputing metadata for %d %s images, e.g. %s", len(bad), s, ", ".join(bad[:3]))
-                block = block.fillna(fill)
-        X = np.hstack([d.X, block.to_numpy(dtype=np.float32)])
-        out[s] = SplitData(X, d.y, d.ids)
-    return out, names
+        keep = apply_missing(block, d.ids, spec, s)
+        out[s] = SplitData(
+            np.hstack([d.X[keep], block[keep].fillna(spec.fill).to_numpy(np.float32)]), d.y[keep], d.ids[keep]
+        )
+    return out, spec
+
+
+def apply_missing(block: pd.DataFrame, ids: np.ndarray, spec: MetaEncoding, where: str) -> np.ndarray:
+    """The rows to keep under the policy (all of them for impute, which fills later); ``error`` raises."""
+    incomplete = block.isna().any(axis=1).to_numpy()
+    if not incomplete.any():
+        return np.ones(len(block), dtype=bool)
+    no_row = block.isna().all(axis=1).to_numpy()
+    bad = np.asarray(ids)[incomplete]
+    what = "no metadata row" if no_row[incomplete].all() else "missing metadata values"
+    if spec.missing == "error":
+        raise PipelineError(
+            f"{incomplete.sum()} {where} images have {what}, e.g. {', '.join(bad[:5])} "
+            f"(use --metadata-missing drop|impute to proceed)"
+        )
+    if spec.missing == "drop":
+        log.warning("warning: dropping %d %s images with %s, e.g. %s", len(bad), where, what, ", ".join(bad[:3]))
+        return ~incomplete
+    log.warning("warning: imputing metadata for %d %s images, e.g. %s", len(bad), where, ", ".join(bad[:3]))
+    return np.ones(len(block), dtype=bool)

@@ -49,6 +49,7 @@ from pipeline.extract import KEY_FIELDS, cache_path
 from pipeline.features import (
     CacheInfo,
     FeatureSet,
+    MetaEncoding,
     SplitData,
     check_cache,
     fuse,
@@ -464,15 +465,15 @@ def _run_in_memory(
         mine = [p for p in plan if p.label == label]
         variants: dict[str, tuple[dict[str, SplitData], list[str]]] = {}
         if any(p.features == "image" for p in mine):
-            variants["image"] = (fs.splits, [])
+            variants["image"] = (fs.splits, None)
         if any(p.features != "image" for p in mine):
             fused = fuse(fs, meta, cfg.heads.metadata_missing)
-            log.info("metadata: %d columns after encoding (%s)", len(fused[1]), ", ".join(fused[1][:8]))
+            log.info("metadata: %d columns after encoding (%s)", len(fused[1].names), ", ".join(fused[1].names[:8]))
             for f in {p.features for p in mine if p.features != "image"}:
                 variants[f] = fused
         widths = [w for _, w in fs.blocks]
         for p in mine:
-            splits, meta_names = variants[p.features]
+            splits, encoding = variants[p.features]
             log.info(
                 "fitting %s on %s [%s] (%d train, %d-dim)",
                 p.name,
@@ -492,7 +493,7 @@ def _run_in_memory(
             )
             row = _row(cfg, fs, r, len(splits["train"].y), len(test.y), pred_path, share)
             results.upsert(res_path, row)
-            _sidecar(out_dir / p.name, r, fs, cfg, meta_names, inputs_key=p.key, row=row)  # last: it vouches
+            _sidecar(out_dir / p.name, r, fs, cfg, encoding, inputs_key=p.key, row=row)  # last: it vouches
             log.info(
                 "  %-28s val %.4f  test %.4f  %s  tune %.1fs + fit %.1fs",
                 p.name,
@@ -577,7 +578,7 @@ def _run_streaming(
         pred_path = _save(out_dir / p.name, ".keras", res.model.save, test.ids(), test.labels, pred, info.class_names)
         row = _row(cfg, info, r, streams["train"].n, test.n, pred_path)
         results.upsert(res_path, row)
-        _sidecar(out_dir / p.name, r, info, cfg, [], val_per_decay=res.val_per_decay, inputs_key=p.key, row=row)
+        _sidecar(out_dir / p.name, r, info, cfg, None, val_per_decay=res.val_per_decay, inputs_key=p.key, row=row)
         log.info(
             "  %-28s val %.4f  test %.4f  decay=%g epochs=%d  %.1fs",
             p.name,
@@ -609,7 +610,9 @@ def _params_text(params: dict) -> str:
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items() if k != "layers")
 
 
-def _sidecar(stem: Path, r: HeadResult, fs, cfg: Config, meta_names: list[str], **extra) -> None:
+def _sidecar(stem: Path, r: HeadResult, fs, cfg: Config, encoding: MetaEncoding | None, **extra) -> None:
+    """The head's record, written last: it vouches for the model beside it, and says everything ``predict``
+    needs to apply it (layers, classes, the metadata encoding)."""
     write_json_atomic(
         stem.with_name(stem.name + ".json"),
         run_record(
@@ -623,13 +626,15 @@ def _sidecar(stem: Path, r: HeadResult, fs, cfg: Config, meta_names: list[str], 
             tune_seconds=r.tune_seconds,
             fit_seconds=r.fit_seconds,
             n_train=r.n_train,
-            metadata_columns=meta_names,
+            metadata_columns=encoding.names if encoding else [],
+            metadata_encoding=dataclasses.asdict(encoding) if encoding else None,
             layers=r.layers,
             layer_names=r.layer_names,
             train_views=cfg.heads.train_views,
             class_names=fs.class_names,
             cache={
                 "path": str(fs.path),
+                "key": {k: fs.attrs.get(k) for k in KEY_FIELDS},
                 "dataset_fingerprint": fs.attrs.get("dataset_fingerprint"),
                 "weights": fs.attrs.get("weights"),
                 "extract_seconds": fs.extract_seconds,

@@ -12,10 +12,13 @@ or to a ``grid`` x ``grid`` layout then flattened, and returned in float32.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 STAGES = "stages"
 NONE = "none"
@@ -158,28 +161,64 @@ def pool_layer(grid: int, name: str):
     return pool_class()(grid, name=name)
 
 
-def feature_model(spec, base, taps: list[Tap]):
+def feature_model(spec, base, taps: list[Tap], portable: bool = False):
     """Raw RGB 0-255 in; [final embedding, tap 1, tap 2, ...] out (float32), one forward pass.
 
-    With no taps this is ``backbones.feature_model``'s single-output model.
+    With no taps this is ``backbones.feature_model``'s single-output model. ``portable``: only built-in
+    Keras layers (the preprocessing as a ``Dense`` on the channels, the pooling as crops + global
+    averages), so an exported model loads where this package is not installed; same numbers.
     """
     import keras
 
     from pipeline.backbones import feature_model as single
-    from pipeline.backbones.layers import Preprocess
 
     if not taps:
-        return single(spec, base)
+        return single(spec, base, portable)
     inner = keras.Model(base.inputs, [base.output] + [base.get_layer(t.layer).output for t in taps])
     inputs = keras.Input(shape=base.input_shape[1:], name="image")
-    x = Preprocess(spec.preprocess_kind, name="preprocess")(inputs)
-    outs = inner(x, training=False)
+    outs = inner(preprocess_layer(spec, portable)(inputs), training=False)
     pooled = [keras.layers.Activation("linear", dtype="float32", name="embedding")(outs[0])]
     for k, (tap, out) in enumerate(zip(taps, outs[1:])):
         if tap.spatial:
-            out = pool_layer(tap.grid, f"tap{k}_pool")(out)
+            out = (
+                portable_pool(out, tap.grid, f"tap{k}_pool") if portable else pool_layer(tap.grid, f"tap{k}_pool")(out)
+            )
         pooled.append(keras.layers.Activation("linear", dtype="float32", name=f"tap{k}")(out))
     return keras.Model(inputs, pooled, name=f"{spec.name}_features_taps")
+
+
+def preprocess_layer(spec, portable: bool = False):
+    """The backbone's preprocessing: the registered layer, or (``portable``) a built-in ``Dense`` doing the
+    same affine map; a preprocessing that is not affine stays the registered layer, with a notice."""
+    from pipeline.backbones.layers import Preprocess, portable_preprocess
+
+    if portable:
+        layer = portable_preprocess(spec.preprocess_kind)
+        if layer is not None:
+            return layer
+        log.warning(
+            "notice: %s's preprocessing is not a per-pixel affine map; the export keeps its own layer, "
+            "so loading it needs this package",
+            spec.name,
+        )
+    return Preprocess(spec.preprocess_kind, name="preprocess")
+
+
+def portable_pool(x, grid: int, name: str):
+    """``adaptive_pool`` from built-in layers: one crop + global average per cell, concatenated."""
+    import keras
+
+    if grid == 1:
+        return keras.layers.GlobalAveragePooling2D(name=name)(x)
+    h, w = int(x.shape[1]), int(x.shape[2])
+    cells = []
+    for i in range(grid):
+        r0, r1 = (i * h) // grid, -(-((i + 1) * h) // grid)
+        for j in range(grid):
+            c0, c1 = (j * w) // grid, -(-((j + 1) * w) // grid)
+            crop = keras.layers.Cropping2D(((r0, h - r1), (c0, w - c1)), name=f"{name}_crop{i}{j}")(x)
+            cells.append(keras.layers.GlobalAveragePooling2D(name=f"{name}_cell{i}{j}")(crop))
+    return keras.layers.Concatenate(name=name)(cells)
 
 
 def describe(base) -> list[tuple[str, str, bool]]:

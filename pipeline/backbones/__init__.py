@@ -329,14 +329,15 @@ def build_backbone(spec: BackboneSpec, weights: Weights, input_size: int | None 
         raise PipelineError(f"weights {weights.path} do not fit {spec.name}: {str(e).splitlines()[0]}") from None
 
 
-def feature_model(spec: BackboneSpec, base):
-    """Raw RGB 0-255 in, embeddings out: preprocessing lives inside the model."""
+def feature_model(spec: BackboneSpec, base, portable: bool = False):
+    """Raw RGB 0-255 in, embeddings out: preprocessing lives inside the model (``portable``: as built-in
+    layers, see ``taps.preprocess_layer``)."""
     import keras
 
-    from pipeline.backbones.layers import Preprocess
+    from pipeline.taps import preprocess_layer
 
     inputs = keras.Input(shape=base.input_shape[1:], name="image")
-    x = Preprocess(spec.preprocess_kind, name="preprocess")(inputs)
+    x = preprocess_layer(spec, portable)(inputs)
     x = base(x, training=False)
     return keras.Model(
         inputs, keras.layers.Activation("linear", dtype="float32", name="embedding")(x), name=f"{spec.name}_features"

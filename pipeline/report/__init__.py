@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from pipeline.config import Config, atomic_path, library_versions, writable_dir
+from pipeline.config import Config, atomic_path, library_versions, writable_dir, write_json_atomic
 from pipeline.errors import PipelineError
 from pipeline.report.curve import curve_points, heads_only_note, where_finetuning_pays
 from pipeline.report.layers import layer_sections
@@ -38,7 +38,7 @@ from pipeline.report.tables import (
     subgroup_accuracy,
     vs_finetune,
 )
-from pipeline.report.verdict import verdict
+from pipeline.report.verdict import choice, verdict
 from pipeline.results import head_name, read_results, results_path
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,11 @@ def run(cfg: Config) -> Path:
         table.to_csv(tmp, index=False)
 
     sections: list[tuple[str, object]] = [("", Verdict(verdict(table)))]
+    chosen = choice(table)
+    if chosen is not None:  # what `predict` and `export` apply by default: the verdict's own pick
+        write_json_atomic(out_dir / "choice.json", chosen)
+    else:
+        (out_dir / "choice.json").unlink(missing_ok=True)
     main = display_table(table)
     main.attrs["css"] = "main"
     sections.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -109,6 +110,36 @@ def _image_only(table: pd.DataFrame, backbone: str, head: pd.Series) -> list[str
         + (f" (95% CI {ci})" if ci else "")
         + f"; the metadata adds {gain:+.2f} pt."
     ]
+
+
+def choice(table: pd.DataFrame) -> dict | None:
+    """The method the verdict recommends, over every backbone: the best frozen head by validation accuracy
+    (``best_head``, as in the verdict's first line), recorded so that `predict` and `export` apply exactly it."""
+    head = best_head(table)
+    if head is None:
+        return None
+    name = Path(str(head["predictions"])).name.removesuffix(".predictions.csv")
+
+    def num(key):
+        value = head.get(key, np.nan)
+        return None if pd.isna(value) else float(value)
+
+    return {
+        "backbone": head["backbone"],
+        "name": name,
+        "method": head["method"],
+        "features": head["features"],
+        "layers": head["layers"],
+        "label": method_label(head["method"], head["features"], head["layers"]),
+        "n_train": num("n_train"),
+        "val_accuracy": num("val_accuracy"),
+        "test_accuracy": num("test_accuracy"),
+        "test_accuracy_ci": [num("acc_ci_low"), num("acc_ci_high")],
+        "delta_vs_finetune_pt": num("delta_pt"),
+        "delta_ci_pt": [num("delta_ci_low"), num("delta_ci_high")],
+        "mcnemar_p": num("mcnemar_p"),
+        "total_seconds": num("total_seconds"),
+    }
 
 
 def _versus(head: pd.Series, ft: pd.Series) -> str:

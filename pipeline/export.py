@@ -1,0 +1,183 @@
+"""`make export`: the answer as one self-contained model, with its class names and a manifest.
+
+Raw RGB 0-255 images of the backbone's input size go in (preprocessing inside), per-class scores come
+out: probabilities for logreg and the fine-tuned models, decision values for ridge and linear SVM. A
+linear head on cached features is *folded*: its standardisation, block weights and linear weights are
+one affine map, so they become one ``Dense`` layer on top of the tapped feature model, and nothing of
+scikit-learn is needed at inference. The model is built from built-in Keras layers only, then written
+by Keras' own ``Model.export`` (SavedModel, ONNX, LiteRT) or ``Model.save`` (``.keras``), so it runs
+where this package is not installed. A ``+meta`` head becomes a two-input model (image, encoded
+metadata vector; the encoding is in the manifest). RBF SVM, k-NN and the MLP do not fold: their export
+is the feature model plus the scikit-learn head, which ``predict`` applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import methods, tuning
+from pipeline.config import Config, library_versions, write_json_atomic
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+FILES = {"keras": "model.keras", "saved_model": "saved_model", "onnx": "model.onnx", "litert": "model.tflite"}
+LINEAR = ("RidgeHead", "LinearHead", "LinearSVC", "LogisticRegression")
+
+
+def folded(head, d: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(W (d x outputs), bias, activation) with ``activation(x @ W + bias)`` equal to the pipeline's
+    ``predict_proba`` (softmax) or ``decision_function`` (linear) on raw features x."""
+    clf = head[-1]
+    ab = tuning.affine(head[:-1], d) if len(head) > 1 else (np.ones(d, np.float32), np.zeros(d, np.float32))
+    if ab is None:
+        raise PipelineError("the head's preprocessing is not an affine map; it cannot be folded into a layer")
+    a, b = (v.astype(np.float64) for v in ab)
+    coef, icpt = clf.coef_.astype(np.float64), np.asarray(clf.intercept_, np.float64)
+    proba = hasattr(clf, "predict_proba")
+    if coef.shape[0] == 1:  # scikit-learn's binary form: one row for the second class
+        coef, icpt = (
+            (np.vstack([-coef / 2, coef / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])) if proba else (coef, icpt)
+        )
+    elif coef.shape[0] == 2 and not proba:  # our heads keep a row per class; decision_function is their difference
+        coef, icpt = coef[1:] - coef[:1], icpt[1:] - icpt[:1]
+    W = (coef * a[None, :]).T
+    bias = coef @ b + icpt
+    return W.astype(np.float32), bias.astype(np.float32), "softmax" if proba else "linear"
+
+
+def build(method: methods.Method):
+    """The exportable Keras model: image (and metadata) in, per-class scores out; built-in layers only."""
+    import keras
+
+    if method.head is None:
+        return _finetuned(method.model)
+    if methods.is_keras(method.head) or type(method.head[-1]).__name__ not in LINEAR:
+        return None
+    model = method.model
+    blocks = [model.outputs[b] for b in method.blocks]
+    inputs = [model.input]
+    if method.encoding is not None:
+        meta = keras.Input((len(method.encoding.names),), name="metadata")
+        inputs.append(meta)
+        blocks.append(meta)
+    x = blocks[0] if len(blocks) == 1 else keras.layers.Concatenate(name="features")(blocks)
+    W, bias, activation = folded(method.head, int(x.shape[-1]))
+    dense = keras.layers.Dense(W.shape[1], activation=activation, name="scores", dtype="float32")
+    out = dense(x)
+    dense.set_weights([W, bias])
+    return keras.Model(
+        inputs if len(inputs) > 1 else inputs[0], out, name=f"{method.name}_exported".replace("@", "_at_")
+    )
+
+
+def _finetuned(model):
+    """The fine-tuned model without its training-only layers (augmentation, dropout) and with its
+    preprocessing as a built-in layer."""
+    import keras
+
+    from pipeline.backbones.layers import portable_preprocess
+
+    base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    pre = portable_preprocess(model.get_layer("preprocess").kind)
+    x = base(pre(inputs) if pre is not None else model.get_layer("preprocess")(inputs), training=False)
+    return keras.Model(inputs, model.get_layer("head")(x), name="finetuned_exported")
+
+
+def write(model, fmt: str, folder: Path) -> Path:
+    """One model file (or SavedModel folder) in ``folder`` by Keras' own writers."""
+    path = folder / FILES[fmt]
+    dummy = [np.zeros((1, *i.shape[1:]), np.float32) for i in model.inputs]
+    model(dummy[0] if len(dummy) == 1 else dummy)  # the exporters want a model that has run once
+    if fmt == "keras":
+        model.save(path)
+    elif fmt == "saved_model":
+        model.export(path, format="tf_saved_model", verbose=False)
+    else:
+        try:
+            model.export(path, format=fmt, verbose=False)
+        except ImportError as e:
+            extra = "tf2onnx onnx" if fmt == "onnx" else "ai-edge-litert"
+            raise PipelineError(f"--format {fmt} needs {extra}: pip install {extra} ({e})") from None
+    return path
+
+
+def run(cfg: Config) -> Path:
+    """Export the verdict's method (or ``--method``) into artifacts/export/<dataset>/<name>-<format>/."""
+    fmt = cfg.export.format
+    method = methods.load(cfg, cfg.export.method, portable=True)
+    model = build(method)
+    out = Path(cfg.export.output or Path(cfg.artifacts) / "export" / cfg.dataset_name / f"{method.name}-{fmt}")
+    if model is None and fmt in ("onnx", "litert"):
+        raise PipelineError(
+            f"{method.name} ({method.method}) does not fold into a network layer, so it has no {fmt} form: export "
+            "--format keras or saved_model (the feature model plus the scikit-learn head, applied by `predict`), "
+            "or pick a linear head (ridge, logreg, linear_svm)"
+        )
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if model is None:
+            import joblib
+
+            write(method.model, fmt, tmp)
+            if methods.is_keras(method.head):
+                method.head.save(tmp / "head.keras")
+            else:
+                joblib.dump(method.head, tmp / "head.joblib")
+        else:
+            write(model, fmt, tmp)
+        labels = [c.split("_", 1)[1] for c in method.score_columns()] or method.class_names
+        (tmp / "labels.txt").write_text("\n".join(labels) + "\n")
+        write_json_atomic(tmp / "manifest.json", manifest(cfg, method, fmt, model is not None, labels))
+        if out.exists():
+            log.info("replacing %s", out)
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nexported {method.name} ({method.backbone}) as {fmt}: {out}")
+    return out
+
+
+def manifest(cfg: Config, method: methods.Method, fmt: str, folded_head: bool, labels: list[str]) -> dict:
+    """What the model is, what goes in and comes out, and how good it was: everything a user needs to load it."""
+    row = methods.head_row(cfg, method) or {}
+    size = method.input_size
+    inputs = [{"name": "image", "shape": [None, size, size, 3], "dtype": "float32", "values": "RGB 0-255"}]
+    if method.encoding is not None:
+        inputs.append({"name": "metadata", "shape": [None, len(method.encoding.names)], "dtype": "float32"})
+    kind = method.score_kind
+    return {
+        "method": method.name,
+        "family": method.method,
+        "backbone": method.backbone,
+        "format": fmt,
+        "file": FILES[fmt],
+        "self_contained": folded_head,
+        "head_file": None if folded_head else "head.joblib",
+        "inputs": inputs,
+        "output": {
+            "kind": {"p": "probabilities", "score": "decision values", None: "none (predicted class from head.joblib)"}[
+                kind
+            ],
+            "columns": labels,
+            "binary_decision": kind == "score" and len(labels) == 1,
+        },
+        "labels": "labels.txt",
+        "class_names": method.class_names,
+        "val_accuracy": row.get("val_accuracy"),
+        "test_accuracy": row.get("test_accuracy"),
+        "n_train": row.get("n_train"),
+        "cache_key": (method.record.get("cache") or {}).get("key"),
+        "metadata_encoding": dataclasses.asdict(method.encoding) if method.encoding else None,
+        "versions": library_versions(),
+        "resize": "bilinear to the input size, no crop, RGB (gray replicated), float32 0-255",
+    }
