@@ -1,0 +1,231 @@
+"""Use the answer: predict on new images and export one self-contained model (tiny backbone, generated images)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import export, extract, heads, methods, predict, report
+from pipeline.data import image_dataset
+from pipeline.errors import PipelineError
+from pipeline.features import load_features
+
+ROOT = Path(__file__).parent.parent
+LINEAR = ["ridge@all", "logreg@all", "linear_svm@all"]
+# Runs a script in a process where `import pipeline` fails, as where this package is not installed.
+WITHOUT_PIPELINE = """
+import runpy, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pipeline" or name.startswith("pipeline."):
+            raise ImportError("pipeline is not installed here")
+sys.meta_path.insert(0, Block())
+try:
+    import pipeline
+except ImportError:
+    pass
+else:
+    raise SystemExit("pipeline importable")
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture
+def fitted(cfg):
+    """Cache, the default heads on last and all, and a report (which records the verdict's choice)."""
+    extract.run(cfg)
+    heads.run(cfg)
+    report.run(cfg)
+    return cfg
+
+
+def _test_images(cfg, fs, ids=None):
+    ids = list(fs.splits["test"].ids) if ids is None else ids
+    paths = [str(cfg.dataset_dir / i) for i in ids]
+    return np.concatenate([b.numpy() for b, _ in image_dataset(paths, 16, 32)])
+
+
+def _sklearn_scores(method, X):
+    head = method.head
+    ref = head.predict_proba(X) if hasattr(head, "predict_proba") else head.decision_function(X)
+    return ref[:, None] if ref.ndim == 1 else ref
+
+
+def test_predict_with_the_recorded_choice_reproduces_the_test_predictions(fitted, tmp_path, capsys):
+    choice = json.loads(methods.choice_path(fitted.artifacts, "toy").read_text())
+    fitted.predict.images = str(fitted.dataset_dir / "test")
+    out = predict.run(fitted)
+    got = pd.read_csv(out)
+    saved = pd.read_csv(Path(fitted.artifacts) / "heads" / "toy" / "tiny_cnn" / f"{choice['name']}.predictions.csv")
+    saved["id"] = saved["id"].str.removeprefix("test/")
+    merged = got.merge(saved, on="id")
+    assert len(merged) == len(saved) == 9 and (merged["predicted"] == merged["pred"]).all()
+    assert (got["method"] == choice["name"]).all() and (got["status"] == "ok").all()
+    assert f"accuracy {choice['test_accuracy']:.4f}" in capsys.readouterr().out
+    score_cols = [c for c in got.columns if c.startswith(("p_", "score_"))]
+    assert [c.split("_", 1)[1] for c in score_cols] == ["blue", "green", "red"]
+
+
+def test_an_unreadable_image_is_listed_not_dropped(fitted, tmp_path, caplog):
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for i, src in enumerate(sorted((fitted.dataset_dir / "test" / "red").glob("*.png"))[:2]):
+        (folder / f"img{i}.png").write_bytes(src.read_bytes())
+    (folder / "broken.png").write_bytes(b"not an image")
+    fitted.predict.images = str(folder)
+    fitted.predict.method = "ridge"
+    got = pd.read_csv(predict.run(fitted)).set_index("id")
+    assert sorted(got.index) == ["broken.png", "img0.png", "img1.png"]  # every image has its row
+    assert got.loc["broken.png", "status"] == "unreadable" and pd.isna(got.loc["broken.png", "predicted"])
+    assert (got.loc[["img0.png", "img1.png"], "predicted"] == "red").all()
+    assert "1 unreadable image(s), listed in the output: broken.png" in caplog.text
+
+
+def test_missing_or_stale_artifacts_are_one_line_errors_naming_the_command(fitted, tmp_path):
+    fitted.predict.images = str(fitted.dataset_dir / "test")
+    fitted.predict.method = "knn@all"
+    with pytest.raises(PipelineError, match=r"no method 'knn@all' for tiny_cnn on toy: run `make svm`"):
+        predict.run(fitted)
+    fitted.predict.method = "finetune"
+    with pytest.raises(PipelineError, match=r"no finetune model for tiny_cnn on toy .*: run `make finetune`"):
+        predict.run(fitted)
+    fitted.predict.method = "ridge"
+    fitted.extract.taps = ("conv1",)  # the cache is re-extracted with other taps: its key changes
+    extract.run(fitted)
+    with pytest.raises(PipelineError, match=r"ridge was fitted on features the cache no longer holds.*`make svm`"):
+        predict.run(fitted)
+    methods.choice_path(fitted.artifacts, "toy").unlink()
+    fitted.predict.method = None
+    with pytest.raises(PipelineError, match=r"no recorded choice for toy .*run `make report` first"):
+        predict.run(fitted)
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_a_folded_linear_head_equals_the_scikit_learn_head(fitted, name):
+    """Standardisation, block weights and the linear weights are one Dense layer: same scores, no sklearn."""
+    fitted.export.method = name
+    out = export.run(fitted)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["self_contained"] and manifest["method"] == name
+    import keras
+
+    model = keras.models.load_model(out / "model.keras")
+    assert {type(layer).__module__.split(".")[0] for layer in _all_layers(model)} == {"keras"}
+    method = methods.load(fitted, name)
+    fs = load_features(extract.cache_path(fitted))
+    X = fs.with_layers(method.record["layer_names"]).splits["test"].X
+    got = np.asarray(model(_test_images(fitted, fs)))
+    np.testing.assert_allclose(got, _sklearn_scores(method, X), atol=1e-5)
+    assert (out / "labels.txt").read_text().split() == [c.split("_", 1)[1] for c in method.score_columns()]
+
+
+def _all_layers(model):
+    import keras
+
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "litert", "saved_model"])
+def test_exported_files_run_without_this_package(fitted, tmp_path, fmt):
+    """Each format loaded by TensorFlow / ONNX Runtime / LiteRT alone, in a process where `import pipeline`
+    fails: the predicted classes of the head's predictions.csv and its scores within 1e-5."""
+    fitted.export.method, fitted.export.format = "logreg@all", fmt
+    out = export.run(fitted)
+    fs = load_features(extract.cache_path(fitted))
+    np.save(tmp_path / "images.npy", _test_images(fitted, fs))
+    run = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PIPELINE, str(ROOT / "examples" / "load_exported.py"), str(out)]
+        + [str(tmp_path / "images.npy"), str(tmp_path / "scores.npy")],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = pd.read_csv(Path(fitted.artifacts) / "heads" / "toy" / "tiny_cnn" / "logreg@all.predictions.csv")
+    assert run.stdout.split() == saved["pred"].tolist()
+    method = methods.load(fitted, "logreg@all")
+    X = fs.with_layers(method.record["layer_names"]).splits["test"].X
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), _sklearn_scores(method, X), atol=1e-5)
+
+
+def test_an_rbf_head_exports_as_features_plus_head_and_refuses_onnx_in_one_line(fitted):
+    fitted.export.method = "rbf_svm@all"
+    out = export.run(fitted)
+    assert (out / "model.keras").exists() and (out / "head.joblib").exists()
+    assert not json.loads((out / "manifest.json").read_text())["self_contained"]
+    fitted.export.format = "onnx"
+    with pytest.raises(PipelineError, match="does not fold into a network layer, so it has no onnx form"):
+        export.run(fitted)
+
+
+def _with_metadata(cfg):
+    """A metadata table for every image: 'site' (categorical, one value only in test) and 'score' (numeric)."""
+    rows = []
+    for p in sorted(cfg.dataset_dir.rglob("*.png")):
+        rel = p.relative_to(cfg.dataset_dir).as_posix()
+        site = "unseen" if rel.startswith("test/") and rel.endswith("0.png") else ["a", "b"][len(rows) % 2]
+        rows.append({"image_id": rel, "site": site, "score": float(len(rows) % 5)})
+    meta = pd.DataFrame(rows)
+    meta.to_csv(cfg.dataset_dir / "metadata.csv", index=False)
+    return meta
+
+
+def test_predict_with_a_metadata_head_encodes_new_rows_as_training_did(cfg, tmp_path):
+    """logreg+meta_norm on images + the metadata CSV: the same predictions as at training time."""
+    meta = _with_metadata(cfg)
+    cfg.heads.heads = ("logreg",)
+    cfg.heads.layers = ("last",)
+    cfg.heads.features = ("image+meta_norm",)
+    extract.run(cfg)
+    heads.run(cfg)
+    test_meta = meta[meta["image_id"].str.startswith("test/")].copy()
+    test_meta["image_id"] = test_meta["image_id"].str.removeprefix("test/")
+    test_meta.iloc[::-1].to_csv(tmp_path / "new_meta.csv", index=False)  # any row order
+    cfg.predict.images = str(cfg.dataset_dir / "test")
+    cfg.predict.method = "logreg+meta_norm"
+    cfg.predict.image_metadata = str(tmp_path / "new_meta.csv")
+    got = pd.read_csv(predict.run(cfg))
+    saved = pd.read_csv(Path(cfg.artifacts) / "heads" / "toy" / "tiny_cnn" / "logreg+meta_norm.predictions.csv")
+    saved["id"] = saved["id"].str.removeprefix("test/")
+    merged = got.merge(saved, on="id")
+    assert len(merged) == 9 and (merged["predicted"] == merged["pred"]).all()
+    method = methods.load(cfg, "logreg+meta_norm")
+    fs = load_features(extract.cache_path(cfg))
+    from pipeline.features import fuse, metadata_table
+
+    splits, _ = fuse(fs, metadata_table(cfg.metadata_path, fs), "error")
+    ref = method.head.predict_proba(splits["test"].X)
+    order = [list(got["id"]).index(i.removeprefix("test/")) for i in splits["test"].ids]
+    np.testing.assert_allclose(got[[c for c in got.columns if c.startswith("p_")]].to_numpy()[order], ref, atol=2e-6)
+    cfg.predict.image_metadata = None
+    with pytest.raises(PipelineError, match="uses metadata: give the new images' table with --image-metadata"):
+        predict.run(cfg)
+
+
+def test_predict_applies_the_fine_tuned_model(cfg, capsys):
+    from pipeline import finetune
+
+    cfg.finetune.epochs_head = 1
+    cfg.finetune.epochs_finetune = 1
+    cfg.finetune.steps_per_epoch = 1
+    cfg.finetune.batch_size = 6
+    finetune.run(cfg)
+    for name in ("finetune", "frozen_dense"):
+        cfg.predict.images = str(cfg.dataset_dir / "test")
+        cfg.predict.method = name
+        got = pd.read_csv(predict.run(cfg))
+        stem = "finetuned" if name == "finetune" else "frozen_dense"
+        saved = pd.read_csv(Path(cfg.artifacts) / "models" / "toy" / f"tiny_cnn-{stem}.predictions.csv")
+        saved["id"] = saved["id"].str.removeprefix("test/")
+        merged = got.merge(saved, on="id")
+        assert len(merged) == 9 and (merged["predicted"] == merged["pred"]).all(), name
+        assert np.allclose(got[[c for c in got.columns if c.startswith("p_")]].sum(axis=1), 1.0, atol=1e-5)
