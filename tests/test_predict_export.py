@@ -18,23 +18,7 @@ from pipeline.features import load_features
 
 ROOT = Path(__file__).parent.parent
 LINEAR = ["ridge@all", "logreg@all", "linear_svm@all"]
-# Runs a script in a process where `import pipeline` fails, as where this package is not installed.
-WITHOUT_PIPELINE = """
-import runpy, sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "pipeline" or name.startswith("pipeline."):
-            raise ImportError("pipeline is not installed here")
-sys.meta_path.insert(0, Block())
-try:
-    import pipeline
-except ImportError:
-    pass
-else:
-    raise SystemExit("pipeline importable")
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+WITHOUT_PIPELINE = str(Path(__file__).parent / "without_pipeline.py")
 
 
 @pytest.fixture
@@ -144,7 +128,7 @@ def test_exported_files_run_without_this_package(fitted, tmp_path, fmt):
     fs = load_features(extract.cache_path(fitted))
     np.save(tmp_path / "images.npy", _test_images(fitted, fs))
     run = subprocess.run(
-        [sys.executable, "-c", WITHOUT_PIPELINE, str(ROOT / "examples" / "load_exported.py"), str(out)]
+        [sys.executable, WITHOUT_PIPELINE, str(ROOT / "examples" / "load_exported.py"), str(out)]
         + [str(tmp_path / "images.npy"), str(tmp_path / "scores.npy")],
         capture_output=True,
         text=True,
