@@ -28,7 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline import backbones, engines, lock
+from pipeline import backbones, engines, lock, runtimes
 from pipeline import taps as taps_mod
 from pipeline.config import Config, library_versions, run_record, writable_dir, write_json_atomic
 from pipeline.data import SPLITS, Dataset, from_config, image_dataset
@@ -253,15 +253,25 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
         taps = taps_mod.resolve(base, cfg.extract.taps, cfg.extract.tap_grid, spec.name)
         model = taps_mod.feature_model(spec, base, taps)
         augment = augmentation(cfg.finetune.augment, cfg.data.seed) if cfg.extract.views else None
+    runtime = runtimes.resolve(cfg.extract.runtime, gpu) if cfg.extract.engine == "local" else "tf"
+    model_key = {k: key.get(k) for k in ("backbone", "weights_sha256", "input_size", "preprocessing", "taps")}
+    forward, runtime = runtimes.forward_for(
+        runtime,
+        model,
+        lambda: taps_mod.feature_model(spec, base, taps, portable=True),
+        model_key,
+        Path(cfg.artifacts) / "runtimes",
+    )
     dim = int(base.output_shape[-1])
     log.info(
-        "extracting %s with %s (%s, %dpx, %s) on %s%s%s",
+        "extracting %s with %s (%s, %dpx, %s) on %s in %s%s%s",
         ds.summary(),
         spec.name,
         weights.describe(),
         size,
         spec.preprocessing,
         "GPU" if gpu else "CPU",
+        runtimes.NAMES[runtime],
         f"; taps: {', '.join(f'{t.layer} ({t.width})' for t in taps)}" if taps else "",
         f"; {cfg.extract.views} augmented views of train" if cfg.extract.views else "",
     )
@@ -269,13 +279,12 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
         log.warning("warning: random weights - these features are for tests, not for conclusions")
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
-    def forward(x):
-        out = model(x, training=False)
+    def augmented(x):  # the views pass stays in TensorFlow: its augmentation layers are TensorFlow ops
+        out = model(augment(x, training=True), training=False)
         return out if isinstance(out, list | tuple) else [out]
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
     def forward_augmented(x):
-        return forward(augment(x, training=True))
+        return [o.numpy() for o in augmented(x)]
 
     groups = SPLITS + ((VIEWS,) if cfg.extract.views else ())
     partial = out.with_name(out.name + ".partial")
@@ -294,6 +303,7 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
             embedding_dim=dim,
             complete=True,
             device="GPU" if gpu else "CPU",
+            runtime=runtime,
             versions=json.dumps(library_versions()),
             weights_path=str(weights.path or ""),
         )
@@ -389,7 +399,7 @@ def _run_pass(f: h5py.File, ds: Dataset, sources: dict, forward, size: int, cfg:
     t0 = time.perf_counter()
     try:
         for images, index in image_dataset(paths, size, cfg.extract.batch_size) if todo else ():
-            outs = [o.numpy().astype(np.float32, copy=False) for o in forward(images)]
+            outs = forward(images)
             index = index.numpy()
             end = int(index[-1]) + 1
             if cfg.extract.strict and end - pos != len(index):

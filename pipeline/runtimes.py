@@ -1,0 +1,131 @@
+"""How a frozen feature model runs: TensorFlow, ONNX Runtime or OpenVINO, same model, same numbers.
+
+On this project's 2-core CPU the same EfficientNet-Lite0 feature model ran 2.3-3x faster in ONNX
+Runtime than in TensorFlow (``benchmarks/NOTES.md``), with embeddings equal within 1e-5. The model is
+converted once per cache key by Keras' own ``Model.export`` (from built-in layers only, see
+``taps.feature_model(portable=True)``), stored under ``artifacts/runtimes/`` and reused. A model the
+exporter cannot convert falls back to TensorFlow with a one-line notice. On a GPU TensorFlow stays the
+default (``auto``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import atomic_path
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "tf", "onnx", "openvino")
+NAMES = {"tf": "TensorFlow", "onnx": "ONNX Runtime", "openvino": "OpenVINO"}
+Forward = Callable[[np.ndarray], list[np.ndarray]]
+
+
+def available(runtime: str) -> bool:
+    module = {"tf": "tensorflow", "onnx": "onnxruntime", "openvino": "openvino"}[runtime]
+    extra = ("tf2onnx", "onnx") if runtime == "onnx" else ()
+    return all(importlib.util.find_spec(m) is not None for m in (module, *extra))
+
+
+def resolve(runtime: str, gpu: bool) -> str:
+    """``auto``: TensorFlow on a GPU, else ONNX Runtime when installed (the fastest measured on CPU)."""
+    if runtime not in RUNTIMES:
+        raise PipelineError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime}")
+    if runtime == "auto":
+        return "tf" if gpu or not available("onnx") else "onnx"
+    if not available(runtime):
+        extra = {"onnx": "onnxruntime tf2onnx onnx", "openvino": "openvino"}.get(runtime, "tensorflow")
+        raise PipelineError(f"--runtime {runtime} needs {extra}: pip install {extra}")
+    return runtime
+
+
+def threads() -> int:
+    """Every core this process may use (intra-op: one batch's convolutions split across them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def tf_forward(model, size: int) -> Forward:
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
+    def forward(x):
+        out = model(x, training=False)
+        return out if isinstance(out, list | tuple) else [out]
+
+    return lambda x: [o.numpy().astype(np.float32, copy=False) for o in forward(x)]
+
+
+def converted_path(folder: Path, key: dict, runtime: str) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(folder) / f"{key.get('backbone', 'model')}-{digest}.{'onnx' if runtime == 'onnx' else 'xml'}"
+
+
+def convert(portable_model, path: Path, runtime: str) -> Path:
+    """The model in ``runtime``'s format at ``path`` (written once, atomically)."""
+    if path.exists():
+        return path
+    size = portable_model.input_shape[1]
+    portable_model(np.zeros((1, size, size, 3), np.float32))  # the exporters want a model that ran
+    if runtime == "onnx":
+        with atomic_path(path, suffix=".onnx") as tmp:
+            portable_model.export(str(tmp), format="onnx", verbose=False)
+    else:
+        import openvino as ov
+
+        ov_model = ov.convert_model(portable_model, input=[(-1, size, size, 3)])
+        with atomic_path(path, suffix=".xml") as tmp:
+            ov.save_model(ov_model, str(tmp))
+            tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
+    return path
+
+
+def onnx_forward(path: Path) -> Forward:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads()
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: [np.asarray(o, np.float32) for o in session.run(None, {name: np.asarray(x, np.float32)})]
+
+
+def openvino_forward(path: Path) -> Forward:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    outputs = compiled.outputs
+    return lambda x: [np.asarray(request.infer([np.asarray(x, np.float32)])[o], np.float32) for o in outputs]
+
+
+def forward_for(runtime: str, model, build_portable: Callable, key: dict, folder: Path) -> tuple[Forward, str]:
+    """(forward, the runtime actually used): ``model`` in TensorFlow, or its portable twin converted once
+    for ONNX Runtime / OpenVINO; a conversion that fails falls back to TensorFlow with a notice."""
+    size = int(model.input_shape[1])
+    if runtime == "tf":
+        return tf_forward(model, size), "tf"
+    path = converted_path(folder, key, runtime)
+    try:
+        convert(build_portable(), path, runtime)
+    except Exception as e:  # noqa: BLE001 - any exporter failure means: run it in TensorFlow instead
+        log.warning(
+            "notice: %s cannot be converted for %s (%s); running it in TensorFlow",
+            key.get("backbone"),
+            runtime,
+            str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__,
+        )
+        return tf_forward(model, size), "tf"
+    return (onnx_forward(path) if runtime == "onnx" else openvino_forward(path)), runtime

@@ -1,0 +1,97 @@
+"""The frozen forward pass in ONNX Runtime (and OpenVINO when installed): TensorFlow's numbers, converted once."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import extract, heads, runtimes
+
+
+def _arrays(path):
+    with h5py.File(path, "r") as f:
+        return f.attrs["runtime"], {
+            s: [f[s]["embeddings"][()]] + [f[s]["taps"][n][()] for n in f[s]["taps"]] for s in ("train", "val", "test")
+        }
+
+
+def _extract(cfg, tmp_path, runtime):
+    cfg.artifacts = str(tmp_path / runtime)
+    cfg.extract.runtime = runtime
+    return extract.run(cfg)
+
+
+@pytest.mark.parametrize("runtime", [r for r in ("onnx", "openvino") if runtimes.available(r)])
+def test_each_runtime_gives_tensorflows_embeddings_and_taps(cfg, tmp_path, runtime):
+    cfg.extract.tap_grid = 2  # the portable pooling (crops + global averages) against AdaptivePool too
+    tf_run, rt_run = _extract(cfg, tmp_path, "tf"), _extract(cfg, tmp_path, runtime)
+    (used_tf, ref), (used, got) = _arrays(tf_run.path), _arrays(rt_run.path)
+    assert (used_tf, used) == ("tf", runtime)
+    for s in ref:
+        assert len(ref[s]) == 2  # the embedding and its tap
+        for a, b in zip(ref[s], got[s], strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    assert len(list((tmp_path / runtime / "runtimes").iterdir())) >= 1
+
+
+def test_the_converted_model_is_made_once_and_reused(cfg, tmp_path):
+    _extract(cfg, tmp_path, "onnx")
+    files = sorted((tmp_path / "onnx" / "runtimes").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    shutil.rmtree(tmp_path / "onnx" / "features")  # extracted again: the same model, not converted again
+    extract.run(cfg)
+    assert sorted((tmp_path / "onnx" / "runtimes").iterdir()) == files
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_a_model_that_fails_to_convert_falls_back_to_tensorflow_with_a_notice(cfg, tmp_path, monkeypatch, caplog):
+    def broken(*a, **k):
+        raise ValueError("op FancyOp has no ONNX equivalent")
+
+    monkeypatch.setattr(runtimes, "convert", broken)
+    res = _extract(cfg, tmp_path, "onnx")
+    assert _arrays(res.path)[0] == "tf"
+    assert "notice: tiny_cnn cannot be converted for onnx (op FancyOp has no ONNX equivalent)" in caplog.text
+
+
+def test_heads_read_a_cache_from_either_runtime_alike(cfg, tmp_path):
+    cfg.heads.heads = ("ridge", "logreg")
+    out = {}
+    for runtime in ("tf", "onnx"):
+        _extract(cfg, tmp_path, runtime)
+        out[runtime] = {(r.head, r.layers): (r.val_accuracy, r.test_pred.tolist()) for r in heads.run(cfg)}
+    assert out["tf"] == out["onnx"] and len(out["tf"]) == 4
+
+
+def test_auto_is_onnx_on_a_cpu_and_tensorflow_on_a_gpu():
+    assert runtimes.resolve("auto", gpu=False) == "onnx"
+    assert runtimes.resolve("auto", gpu=True) == "tf"
+    with pytest.raises(Exception, match="--runtime must be one of"):
+        runtimes.resolve("tensorrt", gpu=False)
+
+
+def test_lite0_taps_in_onnx_equal_tensorflow(tmp_path):
+    """The real default backbone at a small input (the conversion and the numbers do not depend on size)."""
+    from pipeline import backbones, taps
+
+    spec = backbones.get("efficientnet_lite0")
+    weights = backbones.resolve_weights(spec, "default", tmp_path, 64)
+    base = backbones.build_backbone(spec, weights, 64)
+    found = taps.stage_taps(base)
+    model = taps.feature_model(spec, base, found)
+    onnx, used = runtimes.forward_for(
+        "onnx",
+        model,
+        lambda: taps.feature_model(spec, base, found, portable=True),
+        {"backbone": spec.name},
+        Path(tmp_path),
+    )
+    x = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
+    ref = runtimes.tf_forward(model, 64)(x)
+    assert used == "onnx" and len(ref) == 1 + len(found)
+    for a, b in zip(ref, onnx(x), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
