@@ -31,9 +31,7 @@ import pandas as pd  # noqa: E402
 from _common import write  # noqa: E402
 
 FORMATS = ("keras", "saved_model", "onnx", "litert")
-WITHOUT_PIPELINE = (
-    (ROOT / "tests" / "test_predict_export.py").read_text().split('WITHOUT_PIPELINE = """')[1].split('"""')[0]
-)
+WITHOUT_PIPELINE = str(ROOT / "tests" / "without_pipeline.py")
 
 
 def rate(fn, x: np.ndarray, batch: int) -> float:
