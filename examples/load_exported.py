@@ -26,7 +26,7 @@ def load(folder: str | Path):
         import keras
 
         model = keras.models.load_model(path)
-        return (lambda x: np.asarray(model(x))), manifest
+        return (lambda x: np.asarray(model.predict_on_batch(x))), manifest
     if fmt == "saved_model":
         import tensorflow as tf
 

@@ -82,8 +82,9 @@ def _finetuned(model):
     import keras
 
     from pipeline.backbones.layers import portable_preprocess
+    from pipeline.taps import portable_base
 
-    base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    base = portable_base(next(layer for layer in model.layers if isinstance(layer, keras.Model)))[0]
     inputs = keras.Input(model.input_shape[1:], name="image")
     pre = portable_preprocess(model.get_layer("preprocess").kind)
     x = base(pre(inputs) if pre is not None else model.get_layer("preprocess")(inputs), training=False)

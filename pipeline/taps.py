@@ -174,7 +174,10 @@ def feature_model(spec, base, taps: list[Tap], portable: bool = False):
 
     if not taps:
         return single(spec, base, portable)
-    inner = keras.Model(base.inputs, [base.output] + [base.get_layer(t.layer).output for t in taps])
+    names = {t.layer: t.layer for t in taps}
+    if portable:
+        base, names = portable_base(base)
+    inner = keras.Model(base.inputs, [base.output] + [base.get_layer(names[t.layer]).output for t in taps])
     inputs = keras.Input(shape=base.input_shape[1:], name="image")
     outs = inner(preprocess_layer(spec, portable)(inputs), training=False)
     pooled = [keras.layers.Activation("linear", dtype="float32", name="embedding")(outs[0])]
@@ -185,6 +188,30 @@ def feature_model(spec, base, taps: list[Tap], portable: bool = False):
             )
         pooled.append(keras.layers.Activation("linear", dtype="float32", name=f"tap{k}")(out))
     return keras.Model(inputs, pooled, name=f"{spec.name}_features_taps")
+
+
+def portable_base(base):
+    """(a copy of ``base`` whose layer names every exporter accepts, {old name: new name}). TensorFlow's
+    SavedModel (and so LiteRT) refuses variable scopes that start with ``_``, which the Lite builder uses to
+    mirror the PyTorch state-dict names; the copy has the same weights under names without them."""
+    import keras
+
+    rename, taken = {}, set()
+    for layer in base.layers:
+        new = layer.name.lstrip("_") or "layer"
+        while new in taken:
+            new += "_"
+        taken.add(new)
+        rename[layer.name] = new
+    if all(k == v for k, v in rename.items()):
+        return base, rename
+
+    def clone(layer):
+        return layer.__class__.from_config({**layer.get_config(), "name": rename[layer.name]})
+
+    copy = keras.models.clone_model(base, clone_function=clone)
+    copy.set_weights(base.get_weights())
+    return copy, rename
 
 
 def preprocess_layer(spec, portable: bool = False):

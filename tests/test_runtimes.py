@@ -95,3 +95,19 @@ def test_lite0_taps_in_onnx_equal_tensorflow(tmp_path):
     assert used == "onnx" and len(ref) == 1 + len(found)
     for a, b in zip(ref, onnx(x), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+def test_lite0s_portable_model_passes_savedmodels_name_rules(tmp_path):
+    """The Lite builder's layer names start with '_' (PyTorch's state-dict names), which SavedModel and so
+    LiteRT refuse; the portable copy renames them and keeps the weights."""
+    from pipeline import backbones, taps
+
+    spec = backbones.get("efficientnet_lite0")
+    base = backbones.build_backbone(spec, backbones.resolve_weights(spec, "default", tmp_path, 64), 64)
+    found = taps.stage_taps(base)
+    portable = taps.feature_model(spec, base, found, portable=True)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    for a, b in zip(taps.feature_model(spec, base, found)(x), portable(x), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    portable.export(str(tmp_path / "saved_model"), format="tf_saved_model", verbose=False)
+    assert (tmp_path / "saved_model" / "saved_model.pb").exists()

@@ -334,8 +334,10 @@ def feature_model(spec: BackboneSpec, base, portable: bool = False):
     layers, see ``taps.preprocess_layer``)."""
     import keras
 
-    from pipeline.taps import preprocess_layer
+    from pipeline.taps import portable_base, preprocess_layer
 
+    if portable:
+        base = portable_base(base)[0]
     inputs = keras.Input(shape=base.input_shape[1:], name="image")
     x = preprocess_layer(spec, portable)(inputs)
     x = base(x, training=False)
