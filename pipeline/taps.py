@@ -114,14 +114,16 @@ def adaptive_pool(x, grid: int):
     """Average-pool (N, H, W, C) into ``grid`` x ``grid`` bins (PyTorch's adaptive bins), flattened."""
     from keras import ops
 
-    h, w = int(x.shape[1]), int(x.shape[2])
-    cells = []
-    for i in range(grid):
-        r0, r1 = (i * h) // grid, -(-((i + 1) * h) // grid)
-        for j in range(grid):
-            c0, c1 = (j * w) // grid, -(-((j + 1) * w) // grid)
-            cells.append(ops.mean(x[:, r0:r1, c0:c1, :], axis=(1, 2)))
+    cells = [ops.mean(x[:, r0:r1, c0:c1, :], axis=(1, 2)) for r0, r1, c0, c1 in grid_cells(x.shape, grid)]
     return ops.concatenate(cells, axis=-1)
+
+
+def grid_cells(shape, grid: int) -> list[tuple[int, int, int, int]]:
+    """(row start, row end, column start, column end) of each bin, row-major: PyTorch's adaptive bins."""
+    h, w = int(shape[1]), int(shape[2])
+    rows = [((i * h) // grid, -(-((i + 1) * h) // grid)) for i in range(grid)]
+    cols = [((j * w) // grid, -(-((j + 1) * w) // grid)) for j in range(grid)]
+    return [(r0, r1, c0, c1) for r0, r1 in rows for c0, c1 in cols]
 
 
 def _adaptive_pool_layer():
@@ -239,12 +241,9 @@ def portable_pool(x, grid: int, name: str):
         return keras.layers.GlobalAveragePooling2D(name=name)(x)
     h, w = int(x.shape[1]), int(x.shape[2])
     cells = []
-    for i in range(grid):
-        r0, r1 = (i * h) // grid, -(-((i + 1) * h) // grid)
-        for j in range(grid):
-            c0, c1 = (j * w) // grid, -(-((j + 1) * w) // grid)
-            crop = keras.layers.Cropping2D(((r0, h - r1), (c0, w - c1)), name=f"{name}_crop{i}{j}")(x)
-            cells.append(keras.layers.GlobalAveragePooling2D(name=f"{name}_cell{i}{j}")(crop))
+    for k, (r0, r1, c0, c1) in enumerate(grid_cells(x.shape, grid)):
+        crop = keras.layers.Cropping2D(((r0, h - r1), (c0, w - c1)), name=f"{name}_crop{k}")(x)
+        cells.append(keras.layers.GlobalAveragePooling2D(name=f"{name}_cell{k}")(crop))
     return keras.layers.Concatenate(name=name)(cells)
 
 
