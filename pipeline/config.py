@@ -229,6 +229,12 @@ class PredictConfig:
         None, "images without metadata: error, drop (listed, not scored) or impute (default: as in training)"
     )
     batch_size: int = _opt(32, "images per forward pass")
+    runtime: str = _opt(
+        "auto",
+        "what runs a head's feature model: tf, onnx or openvino (auto: the runtime that filled its cache, so the "
+        "features are the ones it was fitted on)",
+        choices=("auto", "tf", "onnx", "openvino"),
+    )
 
 
 @dataclass

@@ -254,12 +254,11 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
         model = taps_mod.feature_model(spec, base, taps)
         augment = augmentation(cfg.finetune.augment, cfg.data.seed) if cfg.extract.views else None
     runtime = runtimes.resolve(cfg.extract.runtime, gpu) if cfg.extract.engine == "local" else "tf"
-    model_key = {k: key.get(k) for k in ("backbone", "weights_sha256", "input_size", "preprocessing", "taps")}
     forward, runtime = runtimes.forward_for(
         runtime,
         model,
         lambda: taps_mod.feature_model(spec, base, taps, portable=True),
-        model_key,
+        runtimes.model_key(key),
         Path(cfg.artifacts) / "runtimes",
     )
     dim = int(base.output_shape[-1])

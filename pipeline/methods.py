@@ -34,6 +34,7 @@ class Method:
     blocks: list[int]  # which of the feature model's outputs the head reads, in its order
     encoding: MetaEncoding | None
     record: dict
+    cache: dict | None = None  # a head's cache attributes (its key, the runtime that filled it)
 
     @property
     def score_kind(self) -> str | None:
@@ -158,7 +159,9 @@ def _load_head(cfg, backbone: str, name: str, portable: bool = False) -> Method:
         )
     encoding = MetaEncoding(**enc) if enc else None
     size = int(attrs["input_size"])
-    return Method(name, record["head"], backbone, record["class_names"], size, model, head, blocks, encoding, record)
+    return Method(
+        name, record["head"], backbone, record["class_names"], size, model, head, blocks, encoding, record, attrs
+    )
 
 
 def _check_same_cache(record: dict, attrs: dict, name: str) -> None:

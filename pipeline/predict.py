@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import methods
+from pipeline import methods, runtimes
 from pipeline.config import Config, atomic_path
 from pipeline.data import IMAGE_EXTENSIONS, image_dataset, load_metadata
 from pipeline.errors import PipelineError
+from pipeline.feature_model import rebuild
 from pipeline.features import apply_missing
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def run(cfg: Config) -> Path:
     out = Path(p.output) if p.output else Path(cfg.artifacts) / "predictions" / cfg.dataset_name / f"{method.name}.csv"
     if out.exists():
         log.info("replacing %s", out)
-    forward = _forward(method)
+    forward = _forward(method, cfg)
     paths = [str(root / i) for i in np.asarray(ids)[keep]]
     rows_of = np.flatnonzero(keep)  # image position of each scored path
     stats = {"right": 0, "scored": 0, "unreadable": []}
@@ -120,17 +121,25 @@ def run(cfg: Config) -> Path:
     return out
 
 
-def _forward(method: methods.Method):
-    import tensorflow as tf
-
-    size = method.input_size
-
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
-    def forward(x):
-        outs = method.model(x, training=False)
-        return outs if isinstance(outs, list | tuple) else [outs]
-
-    return lambda images: [o.numpy() for o in forward(images)]
+def _forward(method: methods.Method, cfg: Config):
+    """A head's feature model in the runtime that filled its cache (``auto``), so its features are the ones
+    the head was fitted on, or in ``--runtime``; the fine-tuned models run in TensorFlow."""
+    if method.cache is None:
+        return runtimes.tf_forward(method.model, method.input_size)
+    runtime = cfg.predict.runtime
+    runtime = method.cache.get("runtime", "tf") if runtime == "auto" else runtimes.resolve(runtime, False)
+    if runtime != "tf" and not runtimes.available(runtime):
+        runtime = "tf"
+    cache = Path(cfg.artifacts) / "features" / cfg.dataset_name / f"{method.backbone}.h5"
+    forward, used = runtimes.forward_for(
+        runtime,
+        method.model,
+        lambda: rebuild(cache, Path(cfg.artifacts), portable=True)[0],
+        runtimes.model_key(method.cache),
+        Path(cfg.artifacts) / "runtimes",
+    )
+    log.info("features in %s", runtimes.NAMES[used])
+    return forward
 
 
 def _header(method: methods.Method, labelled: bool) -> list[str]:

@@ -67,6 +67,14 @@ def tf_forward(model, size: int) -> Forward:
     return lambda x: [o.numpy().astype(np.float32, copy=False) for o in forward(x)]
 
 
+MODEL_KEY = ("backbone", "weights_sha256", "input_size", "preprocessing", "taps")  # what the converted model is
+
+
+def model_key(cache_key: dict) -> dict:
+    """The part of a cache's key that defines its feature model: one conversion serves every dataset."""
+    return {k: cache_key.get(k) for k in MODEL_KEY}
+
+
 def converted_path(folder: Path, key: dict, runtime: str) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(folder) / f"{key.get('backbone', 'model')}-{digest}.{'onnx' if runtime == 'onnx' else 'xml'}"
@@ -119,7 +127,8 @@ def forward_for(runtime: str, model, build_portable: Callable, key: dict, folder
         return tf_forward(model, size), "tf"
     path = converted_path(folder, key, runtime)
     try:
-        convert(build_portable(), path, runtime)
+        if not path.exists():
+            convert(build_portable(), path, runtime)
     except Exception as e:  # noqa: BLE001 - any exporter failure means: run it in TensorFlow instead
         log.warning(
             "notice: %s cannot be converted for %s (%s); running it in TensorFlow",

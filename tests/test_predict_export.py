@@ -213,3 +213,49 @@ def test_predict_applies_the_fine_tuned_model(cfg, capsys):
         merged = got.merge(saved, on="id")
         assert len(merged) == 9 and (merged["predicted"] == merged["pred"]).all(), name
         assert np.allclose(got[[c for c in got.columns if c.startswith("p_")]].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_metadata_head_exports_as_a_two_input_model(cfg):
+    """image + the encoded metadata vector in, the scikit-learn head's probabilities out; encoding in the manifest."""
+    _with_metadata(cfg)
+    cfg.heads.heads = ("logreg",)
+    cfg.heads.layers = ("all",)
+    cfg.heads.features = ("image+meta_norm",)
+    extract.run(cfg)
+    heads.run(cfg)
+    cfg.export.method = "logreg@all+meta_norm"
+    out = export.run(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]] == ["image", "metadata"]
+    names = manifest["metadata_encoding"]["names"]
+    assert manifest["inputs"][1]["shape"] == [None, len(names)] and "site=a" in names
+    import keras
+
+    from pipeline.features import fuse, metadata_table
+
+    model = keras.models.load_model(out / "model.keras")
+    method = methods.load(cfg, cfg.export.method)
+    fs = load_features(extract.cache_path(cfg))
+    splits, _ = fuse(fs.with_layers(method.record["layer_names"]), metadata_table(cfg.metadata_path, fs), "error")
+    meta = splits["test"].X[:, -len(names) :]
+    got = np.asarray(model([_test_images(cfg, fs), meta]))
+    np.testing.assert_allclose(got, method.head.predict_proba(splits["test"].X), atol=1e-5)
+
+
+def test_predict_runs_the_features_in_the_runtime_that_filled_the_cache(fitted, caplog):
+    """auto: ONNX Runtime for a cache extracted in it (the heads were fitted on those numbers); --runtime tf
+    gives the same classes here."""
+    import h5py
+
+    with h5py.File(extract.cache_path(fitted), "r") as f:
+        assert f.attrs["runtime"] == "onnx"
+    fitted.predict.images = str(fitted.dataset_dir / "test")
+    fitted.predict.method = "logreg@all"
+    auto = pd.read_csv(predict.run(fitted))
+    assert "features in ONNX Runtime" in caplog.text
+    fitted.predict.runtime = "tf"
+    tf = pd.read_csv(predict.run(fitted))
+    assert "features in TensorFlow" in caplog.text
+    assert (auto["predicted"] == tf["predicted"]).all()
+    cols = [c for c in auto.columns if c.startswith("p_")]
+    np.testing.assert_allclose(auto[cols].to_numpy(), tf[cols].to_numpy(), atol=1e-4)
