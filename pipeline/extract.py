@@ -253,7 +253,10 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
         taps = taps_mod.resolve(base, cfg.extract.taps, cfg.extract.tap_grid, spec.name)
         model = taps_mod.feature_model(spec, base, taps)
         augment = augmentation(cfg.finetune.augment, cfg.data.seed) if cfg.extract.views else None
-    runtime = runtimes.resolve(cfg.extract.runtime, gpu) if cfg.extract.engine == "local" else "tf"
+    runtime = runtimes.resolve(cfg.extract.runtime, gpu)
+    if cfg.extract.engine == "ray" and runtime == "openvino":
+        log.warning("notice: the Ray engine runs tf or onnx; running the OpenVINO request in TensorFlow")
+        runtime = "tf"
     forward, runtime = runtimes.forward_for(
         runtime,
         model,
@@ -288,9 +291,11 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
     groups = SPLITS + ((VIEWS,) if cfg.extract.views else ())
     partial = out.with_name(out.name + ".partial")
     f = _open_partial(partial, key, dim, taps, groups)
+    f.attrs["runtime"] = runtime  # a resumed file may have been started in another
+    onnx = runtimes.converted_path(Path(cfg.artifacts) / "runtimes", runtimes.model_key(key), "onnx")
     try:
         try:
-            _extract_splits(f, ds, model, forward, size, cfg)
+            _extract_splits(f, ds, model, forward, size, cfg, onnx if runtime == "onnx" else None)
             if cfg.extract.views:
                 _extract_views(f, ds, forward_augmented, size, cfg)
         except (OSError, RuntimeError) as e:
@@ -360,14 +365,14 @@ def augmentation(names: tuple[str, ...], seed: int):
     return keras.Sequential(augmentation_layers(names, seed), name="view_augmentation")
 
 
-def _extract_splits(f: h5py.File, ds: Dataset, model, forward, size: int, cfg: Config) -> None:
+def _extract_splits(f: h5py.File, ds: Dataset, model, forward, size: int, cfg: Config, onnx: Path | None) -> None:
     """One pass over every split's remaining images, so decoding never restarts (and the forward pass
     never waits) at a split boundary; rows go to their split's group. ``--engine`` picks who runs it."""
     sources = {s: (ds.splits[s].ids, ds.splits[s].labels) for s in SPLITS}
     if cfg.extract.engine == "ray":
         from pipeline.engines import ray_data
 
-        ray_data.run_pass(f, ds, sources, model, size, cfg, "extract")
+        ray_data.run_pass(f, ds, sources, model, size, cfg, "extract", onnx)
     else:
         _run_pass(f, ds, sources, forward, size, cfg, "extract")
 

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -105,7 +106,9 @@ def decode(batch: dict, size: int) -> dict:
 class Embed:
     """One model replica per actor; returns each readable image's outputs (embedding, taps...)."""
 
-    def __init__(self, config: dict, weights: list, threads: int, size: int):
+    def __init__(self, config: dict, weights: list, threads: int, size: int, onnx=None):
+        """The Keras model from its config and weights, or (``onnx``: the converted model's bytes) an
+        ONNX Runtime session, as the local engine's ``--runtime onnx`` runs it."""
         import keras
         import tensorflow as tf
 
@@ -121,12 +124,27 @@ class Embed:
             tf.config.threading.set_inter_op_parallelism_threads(2)
         import ray
 
+        self.size = size
+        if onnx is not None:
+            self._onnx(ray.get(onnx) if isinstance(onnx, ray.ObjectRef) else onnx, threads)
+            return
         self.model = keras.Model.from_config(config)
         self.model.set_weights(ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights)
         self.forward = tf.function(  # one trace, whatever the batch's length
             lambda x: self.model(x, training=False), input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)]
         )
-        self.size = size
+        self.widths = [int(o.shape[-1]) for o in self.model.outputs]
+
+    def _onnx(self, data: bytes, threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or 0
+        opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        self.widths = [int(o.shape[-1]) for o in session.get_outputs()]
+        self.forward = lambda x: session.run(None, {name: np.asarray(x, np.float32)})
 
     def __call__(self, batch: dict) -> dict:
         if "image" not in batch:  # no decode stage: this actor decodes its own batch
@@ -136,16 +154,19 @@ class Embed:
         images = batch["image"][ok]
         outs = self.forward(images) if len(images) else None
         outs = outs if isinstance(outs, list | tuple) else [outs]
-        for j, o in enumerate(self.model.outputs):
-            full = np.zeros((len(ok), o.shape[-1]), np.float32)
+        for j, width in enumerate(self.widths):
+            full = np.zeros((len(ok), width), np.float32)
             if len(images):
                 full[ok] = np.asarray(outs[j], dtype=np.float32)
             out[f"out{j}"] = full
         return out
 
 
-def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, desc: str) -> None:
-    """The Ray counterpart of ``extract._run_pass``: same items, same rows, same resume point."""
+def run_pass(
+    f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, desc: str, onnx: Path | None = None
+) -> None:
+    """The Ray counterpart of ``extract._run_pass``: same items, same rows, same resume point. ``onnx``: the
+    converted model, which the actors run in ONNX Runtime (its bytes travel through the object store)."""
     from tqdm.auto import tqdm
 
     from pipeline.extract import append_rows, finish_pass, unreadable
@@ -165,6 +186,7 @@ def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, des
         override_num_blocks=-(-len(todo) // bs),
     )
     weights = ray.put(model.get_weights())
+    converted = ray.put(Path(onnx).read_bytes()) if onnx is not None else None
     pipe = items
     if plan.decoders:
         pipe = pipe.map_batches(
@@ -177,7 +199,7 @@ def run_pass(f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, des
         )
     pipe = pipe.map_batches(
         Embed,
-        fn_constructor_args=(model.get_config(), weights, plan.threads, size),
+        fn_constructor_args=(model.get_config(), weights, plan.threads, size, converted),
         batch_size=None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
