@@ -178,6 +178,10 @@ def _check_same_cache(record: dict, attrs: dict, name: str) -> None:
 def head_row(cfg, method: Method) -> dict | None:
     """The results row the method's test accuracy comes from (what `predict` on the test split reproduces)."""
     table = results.read_results(results.results_path(cfg.artifacts, cfg.dataset_name))
-    stem = f"{method.name}.predictions.csv"
-    rows = table[table["predictions"].astype(str).str.endswith(stem) & (table["backbone"] == method.backbone)]
+    stem = f"/{method.name}.predictions.csv"
+    if method.head is None:  # models/<dataset>/<backbone>-finetuned[-nN].predictions.csv
+        suffix = method.name[len(method.method) :]
+        stem = f"/{method.backbone}-{FINETUNED_FILES[method.method]}{suffix}.predictions.csv"
+    paths = "/" + table["predictions"].astype(str)
+    rows = table[paths.str.endswith(stem) & (table["backbone"] == method.backbone)]
     return None if rows.empty else rows.iloc[0].to_dict()

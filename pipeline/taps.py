@@ -212,7 +212,11 @@ def portable_base(base):
         return layer.__class__.from_config({**layer.get_config(), "name": rename[layer.name]})
 
     copy = keras.models.clone_model(base, clone_function=clone)
-    copy.set_weights(base.get_weights())
+    for old in (layer for layer in base.layers if layer.weights):  # by name: robust to any weight order
+        new = copy.get_layer(rename[old.name])
+        values = {v.name: v for v in old.weights}
+        for v in new.weights:
+            v.assign(values[v.name])
     return copy, rename
 
 

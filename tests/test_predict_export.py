@@ -213,6 +213,18 @@ def test_predict_applies_the_fine_tuned_model(cfg, capsys):
         merged = got.merge(saved, on="id")
         assert len(merged) == 9 and (merged["predicted"] == merged["pred"]).all(), name
         assert np.allclose(got[[c for c in got.columns if c.startswith("p_")]].sum(axis=1), 1.0, atol=1e-5)
+    cfg.export.method = "finetune"  # without augmentation and dropout, the preprocessing a built-in layer
+    out = export.run(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    row = pd.read_csv(Path(cfg.artifacts) / "results" / "toy.csv").set_index("method").loc["finetune"]
+    assert manifest["test_accuracy"] == pytest.approx(row["test_accuracy"]) and manifest["self_contained"]
+    import keras
+
+    ids = sorted(p.relative_to(cfg.dataset_dir).as_posix() for p in (cfg.dataset_dir / "test").rglob("*.png"))
+    images = _test_images(cfg, None, ids)
+    exported = np.asarray(keras.models.load_model(out / "model.keras")(images))
+    original = methods.load(cfg, "finetune").model(images, training=False)
+    np.testing.assert_allclose(exported, np.asarray(original), atol=1e-5)
 
 
 def test_a_metadata_head_exports_as_a_two_input_model(cfg):
