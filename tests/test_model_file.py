@@ -1,8 +1,11 @@
 """--backbone PATH: a model the user trained or downloaded elsewhere (.keras, .h5, SavedModel)."""
 
+from pathlib import Path
+
 import h5py
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import extract, finetune, heads
@@ -50,7 +53,11 @@ def test_a_keras_file_is_a_backbone_pooled_at_its_last_spatial_layer(model_cfg):
     inner = keras.Model(model.inputs, model.get_layer("gap").output)
     np.testing.assert_allclose(emb, inner.predict(images, verbose=0), rtol=1e-4, atol=1e-5)
     cfg.heads.heads, cfg.heads.layers, cfg.heads.c_grid = ("logreg",), ("last",), (1.0,)
-    assert heads.run(cfg)[0].scores["test_accuracy"] >= 0  # the heads find the cache by the model's name
+    r = heads.run(cfg)[0]  # the heads find the cache by the model's name and file their results under it
+    assert (r.head, r.n_train, len(r.test_pred)) == ("logreg", 18, 9)
+    table = pd.read_csv(Path(cfg.artifacts) / "results" / "toy.csv")
+    assert table["backbone"].tolist() == ["my_model"]
+    assert (Path(cfg.artifacts) / "heads" / "toy" / "my_model" / "logreg.json").exists()
 
 
 def test_layer_and_preprocessing_are_part_of_the_cache_key(model_cfg, caplog):
