@@ -226,7 +226,9 @@ class PredictConfig:
     )
     image_labels: str | None = _opt(None, "a CSV giving the new images' classes (id column + 'label'), for accuracy")
     metadata_missing: str | None = _opt(
-        None, "images without metadata: error, drop (listed, not scored) or impute (default: as in training)"
+        None,
+        "images without metadata: error, drop (listed, not scored) or impute (default: as in training)",
+        choices=("error", "drop", "impute"),
     )
     batch_size: int = _opt(32, "images per forward pass")
     runtime: str = _opt(
