@@ -337,7 +337,8 @@ def _plan(cfg: Config, attrs: dict, names: list[str], n_subset: int | None) -> l
         log.info("no metadata for %s: fitting image-only heads", cfg.dataset_name)
     features = [f for f in h.features if f == "image" or meta_on]
     digest = uptodate.file_digest(cfg.metadata_path) if meta_on and len(features) > ("image" in features) else None
-    cache = {k: attrs.get(k) for k in KEY_FIELDS}
+    # a cache from before precision was keyed leaves it out, so its heads keep their inputs keys
+    cache = {k: attrs.get(k) for k in KEY_FIELDS if k != "precision" or k in attrs}
     plan = []
     for label, layers in layer_select.variants(h.layers, names):
         for f in features:
