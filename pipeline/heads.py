@@ -65,8 +65,8 @@ log = logging.getLogger(__name__)
 FEATURE_SETS = ("image", "image+meta", "image+meta_norm")
 HEADS = results.IN_MEMORY_HEADS
 STREAMING = results.STREAMING_HEADS
-VAL_TUNED = ("mlp", "knn")
-FLOATS = (np.float64, np.float32)  # kept as they come  # tuned by their own ``tune`` on the validation split
+VAL_TUNED = ("mlp", "knn")  # tuned by their own ``tune`` on the validation split
+FLOATS = (np.float64, np.float32)  # BlockWeight keeps either dtype as it comes
 
 
 class BlockWeight(TransformerMixin, BaseEstimator):
@@ -203,8 +203,8 @@ def _accuracy(clf, X: np.ndarray, y: np.ndarray) -> float:
 
 def _tune_on_val(pipe: Pipeline, grid: dict, train: SplitData, val: SplitData, desc: str | None = None):
     """Tune on the validation split: the preprocessing fitted once per setting of its own grid (the
-    metadata weight) and applied into one scaled copy, then the classifier's own ``tune`` (every value of its grid
-    in one go) or a coarse-to-fine, warm-started ``path_search`` over C.
+    metadata weight) and applied into one scaled copy, then the classifier's own ``tune`` (every value
+    of its grid in one go) or a coarse-to-fine, warm-started ``path_search`` over C.
 
     Returns (best pipeline fitted on train, params, val accuracy, seconds fitting the kept model)."""
     from sklearn.model_selection import ParameterGrid
