@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import shutil
@@ -13,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.config import add_config_arguments, resolve_config
-from pipeline.errors import PipelineError
+from pipeline.errors import DISK_FULL, PipelineError
 
 STAGES: dict[str, tuple[str, list[str], str]] = {
     # name: (help, config sections, "module:function")
@@ -122,9 +121,6 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame):
     raise Terminated
-
-
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def disk_full_message(e: OSError) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def load_metadata(
     except FileNotFoundError:
         raise PipelineError(f"metadata file {path} does not exist") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise PipelineError(f"metadata file {path} is not a readable CSV: {str(e).splitlines()[0]}") from None
+        raise PipelineError(f"metadata file {path} is not a readable CSV: {first_line(e)}") from None
     if id_column is None:
         id_column = next((c for c in ID_COLUMNS if c in df.columns), df.columns[0])
     if id_column not in df.columns:

@@ -32,7 +32,7 @@ from pipeline import backbones, engines, lock, runtimes
 from pipeline import taps as taps_mod
 from pipeline.config import Config, library_versions, run_record, writable_dir, write_json_atomic
 from pipeline.data import SPLITS, Dataset, from_config, image_dataset
-from pipeline.errors import PipelineError
+from pipeline.errors import DISK_FULL, PipelineError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def _cache_hit(out: Path, key: dict) -> ExtractResult | None:
                 log.info("cache hit: %s (%d embeddings, no forward pass needed)", out, n)
                 return ExtractResult(out, True, n, float(f.attrs["extract_seconds"]), skipped)
     except (OSError, KeyError) as e:
-        log.warning("warning: cache %s is unreadable (%s); rebuilding it", out, str(e).splitlines()[0])
+        log.warning("warning: cache %s is unreadable (%s); rebuilding it", out, first_line(e))
         return None
     log.info("cache %s is stale (%s); re-extracting", out, "; ".join(_differences(old, key)))
     return None
@@ -331,7 +331,7 @@ def _disk_full(e: Exception, f: h5py.File, partial: Path, ds: Dataset, cfg: Conf
     """A full disk (or file-size limit) met while writing the cache, in one line: where, what is free, what
     the rest needs, and that the rows written so far resume. None for any other error."""
     code = getattr(e, "errno", None)
-    if code not in (errno.ENOSPC, errno.EFBIG) and not any(f"errno = {c}" in str(e) for c in (28, 27)):
+    if code not in DISK_FULL and not any(f"errno = {c}" in str(e) for c in DISK_FULL):
         return None
     total = sum(len(ds.splits[s].ids) for s in SPLITS) + cfg.extract.views * len(ds.splits["train"].ids)
     done = sum(int(f[g].attrs["rows"]) for g in f if "rows" in f[g].attrs)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data import SPLITS, load_metadata
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +195,8 @@ def reading(path: Path):
         with h5py.File(path, "r") as f:
             yield f
     except (OSError, KeyError, RuntimeError) as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PipelineError(
-            f"{path} is not a readable HDF5 cache (truncated or corrupt: {why}); rerun `make extract` "
+            f"{path} is not a readable HDF5 cache (truncated or corrupt: {first_line(e)}); rerun `make extract` "
             "(python -m pipeline extract), which rebuilds it"
         ) from None
 

@@ -21,7 +21,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from pipeline import lock
 from pipeline.config import atomic_path
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 KEY = ["dataset", "backbone", "method", "features", "layers", "n_train"]
 FINETUNED = ("finetune", "frozen_dense")  # trained end to end on images (frozen_dense: phase 1 of the fine-tune)
@@ -79,7 +79,7 @@ def read_results(path: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise PipelineError(f"{path} is not a valid results table: {_first_line(e)}; {_FIX}") from None
+        raise PipelineError(f"{path} is not a valid results table: {first_line(e)}; {_FIX}") from None
     missing = [k for k in KEY if k != "layers" and k not in table.columns]
     if missing:
         raise PipelineError(f"{path} is not a valid results table: no column(s) {', '.join(missing)}; {_FIX}")
@@ -94,11 +94,6 @@ def read_results(path: Path) -> pd.DataFrame:
 
 
 _FIX = "fix or delete that line (each stage's rerun adds its rows back), or move the file away"
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[-1] if text else type(e).__name__
 
 
 def _same(a, b) -> bool:

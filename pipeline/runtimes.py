@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import atomic_path
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def forward_for(runtime: str, model, build_portable: Callable, key: dict, folder
             "notice: %s cannot be converted for %s (%s); running it in TensorFlow",
             key.get("backbone"),
             runtime,
-            str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__,
+            first_line(e)[:200],
         )
         return tf_forward(model, size), "tf"
     return (onnx_forward(path) if runtime == "onnx" else openvino_forward(path)), runtime

@@ -20,7 +20,7 @@ from unittest import mock
 
 from pipeline.backbones import efficientnet_lite, model_file
 from pipeline.config import atomic_path
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -236,10 +236,9 @@ def _keras_imagenet_file(spec: BackboneSpec, input_size: int) -> Path:
     try:
         got = Path(_download(fname, origin, cache_subdir, cache_dir, file_hash))
     except Exception as e:  # Keras wraps network failures in several exception types
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PipelineError(
-            f"could not download {fname} for {spec.name} from {origin} ({reason}); without network, copy that file "
-            f"to {path} (or pass --weights PATH)"
+            f"could not download {fname} for {spec.name} from {origin} ({first_line(e)}); without network, copy "
+            f"that file to {path} (or pass --weights PATH)"
         ) from None
     return got if got.exists() else path
 
@@ -325,8 +324,8 @@ def build_backbone(spec: BackboneSpec, weights: Weights, input_size: int | None 
         return spec.build(None if weights.path is None else str(weights.path), size)
     except (ValueError, OSError) as e:
         if weights.path is None:
-            raise PipelineError(f"cannot build {spec.name} at {size}px: {str(e).splitlines()[0]}") from None
-        raise PipelineError(f"weights {weights.path} do not fit {spec.name}: {str(e).splitlines()[0]}") from None
+            raise PipelineError(f"cannot build {spec.name} at {size}px: {first_line(e)}") from None
+        raise PipelineError(f"weights {weights.path} do not fit {spec.name}: {first_line(e)}") from None
 
 
 def feature_model(spec: BackboneSpec, base, portable: bool = False):

@@ -14,7 +14,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 # --preprocessing value -> Preprocess kind (pipeline.backbones.layers)
 PREPROCESSING = {
@@ -70,8 +70,7 @@ def load(path: Path):
     except PipelineError:
         raise
     except Exception as e:  # Keras raises many types for a file it cannot read
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PipelineError(f"cannot load backbone model {path}: {msg}") from None
+        raise PipelineError(f"cannot load backbone model {path}: {first_line(e)}") from None
 
 
 def native_size(model) -> int | None:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from pipeline.config import Config, atomic_path, library_versions, writable_dir, write_json_atomic
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.report.curve import curve_points, heads_only_note, where_finetuning_pays
 from pipeline.report.layers import layer_sections
 from pipeline.report.plots import gradcam, plot_accuracy_vs_time, plot_confusion, plot_curve, plot_gradcam
@@ -207,7 +207,7 @@ def run(cfg: Config) -> Path:
             ):
                 sections.append(("Grad-CAM (fine-tuned model)", png))
         except (OSError, ValueError) as e:
-            log.warning("warning: Grad-CAM skipped: %s", str(e).splitlines()[0])
+            log.warning("warning: Grad-CAM skipped: %s", first_line(e))
 
     shown_records = {
         name: {"config": r.get("config"), "versions": r.get("versions"), "timestamp": r.get("timestamp")}
