@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import methods, tuning
+from pipeline import methods, runtimes, tuning
 from pipeline.config import Config, library_versions, write_json_atomic
 from pipeline.errors import PipelineError
 
@@ -94,18 +94,7 @@ def _finetuned(model):
 def write(model, fmt: str, folder: Path) -> Path:
     """One model file (or SavedModel folder) in ``folder`` by Keras' own writers."""
     path = folder / FILES[fmt]
-    dummy = [np.zeros((1, *i.shape[1:]), np.float32) for i in model.inputs]
-    model(dummy[0] if len(dummy) == 1 else dummy)  # the exporters want a model that has run once
-    if fmt == "keras":
-        model.save(path)
-    elif fmt == "saved_model":
-        model.export(path, format="tf_saved_model", verbose=False)
-    else:
-        try:
-            model.export(path, format=fmt, verbose=False)
-        except ImportError as e:
-            extra = "tf2onnx onnx" if fmt == "onnx" else "ai-edge-litert"
-            raise PipelineError(f"--format {fmt} needs {extra}: pip install {extra} ({e})") from None
+    runtimes.keras_export(model, path, fmt)
     return path
 
 

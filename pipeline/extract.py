@@ -292,10 +292,12 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
     partial = out.with_name(out.name + ".partial")
     f = _open_partial(partial, key, dim, taps, groups)
     f.attrs["runtime"] = runtime  # a resumed file may have been started in another
-    onnx = runtimes.converted_path(Path(cfg.artifacts) / "runtimes", runtimes.model_key(key), "onnx")
+    onnx = None  # the converted model the Ray actors run, when the runtime is ONNX Runtime
+    if runtime == "onnx":
+        onnx = runtimes.converted_path(Path(cfg.artifacts) / "runtimes", runtimes.model_key(key), "onnx")
     try:
         try:
-            _extract_splits(f, ds, model, forward, size, cfg, onnx if runtime == "onnx" else None)
+            _extract_splits(f, ds, model, forward, size, cfg, onnx)
             if cfg.extract.views:
                 _extract_views(f, ds, forward_augmented, size, cfg)
         except (OSError, RuntimeError) as e:

@@ -1,9 +1,10 @@
 """How a frozen feature model runs: TensorFlow, ONNX Runtime or OpenVINO, same model, same numbers.
 
-On this project's 2-core CPU the same EfficientNet-Lite0 feature model ran 2.3-3x faster in ONNX
-Runtime than in TensorFlow (``benchmarks/NOTES.md``), with embeddings equal within 1e-5. The model is
-converted once per cache key by Keras' own ``Model.export`` (from built-in layers only, see
-``taps.feature_model(portable=True)``), stored under ``artifacts/runtimes/`` and reused. A model the
+On the project's 2-core CPUs the same EfficientNet-Lite0 feature model ran 1.6-3x faster in ONNX
+Runtime than in TensorFlow (``benchmarks/NOTES.md``: 2.5-3x on AVX2, 1.6-1.85x on AVX-512), with
+embeddings equal within 1e-4 relative. The model is converted once per feature model (``model_key``)
+by Keras' own ``Model.export`` (from built-in layers only, see ``taps.feature_model(portable=True)``),
+stored under ``artifacts/runtimes/`` and reused. A model the
 exporter cannot convert falls back to TensorFlow with a one-line notice. On a GPU TensorFlow stays the
 default (``auto``).
 """
@@ -80,15 +81,27 @@ def converted_path(folder: Path, key: dict, runtime: str) -> Path:
     return Path(folder) / f"{key.get('backbone', 'model')}-{digest}.{'onnx' if runtime == 'onnx' else 'xml'}"
 
 
+def keras_export(model, path: Path, fmt: str) -> None:
+    """``Model.export`` (or ``save`` for ``keras``) of a model that has run once, as the exporters want;
+    a missing exporter package is a one-line error naming it."""
+    dummy = [np.zeros((1, *i.shape[1:]), np.float32) for i in model.inputs]
+    model(dummy[0] if len(dummy) == 1 else dummy)
+    if fmt == "keras":
+        model.save(path)
+        return
+    try:
+        model.export(str(path), format="tf_saved_model" if fmt == "saved_model" else fmt, verbose=False)
+    except ImportError as e:
+        extra = {"onnx": "tf2onnx onnx", "litert": "ai-edge-litert"}.get(fmt, fmt)
+        raise PipelineError(f"--format {fmt} needs {extra}: pip install {extra} ({e})") from None
+
+
 def convert(portable_model, path: Path, runtime: str) -> Path:
-    """The model in ``runtime``'s format at ``path`` (written once, atomically)."""
-    if path.exists():
-        return path
+    """The model in ``runtime``'s format at ``path``, written atomically."""
     size = portable_model.input_shape[1]
-    portable_model(np.zeros((1, size, size, 3), np.float32))  # the exporters want a model that ran
     if runtime == "onnx":
         with atomic_path(path, suffix=".onnx") as tmp:
-            portable_model.export(str(tmp), format="onnx", verbose=False)
+            keras_export(portable_model, tmp, "onnx")
     else:
         import openvino as ov
 
@@ -99,15 +112,26 @@ def convert(portable_model, path: Path, runtime: str) -> Path:
     return path
 
 
-def onnx_forward(path: Path) -> Forward:
+def onnx_session(model: Path | bytes, n_threads: int = 0):
+    """An ONNX Runtime CPU session: one batch's work split over ``n_threads`` (0: ORT's default, all
+    cores), one operator at a time (measured: inter-op parallelism buys nothing for a CNN)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads()
+    opts.intra_op_num_threads = n_threads
     opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
+    )
+
+
+def onnx_run(session) -> Forward:
     name = session.get_inputs()[0].name
     return lambda x: [np.asarray(o, np.float32) for o in session.run(None, {name: np.asarray(x, np.float32)})]
+
+
+def onnx_forward(path: Path) -> Forward:
+    return onnx_run(onnx_session(path, threads()))
 
 
 def openvino_forward(path: Path) -> Forward:

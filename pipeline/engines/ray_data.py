@@ -136,15 +136,11 @@ class Embed:
         self.widths = [int(o.shape[-1]) for o in self.model.outputs]
 
     def _onnx(self, data: bytes, threads: int) -> None:
-        import onnxruntime as ort
+        from pipeline import runtimes
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or 0
-        opts.inter_op_num_threads = 1
-        session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
+        session = runtimes.onnx_session(data, threads or 0)
         self.widths = [int(o.shape[-1]) for o in session.get_outputs()]
-        self.forward = lambda x: session.run(None, {name: np.asarray(x, np.float32)})
+        self.forward = runtimes.onnx_run(session)
 
     def __call__(self, batch: dict) -> dict:
         if "image" not in batch:  # no decode stage: this actor decodes its own batch
