@@ -64,7 +64,7 @@ def main() -> None:
     model = export.build(method)
     if model is None:
         raise SystemExit(f"{method.name} does not fold into a layer; nothing to measure here")
-    fs = load_features(Path(args.artifacts) / "features" / args.dataset / f"{method.backbone}.h5")
+    fs = load_features(method.cache_file)
     test = fs.with_layers(method.record["layer_names"]).splits["test"]
     n = min(args.images, len(test.ids))
     ref = (

@@ -114,19 +114,21 @@ def run(cfg: Config) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        head_file = None
         if model is None:
             import joblib
 
             write(method.model, fmt, tmp)
-            if methods.is_keras(method.head):
-                method.head.save(tmp / "head.keras")
+            head_file = "head.keras" if methods.is_keras(method.head) else "head.joblib"
+            if head_file == "head.keras":
+                method.head.save(tmp / head_file)
             else:
-                joblib.dump(method.head, tmp / "head.joblib")
+                joblib.dump(method.head, tmp / head_file)
         else:
             write(model, fmt, tmp)
-        labels = [c.split("_", 1)[1] for c in method.score_columns()] or method.class_names
+        labels = method.score_classes() or method.class_names
         (tmp / "labels.txt").write_text("\n".join(labels) + "\n")
-        write_json_atomic(tmp / "manifest.json", manifest(cfg, method, fmt, model is not None, labels))
+        write_json_atomic(tmp / "manifest.json", manifest(cfg, method, fmt, head_file, labels))
         if out.exists():
             log.info("replacing %s", out)
             shutil.rmtree(out)
@@ -137,7 +139,7 @@ def run(cfg: Config) -> Path:
     return out
 
 
-def manifest(cfg: Config, method: methods.Method, fmt: str, folded_head: bool, labels: list[str]) -> dict:
+def manifest(cfg: Config, method: methods.Method, fmt: str, head_file: str | None, labels: list[str]) -> dict:
     """What the model is, what goes in and comes out, and how good it was: everything a user needs to load it."""
     row = methods.head_row(cfg, method) or {}
     size = method.input_size
@@ -151,8 +153,8 @@ def manifest(cfg: Config, method: methods.Method, fmt: str, folded_head: bool, l
         "backbone": method.backbone,
         "format": fmt,
         "file": FILES[fmt],
-        "self_contained": folded_head,
-        "head_file": None if folded_head else "head.joblib",
+        "self_contained": head_file is None,
+        "head_file": head_file,
         "inputs": inputs,
         "output": {
             "kind": {"p": "probabilities", "score": "decision values", None: "none (predicted class from head.joblib)"}[

@@ -35,6 +35,7 @@ class Method:
     encoding: MetaEncoding | None
     record: dict
     cache: dict | None = None  # a head's cache attributes (its key, the runtime that filled it)
+    cache_file: Path | None = None  # and the cache itself
 
     @property
     def score_kind(self) -> str | None:
@@ -43,9 +44,9 @@ class Method:
             return "p"
         return "score" if hasattr(self.head, "decision_function") else None
 
-    def score_columns(self) -> list[str]:
-        """One column per class (``p_<class>`` / ``score_<class>``); a binary ``decision_function`` has one
-        column, positive for the second class, as in scikit-learn."""
+    def score_classes(self) -> list[str]:
+        """The class of each score column, in order; a binary ``decision_function`` has one column,
+        positive for the second class, as in scikit-learn. Empty when there are no scores."""
         if self.score_kind is None:
             return []
         classes = self.class_names
@@ -53,7 +54,11 @@ class Method:
             classes = [classes[int(c)] for c in self.head.classes_]
             if self.score_kind == "score" and len(classes) == 2:
                 classes = classes[1:]
-        return [f"{self.score_kind}_{c}" for c in classes]
+        return classes
+
+    def score_columns(self) -> list[str]:
+        """``p_<class>`` (probabilities) or ``score_<class>`` (decision values) per score column."""
+        return [f"{self.score_kind}_{c}" for c in self.score_classes()]
 
     def apply(self, outs: list[np.ndarray], meta: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(predicted class indices, scores or None) for one batch of the model's outputs."""
@@ -160,7 +165,7 @@ def _load_head(cfg, backbone: str, name: str, portable: bool = False) -> Method:
     encoding = MetaEncoding(**enc) if enc else None
     size = int(attrs["input_size"])
     return Method(
-        name, record["head"], backbone, record["class_names"], size, model, head, blocks, encoding, record, attrs
+        name, record["head"], backbone, record["class_names"], size, model, head, blocks, encoding, record, attrs, cache
     )
 
 

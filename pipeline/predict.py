@@ -130,11 +130,10 @@ def _forward(method: methods.Method, cfg: Config):
     runtime = method.cache.get("runtime", "tf") if runtime == "auto" else runtimes.resolve(runtime, False)
     if runtime != "tf" and not runtimes.available(runtime):
         runtime = "tf"
-    cache = Path(cfg.artifacts) / "features" / cfg.dataset_name / f"{method.backbone}.h5"
     forward, used = runtimes.forward_for(
         runtime,
         method.model,
-        lambda: rebuild(cache, Path(cfg.artifacts), portable=True)[0],
+        lambda: rebuild(method.cache_file, Path(cfg.artifacts), portable=True)[0],
         runtimes.model_key(method.cache),
         Path(cfg.artifacts) / "runtimes",
     )

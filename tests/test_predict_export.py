@@ -271,3 +271,14 @@ def test_predict_runs_the_features_in_the_runtime_that_filled_the_cache(fitted, 
     assert (auto["predicted"] == tf["predicted"]).all()
     cols = [c for c in auto.columns if c.startswith("p_")]
     np.testing.assert_allclose(auto[cols].to_numpy(), tf[cols].to_numpy(), atol=1e-4)
+
+
+def test_the_streaming_probe_exports_with_its_keras_head_named_in_the_manifest(cfg):
+    cfg.heads.heads, cfg.heads.layers, cfg.heads.probe_epochs = ("linear_probe",), ("last",), 2
+    extract.run(cfg)
+    heads.run(cfg)
+    cfg.export.method = "linear_probe"
+    out = export.run(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["head_file"] == "head.keras" and (out / "head.keras").exists()
+    assert not manifest["self_contained"] and not (out / "head.joblib").exists()
