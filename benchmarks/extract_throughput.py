@@ -194,13 +194,13 @@ def main() -> None:
     ap.add_argument("--artifacts", default="artifacts")
     args = ap.parse_args()
 
-    from pipeline import backbones, runtimes
+    from pipeline import backbones, runtimes, taps
 
     spec = backbones.get(args.backbone)
     size = spec.input_size
     weights = backbones.resolve_weights(spec, args.weights, Path(args.artifacts), size)
     base = backbones.build_backbone(spec, weights, size)
-    model = backbones.feature_model(spec, base)
+    model = taps.feature_model(spec, base, [])
     others = [r for r in ("onnx", "openvino") if runtimes.available(r)]
 
     with tempfile.TemporaryDirectory() as tmp:

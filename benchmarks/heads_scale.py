@@ -24,44 +24,36 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = [f"c{i}" for i in range(10)]
-CHUNK = 256  # extract's storage chunk rows
 
 
 def write_cache(path: Path, n_train: int, width: int, seed: int = 0) -> None:
-    """A complete synthetic cache, written chunk by chunk (never held whole in memory)."""
+    """A complete synthetic cache, written through the pipeline's cache writer chunk by chunk (never held
+    whole in memory)."""
+    from pipeline.cache.writer import CacheWriter
+
     if path.exists():
         return
     rng = np.random.default_rng(seed)
     basis = rng.normal(0, 1, (64, width)).astype(np.float32) / 8.0
     centres = rng.normal(0, 1, (10, 64)).astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update(
-            backbone="synthetic",
-            complete=True,
-            class_names=json.dumps(CLASSES),
-            extract_seconds=0.0,
-            weights="synthetic (benchmark)",
-        )
-        for split, n in (("train", n_train), ("val", 10000), ("test", 10000)):
-            g = f.create_group(split)
-            X = g.create_dataset("embeddings", (n, width), dtype=np.float32, chunks=(CHUNK, width))
-            y = rng.integers(0, 10, n)
-            for s in range(0, n, 16384):
-                k = min(16384, n - s)
-                z = centres[y[s : s + k]] + rng.normal(0, 1.2, (k, 64)).astype(np.float32)
-                X[s : s + k] = np.maximum(z @ basis + rng.normal(0, 0.5, (k, width)).astype(np.float32), 0)
-            g["labels"] = y
-            g.create_dataset(
-                "ids", data=np.asarray([f"{split}/{i}.png" for i in range(n)], dtype=object), dtype=h5py.string_dtype()
-            )
-    tmp.replace(path)
+    sizes = {"train": n_train, "val": 10000, "test": 10000}
+    w = CacheWriter(path, {}, width, [])
+    for split, n in sizes.items():
+        y = rng.integers(0, 10, n)
+        ids = [f"{split}/{i}.png" for i in range(n)]
+        for s in range(0, n, 16384):
+            k = min(16384, n - s)
+            z = centres[y[s : s + k]] + rng.normal(0, 1.2, (k, 64)).astype(np.float32)
+            X = np.maximum(z @ basis + rng.normal(0, 0.5, (k, width)).astype(np.float32), 0)
+            w.append(split, X, y[s : s + k], ids[s : s + k], s + k)
+    w.finish_pass({split: [f"{split}/{i}.png" for i in range(n)] for split, n in sizes.items()})
+    w.complete(
+        backbone="synthetic", class_names=json.dumps(CLASSES), extract_seconds=0.0, weights="synthetic (benchmark)"
+    )
 
 
 def child(args) -> None:

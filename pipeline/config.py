@@ -7,17 +7,11 @@ generated from these dataclasses and cannot drift from them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
-import os
-import platform
-import sys
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -382,59 +376,3 @@ def resolve_config(args: argparse.Namespace) -> Config:
             section, name = dest.split(".", 1)
             setattr(getattr(cfg, section), name, tuple(value) if isinstance(value, list) else value)
     return cfg
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of everything that can change a number in our artifacts."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("numpy", "h5py", "scikit-learn", "pandas", "joblib", "tensorflow", "tensorflow-cpu", "keras"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def run_record(cfg: Config, stage: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "stage": stage,
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": cfg.to_dict(),
-        "versions": library_versions(),
-        **extra,
-    }
-
-
-def writable_dir(path: Path) -> Path:
-    """Create an artifact folder up front, so an unwritable one fails before any work."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise PipelineError(f"cannot write to {path}: {e.strerror or e}") from None
-    return path
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path, suffix: str = ""):
-    """Yield a temp path beside ``path``; it replaces ``path`` only if the block succeeds,
-    so a reader never sees half a file and a failed write leaves the old one intact.
-    ``suffix`` keeps an extension some writers insist on (Keras: ``.keras``, ``.weights.h5``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{suffix}")
-    try:
-        yield tmp
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")

@@ -17,11 +17,12 @@ import numpy as np
 
 from pipeline import finetune, heads, results
 from pipeline.backbones.model_file import name_for
+from pipeline.cache.key import cache_path
+from pipeline.cache.reader import load_features
 from pipeline.config import Config
 from pipeline.data import from_config, nested_subset
 from pipeline.errors import PipelineError
-from pipeline.extract import cache_path
-from pipeline.features import load_features
+from pipeline.heads import registry
 
 log = logging.getLogger(__name__)
 MIN_PER_CLASS = 2
@@ -51,12 +52,13 @@ def run(cfg: Config) -> list[int]:
     log.info("learning curve on %s: %s training images (fine-tune at %s)", ds.name, points, ft_points or "none")
 
     head_cfg = copy.deepcopy(cfg)
-    streamed = [h for h in cfg.heads.heads if h in results.STREAMING_HEADS]
+    streamed = [h for h in cfg.heads.heads if registry.get(h).streaming]
     if streamed:
         log.info("notice: %s stream from the cache and are left out of the curve", ", ".join(streamed))
-    head_cfg.heads.heads = tuple(h for h in cfg.heads.heads if h not in results.STREAMING_HEADS)
+    head_cfg.heads.heads = tuple(h for h in cfg.heads.heads if h not in streamed)
+    backbone = name_for(cfg.backbone.backbone)
     # read the cache once for all points, and only if some point has heads to fit
-    load = functools.cache(lambda: load_features(cache_path(cfg), name_for(cfg.backbone.backbone)))
+    load = functools.cache(lambda: load_features(cache_path(cfg.artifacts, cfg.dataset_name, backbone), backbone))
     for n in points:
         log.info("curve point: %d of %d training images", n, n_full)
         if head_cfg.heads.heads:

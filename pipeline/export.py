@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import methods, runtimes, tuning
-from pipeline.config import Config, library_versions, write_json_atomic
+from pipeline.artifacts import library_versions, write_json_atomic
+from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.heads import registry
 
 log = logging.getLogger(__name__)
 
 FILES = {"keras": "model.keras", "saved_model": "saved_model", "onnx": "model.onnx", "litert": "model.tflite"}
-LINEAR = ("RidgeHead", "LinearHead", "LinearSVC", "LogisticRegression")
 
 
 def folded(head, d: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -57,7 +58,7 @@ def build(method: methods.Method):
 
     if method.head is None:
         return _finetuned(method.model)
-    if methods.is_keras(method.head) or type(method.head[-1]).__name__ not in LINEAR:
+    if methods.is_keras(method.head) or not registry.get(method.method).foldable:
         return None
     model = method.model
     blocks = [model.outputs[b] for b in method.blocks]
@@ -108,7 +109,7 @@ def run(cfg: Config) -> Path:
         raise PipelineError(
             f"{method.name} ({method.method}) does not fold into a network layer, so it has no {fmt} form: export "
             "--format keras or saved_model (the feature model plus the scikit-learn head, applied by `predict`), "
-            "or pick a linear head (ridge, logreg, linear_svm)"
+            f"or pick a linear head ({', '.join(n for n, spec in registry.REGISTRY.items() if spec.foldable)})"
         )
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

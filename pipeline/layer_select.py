@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import tuning
+from pipeline.cache.reader import LAST
 from pipeline.data import SPLITS
 from pipeline.errors import PipelineError
-from pipeline.features import LAST
 
 log = logging.getLogger(__name__)
 

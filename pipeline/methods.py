@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import backbones, results
+from pipeline.cache.reader import LAST
 from pipeline.errors import PipelineError
-from pipeline.features import LAST, MetaEncoding
+from pipeline.features import MetaEncoding
 
 FINETUNED_FILES = {"finetune": "finetuned", "frozen_dense": "frozen_dense"}
 

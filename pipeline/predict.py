@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import methods, runtimes
-from pipeline.config import Config, atomic_path
+from pipeline.artifacts import atomic_path
+from pipeline.config import Config
 from pipeline.data import IMAGE_EXTENSIONS, image_dataset, load_metadata
 from pipeline.errors import PipelineError
 from pipeline.feature_model import rebuild

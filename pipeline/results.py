@@ -12,6 +12,7 @@ A table that no longer parses (edited by hand) is named with its bad line instea
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,14 +21,11 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from pipeline import lock
-from pipeline.config import atomic_path
+from pipeline.artifacts import atomic_path
 from pipeline.errors import PipelineError, first_line
 
 KEY = ["dataset", "backbone", "method", "features", "layers", "n_train"]
 FINETUNED = ("finetune", "frozen_dense")  # trained end to end on images (frozen_dense: phase 1 of the fine-tune)
-IN_MEMORY_HEADS = ("ridge", "logreg", "linear_svm", "rbf_svm", "mlp", "knn")
-STREAMING_HEADS = ("linear_probe",)  # trained on minibatches read from the cache; never loads it whole
-METHODS = FINETUNED + IN_MEMORY_HEADS + STREAMING_HEADS  # the order tables list them in
 COLUMNS = KEY + [
     "val_accuracy",
     "test_accuracy",
@@ -57,6 +55,47 @@ def head_name(head: str, features: str, layers: str = "last") -> str:
 def subset_suffix(n_train: int | None) -> str:
     """How a learning-curve point's artifacts are told apart from the full-data run's: ``-n300``."""
     return f"-n{n_train}" if n_train else ""
+
+
+def row(
+    *,
+    dataset: str,
+    backbone: str,
+    method: str,
+    val_accuracy: float,
+    scores: dict,
+    tune_seconds: float,
+    fit_seconds: float,
+    n_train: int,
+    n_test: int,
+    params: dict,
+    weights: str,
+    predictions: str,
+    features: str = "image",
+    layers: str = "last",
+    extract_seconds: float = 0.0,
+) -> dict:
+    """One results row, for a head and a fine-tune alike: ``train_seconds`` is tuning + the kept fit, and
+    ``extract_seconds`` the share of the cache's extraction the method is charged (0 for fine-tunes)."""
+    return {
+        "dataset": dataset,
+        "backbone": backbone,
+        "method": method,
+        "features": features,
+        "layers": layers,
+        "val_accuracy": val_accuracy,
+        **scores,
+        "train_seconds": tune_seconds + fit_seconds,
+        "tune_seconds": tune_seconds,
+        "fit_seconds": fit_seconds,
+        "extract_seconds": extract_seconds,
+        "n_train": n_train,
+        "n_test": n_test,
+        "params": json.dumps(params),
+        "weights": weights,
+        "predictions": predictions,
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def results_path(artifacts: str | Path, dataset: str) -> Path:

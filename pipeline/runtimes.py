@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import atomic_path
+from pipeline.artifacts import atomic_path
 from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)

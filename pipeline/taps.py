@@ -166,16 +166,20 @@ def pool_layer(grid: int, name: str):
 def feature_model(spec, base, taps: list[Tap], portable: bool = False):
     """Raw RGB 0-255 in; [final embedding, tap 1, tap 2, ...] out (float32), one forward pass.
 
-    With no taps this is ``backbones.feature_model``'s single-output model. ``portable``: only built-in
-    Keras layers (the preprocessing as a ``Dense`` on the channels, the pooling as crops + global
-    averages), so an exported model loads where this package is not installed; same numbers.
+    With no taps the model has the one output (the pipeline's only feature model: extraction, the
+    runtimes, predict and export all build it here). ``portable``: only built-in Keras layers (the
+    preprocessing as a ``Dense`` on the channels, the pooling as crops + global averages), so an exported
+    model loads where this package is not installed; same numbers.
     """
     import keras
 
-    from pipeline.backbones import feature_model as single
-
     if not taps:
-        return single(spec, base, portable)
+        if portable:
+            base = portable_base(base)[0]
+        inputs = keras.Input(shape=base.input_shape[1:], name="image")
+        x = base(preprocess_layer(spec, portable)(inputs), training=False)
+        embedding = keras.layers.Activation("linear", dtype="float32", name="embedding")(x)
+        return keras.Model(inputs, embedding, name=f"{spec.name}_features")
     names = {t.layer: t.layer for t in taps}
     if portable:
         base, names = portable_base(base)

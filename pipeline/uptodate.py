@@ -23,7 +23,7 @@ _VERSIONED = ("python", "numpy", "scikit-learn", "tensorflow", "tensorflow-cpu",
 def code_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from pipeline.config import library_versions
+    from pipeline.artifacts import library_versions
 
     out = {k: v for k, v in library_versions().items() if k in _VERSIONED}
     try:

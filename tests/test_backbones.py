@@ -4,7 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline import backbones
+from pipeline import backbones, taps
 from pipeline.backbones import efficientnet_lite, pth
 from pipeline.errors import PipelineError
 
@@ -69,7 +69,7 @@ def test_lite0_registry_converts_once_and_builds_a_1280_wide_feature_model(tmp_p
     assert w.sha256.startswith("57934424")  # the checksum in the packaged file's own name
     mtime = w.path.stat().st_mtime_ns
     assert backbones.resolve_weights(spec, "default", tmp_path).path.stat().st_mtime_ns == mtime
-    model = backbones.feature_model(spec, backbones.build_backbone(spec, w, 64))
+    model = taps.feature_model(spec, backbones.build_backbone(spec, w, 64), [])
     out = model(np.full((2, 64, 64, 3), 127.0, np.float32)).numpy()
     assert out.shape == (2, 1280) and np.isfinite(out).all() and out.std() > 0
 
@@ -77,8 +77,8 @@ def test_lite0_registry_converts_once_and_builds_a_1280_wide_feature_model(tmp_p
 def test_keras_application_builds_pooled_with_random_weights():
     spec = backbones.get("mobilenet_v2")
     assert spec.input_size == 224 and spec.preprocessing == "keras.applications.mobilenet_v2.preprocess_input"
-    model = backbones.feature_model(
-        spec, backbones.build_backbone(spec, backbones.resolve_weights(spec, "none", "."), 32)
+    model = taps.feature_model(
+        spec, backbones.build_backbone(spec, backbones.resolve_weights(spec, "none", "."), 32), []
     )
     assert model.output_shape == (None, 1280)
 

@@ -1,6 +1,8 @@
 """The headline user workflow: CelebA's flat image folder + list_attr_celeba.txt, class from `Male`,
 the other 39 attributes as metadata (a generated look-alike: no download)."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from conftest import CELEBA_ATTRIBUTES, TINY, make_celeba_like
@@ -56,7 +58,7 @@ def test_celeba_headline_comparison_end_to_end_with_the_39_other_attributes_as_m
     cfg.heads.c_grid, cfg.heads.meta_weights = (0.1, 1.0), (1.0,)
     out = heads.run(cfg)
     assert {r.features for r in out} == {"image", "image+meta", "image+meta_norm"}
-    side = heads.Path(art) / "heads" / "img_align_celeba" / TINY / "logreg+meta.json"
+    side = Path(art) / "heads" / "img_align_celeba" / TINY / "logreg+meta.json"
     columns = pd.read_json(side, typ="series")["metadata_columns"]
     assert len(columns) == 39 and "Male" not in columns  # the class column is never a feature
     table_ = results.read_results(results.results_path(art, "img_align_celeba"))

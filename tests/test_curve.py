@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import curve, extract, results
+from pipeline.cache.reader import load_features
 from pipeline.data import nested_subset
-from pipeline.features import load_features
 from pipeline.report.curve import curve_points
 
 

@@ -159,8 +159,8 @@ def test_a_class_too_small_for_every_split_is_named_with_what_it_means(tmp_path,
 def test_a_single_class_validation_split_is_said_before_tuning(tmp_path, caplog):
     import numpy as np
 
+    from pipeline.cache.reader import SplitData
     from pipeline.config import Config
-    from pipeline.features import SplitData
     from pipeline.heads import fit_head
 
     rng = np.random.default_rng(0)
@@ -169,5 +169,5 @@ def test_a_single_class_validation_split_is_said_before_tuning(tmp_path, caplog)
     splits = {"train": split(y), "val": split(np.zeros(10, dtype=int)), "test": split(y)}
     cfg = Config()
     cfg.heads.alpha_grid = (1.0, 10.0)
-    fit_head("ridge", "image", splits, 4, cfg)
+    fit_head("ridge", "image", splits, 4, cfg.heads, cfg.data.seed)
     assert "validation split holds a single class" in caplog.text

@@ -52,7 +52,8 @@ def test_elpv_four_class_option_keeps_the_probability_levels(fake_elpv, tmp_path
 
 
 def test_elpv_metadata_feeds_the_heads_with_type_only(fake_elpv, tmp_path):
-    from pipeline.features import FeatureSet, SplitData, metadata_table
+    from pipeline.cache.reader import FeatureSet, SplitData
+    from pipeline.features import metadata_table
 
     target = tmp_path / "elpv"
     prepare.prepare_elpv(target, 2, 0.25, 0.25, seed=0)

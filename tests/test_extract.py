@@ -4,6 +4,7 @@ import pytest
 from conftest import TINY
 
 from pipeline import backbones, extract
+from pipeline.cache.writer import CacheWriter
 from pipeline.errors import PipelineError
 
 
@@ -58,7 +59,7 @@ def test_changed_file_list_or_preprocessing_invalidates_the_cache(cfg, presplit,
 def test_interrupted_extraction_resumes_to_the_same_cache(cfg, tmp_path, monkeypatch):
     reference = _read(extract.run(cfg).path)[0]
     cfg.artifacts = str(tmp_path / "other")
-    real = extract.append_rows
+    real = CacheWriter.append
     calls = {"n": 0}
 
     def crash_after_three(*a, **k):
@@ -67,7 +68,7 @@ def test_interrupted_extraction_resumes_to_the_same_cache(cfg, tmp_path, monkeyp
             raise KeyboardInterrupt("killed")
         real(*a, **k)
 
-    monkeypatch.setattr(extract, "append_rows", crash_after_three)
+    monkeypatch.setattr(CacheWriter, "append", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         extract.run(cfg)
     partial = extract.cache_path(cfg).with_name(f"{TINY}.h5.partial")
@@ -76,8 +77,8 @@ def test_interrupted_extraction_resumes_to_the_same_cache(cfg, tmp_path, monkeyp
         assert f["train"].attrs["rows"] == 12  # three batches of four
 
     monkeypatch.setattr(
-        extract,
-        "append_rows",
+        CacheWriter,
+        "append",
         lambda *a, **k: (calls.__setitem__("resumed", calls.get("resumed", 0) + 1), real(*a, **k)),
     )
     resumed = extract.run(cfg)

@@ -26,7 +26,7 @@ def _backbone_weights(model):
 
 def test_phase_two_unfreezes_and_changes_the_backbone_while_phase_one_does_not(ft_cfg, monkeypatch):
     seen = {}
-    real = finetune.fit_phase
+    real = finetune.train.fit_phase
 
     def spy(model, phase, *a, **k):
         base, before = _backbone_weights(model)
@@ -35,7 +35,7 @@ def test_phase_two_unfreezes_and_changes_the_backbone_while_phase_one_does_not(f
         seen[phase]["after"] = _backbone_weights(model)[1]
         return out
 
-    monkeypatch.setattr(finetune, "fit_phase", spy)
+    monkeypatch.setattr(finetune.train, "fit_phase", spy)
     res = finetune.run(ft_cfg)
     assert seen[1]["trainable"] == 0
     assert all(np.array_equal(a, b) for a, b in zip(seen[1]["before"], seen[1]["after"]))
@@ -56,7 +56,7 @@ def test_phase_two_unfreezes_and_changes_the_backbone_while_phase_one_does_not(f
 
 
 def test_batchnorm_stays_in_inference_mode_when_unfrozen(ft_cfg, monkeypatch):
-    real = finetune.fit_phase
+    real = finetune.train.fit_phase
     stats = {}
 
     def spy(model, phase, *a, **k):
@@ -67,13 +67,13 @@ def test_batchnorm_stays_in_inference_mode_when_unfrozen(ft_cfg, monkeypatch):
         stats[phase] = np.array_equal(before, bn.moving_mean.numpy())
         return out
 
-    monkeypatch.setattr(finetune, "fit_phase", spy)
+    monkeypatch.setattr(finetune.train, "fit_phase", spy)
     finetune.run(ft_cfg)
     assert stats == {1: True, 2: True}
 
 
 def test_interrupted_finetune_resumes_after_the_finished_phase(ft_cfg, monkeypatch):
-    real = finetune.fit_phase
+    real = finetune.train.fit_phase
     calls = []
 
     def crash_in_phase_two(model, phase, *a, **k):
@@ -82,7 +82,7 @@ def test_interrupted_finetune_resumes_after_the_finished_phase(ft_cfg, monkeypat
             raise KeyboardInterrupt
         return real(model, phase, *a, **k)
 
-    monkeypatch.setattr(finetune, "fit_phase", crash_in_phase_two)
+    monkeypatch.setattr(finetune.train, "fit_phase", crash_in_phase_two)
     with pytest.raises(KeyboardInterrupt):
         finetune.run(ft_cfg)
     ft_cfg.finetune.resume = True
@@ -111,14 +111,14 @@ def test_report_of_a_finetuned_model_has_confusion_matrices_and_gradcam(ft_cfg):
 
 def test_frozen_dense_is_phase_one_scored_as_its_own_method(ft_cfg, monkeypatch):
     phase_one_pred = {}
-    real = finetune._predict
+    real = finetune.train._predict
 
     def spy(model, ds, split, *a):
         out = real(model, ds, split, *a)
         phase_one_pred.setdefault("pred", out[2])  # the first test pass: right after phase 1
         return out
 
-    monkeypatch.setattr(finetune, "_predict", spy)
+    monkeypatch.setattr(finetune.train, "_predict", spy)
     res = finetune.run(ft_cfg)
     table = results.read_results(results.results_path(ft_cfg.artifacts, "toy")).set_index("method")
     dense = table.loc["frozen_dense"]
@@ -136,8 +136,8 @@ def test_unchanged_inputs_reuse_the_fine_tune_and_a_changed_setting_redoes_it(ft
     def no_fitting(*a, **k):
         raise AssertionError("fitted although nothing changed")
 
-    real = finetune.fit_phase
-    monkeypatch.setattr(finetune, "fit_phase", no_fitting)
+    real = finetune.train.fit_phase
+    monkeypatch.setattr(finetune.train, "fit_phase", no_fitting)
     again = finetune.run(ft_cfg)
     assert "up to date" in capsys.readouterr().out
     assert again.scores == first.scores and again.phase_seconds == first.phase_seconds
@@ -145,7 +145,9 @@ def test_unchanged_inputs_reuse_the_fine_tune_and_a_changed_setting_redoes_it(ft
     pd.testing.assert_frame_equal(before, after)
 
     calls = []
-    monkeypatch.setattr(finetune, "fit_phase", lambda m, phase, *a, **k: calls.append(phase) or real(m, phase, *a, **k))
+    monkeypatch.setattr(
+        finetune.train, "fit_phase", lambda m, phase, *a, **k: calls.append(phase) or real(m, phase, *a, **k)
+    )
     ft_cfg.finetune.learning_rate = 0.01  # a setting that changes the numbers
     finetune.run(ft_cfg)
     assert calls == [1, 2]

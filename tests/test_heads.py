@@ -7,16 +7,19 @@ carries no information about any particular image.
 """
 
 import json
+from pathlib import Path
 
-import h5py
+import joblib
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import heads, results
+from pipeline import extract, heads, results
+from pipeline.cache.reader import load_features
+from pipeline.cache.writer import write_cache
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.features import fuse, load_features, metadata_table
+from pipeline.features import fuse, metadata_table
 
 N = {"train": 240, "val": 90, "test": 150}
 CLASSES = ["a", "b", "c"]
@@ -29,27 +32,24 @@ def _fake_cache(root, backbone="fake_net", dim=24, seed=0):
     path.parent.mkdir(parents=True)
     rows = []
     centres = rng.normal(0, 1, (3, dim))
-    with h5py.File(path, "w") as f:
-        f.attrs.update(
-            backbone=backbone,
-            complete=True,
-            class_names=json.dumps(CLASSES),
-            extract_seconds=12.5,
-            weights="random (none) - for tests only, not pretrained",
-        )
-        for s, n in N.items():
-            y = np.arange(n) % 3
-            X = 0.25 * centres[y] + rng.normal(0, 1, (n, dim))
-            ids = [f"{s}/{CLASSES[c]}/{s}_{i:04d}.png" for i, c in enumerate(y)]
-            g = f.create_group(s)
-            g["embeddings"] = X.astype(np.float32)
-            g["labels"] = y
-            g.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
-            hint = np.where(rng.random(n) < 0.85, y, rng.integers(0, 3, n))
-            rows += [
-                {"image_id": i.split("/")[-1], "hint": int(h), "site": ["x", "y"][k % 2]}
-                for k, (i, h) in enumerate(zip(ids, hint))
-            ]
+    splits = {}
+    for s, n in N.items():
+        y = np.arange(n) % 3
+        X = 0.25 * centres[y] + rng.normal(0, 1, (n, dim))
+        ids = [f"{s}/{CLASSES[c]}/{s}_{i:04d}.png" for i, c in enumerate(y)]
+        splits[s] = {"embeddings": X.astype(np.float32), "labels": y, "ids": ids}
+        hint = np.where(rng.random(n) < 0.85, y, rng.integers(0, 3, n))
+        rows += [
+            {"image_id": i.split("/")[-1], "hint": int(h), "site": ["x", "y"][k % 2]}
+            for k, (i, h) in enumerate(zip(ids, hint))
+        ]
+    attrs = {
+        "backbone": backbone,
+        "class_names": json.dumps(CLASSES),
+        "extract_seconds": 12.5,
+        "weights": "random (none) - for tests only, not pretrained",
+    }
+    write_cache(path, attrs, splits)
     meta = pd.DataFrame(rows)
     meta["shuffled"] = rng.permutation(meta["hint"].to_numpy())
     data = root / "data" / "synth"
@@ -75,9 +75,9 @@ def synth(tmp_path):
 
 def _test_acc(cfg, head, features, columns):
     cfg.heads.meta_columns = columns
-    fs = load_features(heads.cache_path(cfg))
+    fs = load_features(extract.cache_path(cfg))
     splits = fs.splits if features == "image" else fuse(fs, metadata_table(cfg.metadata_path, fs, columns))[0]
-    return heads.fit_head(head, features, splits, fs.embedding_dim, cfg)[1].scores["test_accuracy"]
+    return heads.fit_head(head, features, splits, fs.embedding_dim, cfg.heads, cfg.data.seed)[1].scores["test_accuracy"]
 
 
 @pytest.mark.parametrize("head", ["logreg", "linear_svm"])
@@ -107,12 +107,12 @@ def test_run_writes_heads_sidecars_predictions_and_one_row_per_config(synth, cap
     assert {"test_balanced_accuracy", "test_macro_f1"} <= set(table.columns)
     # the grid, or up to two steps beyond its edge when the best C sat on it
     assert all(json.loads(p)["C"] in (1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0) for p in table["params"])
-    d = heads.Path(synth.artifacts) / "heads" / "synth" / "fake_net"
+    d = Path(synth.artifacts) / "heads" / "synth" / "fake_net"
     side = json.loads((d / "logreg+meta_norm.json").read_text())
     assert side["params"]["meta_weight"] in (1.0, 4.0) and side["metadata_columns"] == ["hint", "site=x", "site=y"]
     assert "scikit-learn" in side["versions"] and side["config"]["heads"]["c_grid"] == [0.01, 0.1, 1.0]
-    model = heads.joblib.load(d / "logreg.joblib")
-    fs = load_features(heads.cache_path(synth))
+    model = joblib.load(d / "logreg.joblib")
+    fs = load_features(extract.cache_path(synth))
     pred = pd.read_csv(d / "logreg.predictions.csv")
     assert (model.predict(fs.splits["test"].X) == pred["y_pred"].to_numpy()).all()
     assert "logreg" in capsys.readouterr().out
@@ -128,7 +128,7 @@ def test_missing_metadata_rows_error_by_name_or_follow_the_policy(synth):
     meta = pd.read_csv(meta_path)
     gone = meta["image_id"].isin(["test_0007.png", "train_0003.png"])
     meta[~gone].to_csv(meta_path, index=False)
-    fs = load_features(heads.cache_path(synth))
+    fs = load_features(extract.cache_path(synth))
     table = metadata_table(meta_path, fs, ("hint",))
     with pytest.raises(PipelineError, match=r"1 train images have no metadata row, e\.g\. train/a/train_0003\.png"):
         fuse(fs, table)
@@ -142,7 +142,7 @@ def test_missing_metadata_rows_error_by_name_or_follow_the_policy(synth):
 
 def test_label_never_enters_the_metadata(synth):
     meta = pd.read_csv(synth.metadata_path)
-    fs = load_features(heads.cache_path(synth))
+    fs = load_features(extract.cache_path(synth))
     labels = {i.split("/")[-1]: i.split("/")[1] for s in fs.splits.values() for i in s.ids}
     meta["label"] = meta["image_id"].map(labels)
     meta["coded"] = meta["label"].map({"a": 10, "b": 20, "c": 30})  # the label under another name
@@ -153,7 +153,7 @@ def test_label_never_enters_the_metadata(synth):
 
 
 def test_cache_of_another_backbone_or_missing_cache_is_refused(synth, tmp_path):
-    path = heads.cache_path(synth)
+    path = extract.cache_path(synth)
     with pytest.raises(PipelineError, match="made by backbone fake_net, not resnet50"):
         load_features(path, "resnet50")
     synth.backbone.backbone = "mobilenet_v2"
@@ -163,8 +163,8 @@ def test_cache_of_another_backbone_or_missing_cache_is_refused(synth, tmp_path):
 
 def test_rbf_svm_subsamples_large_training_sets_with_a_notice(synth, caplog):
     synth.heads.rbf_max_train = 60
-    fs = load_features(heads.cache_path(synth))
-    _, r = heads.fit_head("rbf_svm", "image", fs.splits, fs.embedding_dim, synth)
+    fs = load_features(extract.cache_path(synth))
+    _, r = heads.fit_head("rbf_svm", "image", fs.splits, fs.embedding_dim, synth.heads, synth.data.seed)
     assert r.n_train == 60 and "subsample of 60 of 240" in caplog.text
 
 
@@ -220,14 +220,16 @@ def test_unchanged_inputs_reuse_every_head_and_a_changed_setting_refits_only_its
         calls.append((head, features))
         return real(head, features, *a, **k)
 
-    monkeypatch.setattr(heads, "fit_head", spy)
-    monkeypatch.setattr(heads, "load_features", lambda *a, **k: pytest.fail("loaded the cache with nothing to fit"))
+    monkeypatch.setattr(heads.stage, "fit_head", spy)
+    monkeypatch.setattr(
+        heads.stage, "load_features", lambda *a, **k: pytest.fail("loaded the cache with nothing to fit")
+    )
     out = heads.run(synth)
     assert calls == [] and len(out) == 4 and "up to date" in caplog.text
     pd.testing.assert_frame_equal(before, results.read_results(results.results_path(synth.artifacts, "synth")))
 
     monkeypatch.undo()
-    monkeypatch.setattr(heads, "fit_head", spy)
+    monkeypatch.setattr(heads.stage, "fit_head", spy)
     synth.heads.c_grid = (0.1, 1.0)  # logreg's grid: ridge is unaffected
     heads.run(synth)
     assert calls == [("logreg", "image"), ("logreg", "image+meta")]

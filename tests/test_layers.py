@@ -5,8 +5,8 @@ signal; the tap ``signal`` separates the classes. ``auto`` must find it.
 """
 
 import json
+from pathlib import Path
 
-import h5py
 import joblib
 import numpy as np
 import pandas as pd
@@ -14,9 +14,10 @@ import pytest
 from conftest import TINY
 
 from pipeline import extract, heads, layer_select, results
+from pipeline.cache.reader import load_features
+from pipeline.cache.writer import write_cache
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.features import load_features
 
 N = {"train": 150, "val": 60, "test": 90}
 CLASSES = ["a", "b", "c"]
@@ -27,24 +28,17 @@ def _tapped_cache(root, views=0, seed=0):
     path = root / "artifacts" / "features" / "synth" / "fake_net.h5"
     path.parent.mkdir(parents=True)
     centres = rng.normal(0, 1, (3, 6))
-    with h5py.File(path, "w") as f:
-        f.attrs.update(
-            backbone="fake_net",
-            complete=True,
-            class_names=json.dumps(CLASSES),
-            extract_seconds=3.0,
-            tap_layers=json.dumps(["noise", "signal"]),
-        )
-        groups = dict(N, **({"views": N["train"] * views} if views else {}))
-        for s, n in groups.items():
-            y = np.arange(n) % 3
-            g = f.create_group(s)
-            g["embeddings"] = rng.normal(0, 1, (n, 20)).astype(np.float32)
-            g["labels"] = y
-            names = [f"{'train' if s == 'views' else s}/{CLASSES[c]}/{i % N['train']:04d}.png" for i, c in enumerate(y)]
-            g.create_dataset("ids", data=np.asarray(names, dtype=object), dtype=h5py.string_dtype())
-            g["taps/noise"] = rng.normal(0, 1, (n, 5)).astype(np.float32)
-            g["taps/signal"] = (1.5 * centres[y] + rng.normal(0, 1, (n, 6))).astype(np.float32)
+    splits = {}
+    groups = dict(N, **({"views": N["train"] * views} if views else {}))
+    for s, n in groups.items():
+        y = np.arange(n) % 3
+        emb = rng.normal(0, 1, (n, 20)).astype(np.float32)
+        names = [f"{'train' if s == 'views' else s}/{CLASSES[c]}/{i % N['train']:04d}.png" for i, c in enumerate(y)]
+        noise = rng.normal(0, 1, (n, 5)).astype(np.float32)
+        signal = (1.5 * centres[y] + rng.normal(0, 1, (n, 6))).astype(np.float32)
+        splits[s] = {"embeddings": emb, "labels": y, "ids": names, "taps": {"noise": noise, "signal": signal}}
+    attrs = {"backbone": "fake_net", "class_names": json.dumps(CLASSES), "extract_seconds": 3.0}
+    write_cache(path, attrs, splits)
     (root / "data" / "synth").mkdir(parents=True)
     return path
 
@@ -72,7 +66,7 @@ def test_auto_finds_the_tap_that_carries_the_signal(tapped):
     table = results.read_results(results.results_path(tapped.artifacts, "synth"))
     assert sorted(table["layers"]) == ["auto", "last"]  # part of the row key: two rows, not one replaced
     assert json.loads(table.set_index("layers").loc["auto", "params"])["layers"] == by["auto"].layer_names
-    sel = json.loads((heads.Path(tapped.artifacts) / "heads" / "synth" / "fake_net" / "layers.json").read_text())
+    sel = json.loads((Path(tapped.artifacts) / "heads" / "synth" / "fake_net" / "layers.json").read_text())
     scores = {r["layer"]: r["val_accuracy"] for r in sel["per_layer"]}
     assert scores["signal"] > 0.8 and scores["last"] < 0.5 and scores["noise"] < 0.5
     assert set(scores) == {"last", "noise", "signal"} and {"test_accuracy", "width"} <= set(sel["per_layer"][0])
@@ -83,9 +77,9 @@ def test_all_and_named_layer_sets_each_get_a_row_and_an_artifact(tapped):
     heads.run(tapped)
     table = results.read_results(results.results_path(tapped.artifacts, "synth"))
     assert sorted(table["layers"]) == ["all", "last", "signal"]
-    d = heads.Path(tapped.artifacts) / "heads" / "synth" / "fake_net"
+    d = Path(tapped.artifacts) / "heads" / "synth" / "fake_net"
     assert (d / "logreg@all.joblib").exists() and (d / "logreg.joblib").exists()
-    fs = load_features(heads.cache_path(tapped)).with_layers(["last", "noise", "signal"])
+    fs = load_features(extract.cache_path(tapped)).with_layers(["last", "noise", "signal"])
     model = joblib.load(d / "logreg@all.joblib")
     pred = pd.read_csv(d / "logreg@all.predictions.csv")["y_pred"].to_numpy()
     assert (model.predict(fs.splits["test"].X) == pred).all()
@@ -114,10 +108,10 @@ def test_mlp_and_knn_heads_are_tuned_saved_and_recorded(tapped):
         assert r.scores["test_accuracy"] > 0.75 and r.val_accuracy > 0.75
     table = results.read_results(results.results_path(tapped.artifacts, "synth"))
     assert sorted(table["method"]) == ["knn", "mlp"] and (table["train_seconds"] > 0).all()
-    d = heads.Path(tapped.artifacts) / "heads" / "synth" / "fake_net"
+    d = Path(tapped.artifacts) / "heads" / "synth" / "fake_net"
     name = results.head_name("mlp", "image", "signal")
     model = joblib.load(d / f"{name}.joblib")  # the Keras MLP round-trips through joblib
-    fs = load_features(heads.cache_path(tapped)).with_layers(["signal"])
+    fs = load_features(extract.cache_path(tapped)).with_layers(["signal"])
     pred = pd.read_csv(d / f"{name}.predictions.csv")["y_pred"].to_numpy()
     assert (model.predict(fs.splits["test"].X) == pred).all()
 
@@ -160,11 +154,17 @@ def test_extract_views_caches_augmented_training_views(cfg):
 
 def test_views_resume_after_the_splits_are_done(cfg, monkeypatch):
     cfg.extract.views = 1
-    real = extract._extract_views
-    monkeypatch.setattr(extract, "_extract_views", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    real = extract._write_pass
+
+    def killed_in_views(writer, root, sources, *a, **k):
+        if "views" in sources:
+            raise KeyboardInterrupt
+        return real(writer, root, sources, *a, **k)
+
+    monkeypatch.setattr(extract, "_write_pass", killed_in_views)
     with pytest.raises(KeyboardInterrupt):
         extract.run(cfg)
-    monkeypatch.setattr(extract, "_extract_views", real)
+    monkeypatch.setattr(extract, "_write_pass", real)
     res = extract.run(cfg)  # splits already complete: only the views pass runs
     fs = load_features(res.path)
     assert fs.n_views == 1 and len(fs.views["ids"]) == 18 and len(fs.splits["train"].ids) == 18

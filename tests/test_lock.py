@@ -1,49 +1,76 @@
-"""Two extractions of one cache at once: one writes, the other waits and then finds it done."""
+"""Two extractions of one cache at once: one writes, the other waits and then finds it done.
 
-import subprocess
-import sys
-import time
-from pathlib import Path
+Event-driven, no polling deadline: the first extraction holds the cache's lock and does not start writing
+until the second has said it is waiting (``flock`` locks conflict between two opens of the file even in
+one process, so two threads show what two terminals would)."""
 
-import h5py
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from pipeline import extract, lock
+from pipeline.cache.reader import load_features
 
-CHILD = """
-import sys, logging
-sys.path.insert(0, {tests!r})
-import conftest  # registers the tiny backbone
-from pipeline import extract
-from pipeline.config import Config
-logging.basicConfig(level=logging.INFO, format="%(message)s")
-cfg = Config()
-cfg.artifacts, cfg.data.dataset = {artifacts!r}, {dataset!r}
-cfg.backbone.backbone, cfg.backbone.weights, cfg.extract.batch_size = "tiny_cnn", "none", 4
-r = extract.run(cfg)
-print("HIT" if r.cache_hit else "WROTE", r.n_images)
-"""
+HANG_GUARD = 300  # seconds: only a broken lock gets near it; the test never waits on time otherwise
 
 
-def test_a_second_extraction_of_the_same_cache_waits_and_nothing_is_lost(cfg, tmp_path):
-    out = extract.cache_path(cfg)
-    script = CHILD.format(tests=str(Path(__file__).parent), artifacts=cfg.artifacts, dataset=cfg.data.dataset)
-    logs = [tmp_path / f"child{k}.log" for k in range(2)]
-    with lock.exclusive(out):  # both children start while the cache is held, so they must overlap
-        kids = [
-            subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=open(p, "w"), text=True)
-            for p in logs
-        ]
-        deadline = time.time() + 180
-        while time.time() < deadline and not all("waiting" in p.read_text() for p in logs):
-            time.sleep(0.2)
-    results = [(k.communicate(timeout=300)[0], p.read_text()) for k, p in zip(kids, logs)]
-    assert [k.returncode for k in kids] == [0, 0], [e[-2000:] for _, e in results]
-    outs = sorted(o.split()[-2] for o, _ in results)
-    assert outs == ["HIT", "WROTE"]  # one wrote the cache, the other waited and reused it
-    assert all("waiting: tiny_cnn.h5 is being written by pid" in e for _, e in results)
-    with h5py.File(out) as f:
-        assert f.attrs["complete"]
-        for s, n in (("train", 18), ("val", 9), ("test", 9)):
-            ids = f[s]["ids"].asstr()[()]
-            assert len(ids) == n and len(set(ids)) == n
-    assert not out.with_name(out.name + ".partial").exists()
+class _Said(logging.Handler):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.event = prefix, threading.Event()
+
+    def emit(self, record):
+        if record.getMessage().startswith(self.prefix):
+            self.event.set()
+
+
+def test_a_second_extraction_of_the_same_cache_waits_and_nothing_is_lost(cfg, monkeypatch):
+    waiting = _Said("waiting: tiny_cnn.h5 is being written by pid")
+    logging.getLogger("pipeline.lock").addHandler(waiting)
+    holding = threading.Event()
+    real = extract._extract
+
+    def first_writer(*a, **k):  # runs under the lock: hold it until the second run waits for it
+        holding.set()
+        assert waiting.event.wait(HANG_GUARD), "the second extraction did not wait for the lock"
+        return real(*a, **k)
+
+    monkeypatch.setattr(extract, "_extract", first_writer)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(extract.run, cfg)
+            assert holding.wait(HANG_GUARD)
+            second = pool.submit(extract.run, cfg)
+            a, b = first.result(HANG_GUARD), second.result(HANG_GUARD)
+    finally:
+        logging.getLogger("pipeline.lock").removeHandler(waiting)
+    assert (a.cache_hit, b.cache_hit) == (False, True)  # one wrote the cache, the other waited and reused it
+    fs = load_features(a.path)
+    for s, n in (("train", 18), ("val", 9), ("test", 9)):
+        ids = fs.splits[s].ids
+        assert len(ids) == n and len(set(ids)) == n and np.isfinite(fs.splits[s].X).all()
+    assert not a.path.with_name(a.path.name + ".partial").exists()
+
+
+def test_the_lock_is_exclusive_and_released_on_exit(tmp_path):
+    target = tmp_path / "table.csv"
+    order = []
+    waiting = _Said("waiting: table.csv")
+    logging.getLogger("pipeline.lock").addHandler(waiting)
+    try:
+
+        def second():
+            with lock.exclusive(target):
+                order.append("second in")
+
+        with lock.exclusive(target):
+            t = threading.Thread(target=second)
+            t.start()
+            assert waiting.event.wait(HANG_GUARD)
+            order.append("first out")
+        t.join(HANG_GUARD)
+    finally:
+        logging.getLogger("pipeline.lock").removeHandler(waiting)
+    assert order == ["first out", "second in"]

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from pipeline import export, extract, heads, methods, predict, report
+from pipeline.cache.reader import load_features
 from pipeline.data import image_dataset
 from pipeline.errors import PipelineError
-from pipeline.features import load_features
 
 ROOT = Path(__file__).parent.parent
 LINEAR = ["ridge@all", "logreg@all", "linear_svm@all"]

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline import extract
+from pipeline.cache.key import read_key
+from pipeline.cache.writer import CacheWriter
 from pipeline.errors import PipelineError
 
 
@@ -21,7 +23,7 @@ def ray_cluster():
 
 def _read(path):
     with h5py.File(path) as f:
-        key = extract.read_key(f)
+        key = read_key(f.attrs)
         splits = {}
         for s in ("train", "val", "test"):
             g = f[s]
@@ -69,7 +71,7 @@ def test_ray_engine_writes_the_local_engines_cache(cfg, presplit, tmp_path, ray_
 def test_an_interrupted_ray_run_resumes_to_the_same_result(cfg, tmp_path, ray_cluster, monkeypatch, caplog):
     ref = _local_reference(cfg, tmp_path)
     cfg.extract.engine = "ray"
-    real, calls = extract.append_rows, []
+    real, calls = CacheWriter.append, []
 
     def crash_after_two(*a, **k):
         calls.append(1)
@@ -77,10 +79,10 @@ def test_an_interrupted_ray_run_resumes_to_the_same_result(cfg, tmp_path, ray_cl
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(extract, "append_rows", crash_after_two)
+    monkeypatch.setattr(CacheWriter, "append", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         extract.run(cfg)
-    monkeypatch.setattr(extract, "append_rows", real)
+    monkeypatch.setattr(CacheWriter, "append", real)
     partial = extract.cache_path(cfg).with_name("tiny_cnn.h5.partial")
     assert partial.exists() and not extract.cache_path(cfg).exists()
     extract.run(cfg)

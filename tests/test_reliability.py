@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -78,7 +79,7 @@ def _head_outputs(cfg, fs, order):
     out = {}
     for r in heads.run(cfg, load=lambda: fs):
         name = results.head_name(r.head, r.features, r.layers)
-        model = joblib.load(heads.Path(cfg.artifacts) / "heads" / "toy" / "tiny_cnn" / f"{name}.joblib")
+        model = joblib.load(Path(cfg.artifacts) / "heads" / "toy" / "tiny_cnn" / f"{name}.joblib")
         val = fs.with_layers(r.layer_names).splits["val"].X
         out[name] = (r.val_accuracy, model.predict(val).tolist(), r.test_pred.tolist())
     return out
@@ -89,8 +90,8 @@ def test_heads_leave_the_shared_arrays_bit_identical_and_do_not_depend_on_their_
     import shutil
 
     from pipeline import extract
+    from pipeline.cache.reader import load_features
     from pipeline.config import HeadsConfig
-    from pipeline.features import load_features
 
     cfg.heads.layers = ("last", "all")
     path = extract.run(cfg).path
@@ -159,6 +160,7 @@ def test_a_disk_filling_up_mid_extraction_stops_in_one_line_and_resumes(cfg, tmp
     import shutil
 
     from pipeline import extract
+    from pipeline.cache import writer
 
     real_usage = shutil.disk_usage
 
@@ -171,7 +173,7 @@ def test_a_disk_filling_up_mid_extraction_stops_in_one_line_and_resumes(cfg, tmp
         usage = real_usage(path)
         return usage._replace(free=usage.free if calls["n"] <= 3 else 1000)
 
-    monkeypatch.setattr(extract.shutil, "disk_usage", filling_disk)
+    monkeypatch.setattr(writer.shutil, "disk_usage", filling_disk)
     with pytest.raises(PipelineError) as e:
         extract.run(cfg)
     msg = str(e.value)
@@ -255,7 +257,7 @@ _KILLED_MID_WRITE = textwrap.dedent(
             with open(path, "r+b") as f:
                 f.truncate(os.path.getsize(path) // 2)
             os.kill(os.getpid(), signal.SIGTERM)
-    heads.joblib = type("J", (), {"dump": staticmethod(dump_then_die), "load": joblib.load})
+    heads.stage.joblib = type("J", (), {"dump": staticmethod(dump_then_die), "load": joblib.load})
     sys.exit(main(sys.argv[2:]))
     """
 )
@@ -329,9 +331,9 @@ def test_the_fine_tune_key_has_the_precision_too(cfg, monkeypatch):
     ds = from_config(cfg)
     spec = backbones.from_config(cfg.backbone)
     weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), spec.input_size)
-    cpu = finetune._inputs_key(cfg, ds, spec, weights, spec.input_size)
+    cpu = finetune.train._inputs_key(cfg, ds, spec, weights, spec.input_size)
     monkeypatch.setattr(backbones, "gpu_visible", lambda: True)
-    gpu = finetune._inputs_key(cfg, ds, spec, weights, spec.input_size)
+    gpu = finetune.train._inputs_key(cfg, ds, spec, weights, spec.input_size)
     cfg.backbone.mixed_precision = False
-    gpu32 = finetune._inputs_key(cfg, ds, spec, weights, spec.input_size)
+    gpu32 = finetune.train._inputs_key(cfg, ds, spec, weights, spec.input_size)
     assert len({cpu, gpu, gpu32}) == 3

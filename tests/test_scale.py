@@ -4,16 +4,18 @@ checked against the scikit-learn estimators they stand in for."""
 import json
 import logging
 
-import h5py
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.svm import SVC, LinearSVC
 
-from pipeline import budget, heads, probe, results, tuning
+from pipeline import heads, probe, results, tuning
+from pipeline.cache import stream
+from pipeline.cache.writer import write_cache
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.estimators import KernelSVC
+from pipeline.heads import budget
 from pipeline.linear import LinearHead, RidgeHead
 
 CLASSES = ["a", "b", "c"]
@@ -26,18 +28,13 @@ def _separable_cache(root, dim=16, chunk=64, seed=0):
     path = root / "artifacts" / "features" / "blobs" / "fake_net.h5"
     path.parent.mkdir(parents=True)
     centres = rng.normal(0, 4, (3, dim))
-    with h5py.File(path, "w") as f:
-        f.attrs.update(backbone="fake_net", complete=True, class_names=json.dumps(CLASSES), extract_seconds=3.0)
-        for s, n in N.items():
-            y = rng.permutation(np.arange(n) % 3)
-            g = f.create_group(s)
-            g.create_dataset(
-                "embeddings", data=(centres[y] + rng.normal(0, 1, (n, dim))).astype(np.float32), chunks=(chunk, dim)
-            )
-            g["labels"] = y
-            g.create_dataset(
-                "ids", data=np.asarray([f"{s}_{i}.png" for i in range(n)], dtype=object), dtype=h5py.string_dtype()
-            )
+    splits = {}
+    for s, n in N.items():
+        y = rng.permutation(np.arange(n) % 3)
+        X = (centres[y] + rng.normal(0, 1, (n, dim))).astype(np.float32)
+        splits[s] = {"embeddings": X, "labels": y, "ids": [f"{s}_{i}.png" for i in range(n)]}
+    attrs = {"backbone": "fake_net", "class_names": json.dumps(CLASSES), "extract_seconds": 3.0}
+    write_cache(path, attrs, splits, chunk_rows=chunk)
     (root / "data" / "blobs").mkdir(parents=True)
     return path
 
@@ -54,7 +51,7 @@ def _cfg(root) -> Config:
 
 def test_linear_probe_learns_separable_data_reading_chunks_not_the_cache(tmp_path, monkeypatch):
     path = _separable_cache(tmp_path)
-    monkeypatch.setattr(probe, "UNIT_ROWS", 128)  # two 64-row storage chunks per read
+    monkeypatch.setattr(stream, "UNIT_ROWS", 128)  # two 64-row storage chunks per read
     res, streams = probe.fit_probe(path, ["last"], [1e-4, 1e-2], 3, batch_size=32, max_epochs=4, patience=4)
     assert res.val_accuracy > 0.95 and res.decay in (1e-4, 1e-2)
     reads = streams["train"].reads

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
+from pipeline.artifacts import atomic_path
 from pipeline.backbones import efficientnet_lite, model_file
-from pipeline.config import atomic_path
 from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)
@@ -326,20 +326,3 @@ def build_backbone(spec: BackboneSpec, weights: Weights, input_size: int | None 
         if weights.path is None:
             raise PipelineError(f"cannot build {spec.name} at {size}px: {first_line(e)}") from None
         raise PipelineError(f"weights {weights.path} do not fit {spec.name}: {first_line(e)}") from None
-
-
-def feature_model(spec: BackboneSpec, base, portable: bool = False):
-    """Raw RGB 0-255 in, embeddings out: preprocessing lives inside the model (``portable``: as built-in
-    layers, see ``taps.preprocess_layer``)."""
-    import keras
-
-    from pipeline.taps import portable_base, preprocess_layer
-
-    if portable:
-        base = portable_base(base)[0]
-    inputs = keras.Input(shape=base.input_shape[1:], name="image")
-    x = preprocess_layer(spec, portable)(inputs)
-    x = base(x, training=False)
-    return keras.Model(
-        inputs, keras.layers.Activation("linear", dtype="float32", name="embedding")(x), name=f"{spec.name}_features"
-    )

@@ -9,9 +9,9 @@ own CPU stage, so the nodes' cores keep the GPUs fed; without them the forward p
 decoding is ~2% of its cost, so each actor decodes its own batch (a separate stage would add a process
 importing TensorFlow and float32 images through the object store: measured in NOTES.md).
 The model travels as its Keras config and weights, so workers need the package, not the weights file.
-Ray Data does not keep order: every row carries its position and the driver's reorder buffer writes
-the contiguous prefix through the same append path as the local engine, so ``next_index`` stays a
-valid resume point and a killed Ray run resumes like a local one.
+Ray Data does not keep order: every row carries its position and a reorder buffer yields the contiguous
+prefix, which ``extract`` writes exactly as it writes the local engine's batches, so ``next_index`` stays
+a valid resume point and a killed Ray run resumes like a local one.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from pipeline.config import Config
+from pipeline.engines import Batch
 
 log = logging.getLogger(__name__)
 # logged once per pass; benchmarks/extract_throughput.py reads its argument to split start-up from steady state
@@ -158,28 +158,47 @@ class Embed:
         return out
 
 
-def run_pass(
-    f: h5py.File, ds, sources: dict, model, size: int, cfg: Config, desc: str, onnx: Path | None = None
-) -> None:
-    """The Ray counterpart of ``extract._run_pass``: same items, same rows, same resume point. ``onnx``: the
-    converted model, which the actors run in ONNX Runtime (its bytes travel through the object store)."""
-    from tqdm.auto import tqdm
-
-    from pipeline.extract import append_rows, finish_pass, unreadable
-
-    ray = _init_ray()
-    groups = list(sources)
-    todo = [(g, i) for g in groups for i in range(int(f[g].attrs["next_index"]), len(sources[g][0]))]
-    if not todo:
-        finish_pass(f, sources)
+def batches(paths: list[str], size: int, settings, model, onnx: Path | None = None) -> Iterator[Batch]:
+    """The items of ``paths`` through a pool of model actors, yielded as contiguous runs of positions (Ray
+    Data does not keep order: a reorder buffer holds what arrives early). ``settings``: the extract
+    section (batch size, actors, decoders). ``onnx``: the converted model, which the actors run in ONNX
+    Runtime (its bytes travel through the object store)."""
+    if not paths:
         return
-    plan = plan_pool([n["Resources"] for n in ray.nodes() if n.get("Alive")], cfg.extract)
-    bs = cfg.extract.batch_size
+    ray = _init_ray()
+    plan = plan_pool([n["Resources"] for n in ray.nodes() if n.get("Alive")], settings)
+    pipe = _pipeline(ray, paths, size, settings.batch_size, plan, model, onnx)
+    pending: dict[int, tuple[bool, list[np.ndarray]]] = {}
+    nxt = 0
+    began = time.perf_counter()
+    first = None
+    for batch in pipe.iter_batches(batch_size=None, batch_format="numpy"):
+        if first is None:
+            first = time.perf_counter() - began
+            log.info(FIRST_ROWS, first)
+        n_out = sum(1 for key in batch if key.startswith("out"))
+        for r, k in enumerate(batch["k"]):
+            pending[int(k)] = (bool(batch["ok"][r]), [batch[f"out{j}"][r] for j in range(n_out)])
+        start = nxt
+        while nxt in pending:
+            nxt += 1
+        if nxt == start:
+            continue
+        good = [k for k in range(start, nxt) if pending[k][0]]
+        outs = [np.stack([pending[k][1][j] for k in good]) if good else None for j in range(n_out)]
+        for k in range(start, nxt):
+            del pending[k]
+        yield Batch(np.asarray(good, dtype=np.int64), outs, nxt)
+    rest = time.perf_counter() - began - (first or 0.0)
+    log.info("ray: %.1f img/s after the first rows", (len(paths) - settings.batch_size) / max(rest, 1e-9))
+
+
+def _pipeline(ray, paths: list[str], size: int, bs: int, plan: Pool, model, onnx: Path | None):
+    """The Ray Data pipeline: items -> [decode tasks] -> the ``Embed`` actor pool."""
     # one block per batch, and each stage takes whole blocks: a batch_size that cut across blocks left
     # remainders (measured: 28 calls of 3 images beside 28 of 32 on 1,000 images)
     items = ray.data.from_items(
-        [{"k": k, "path": str(ds.root / sources[g][0][i])} for k, (g, i) in enumerate(todo)],
-        override_num_blocks=-(-len(todo) // bs),
+        [{"k": k, "path": p} for k, p in enumerate(paths)], override_num_blocks=-(-len(paths) // bs)
     )
     weights = ray.put(model.get_weights())
     converted = ray.put(Path(onnx).read_bytes()) if onnx is not None else None
@@ -193,7 +212,15 @@ def run_pass(
             num_cpus=0.5,
             compute=ray.data.TaskPoolStrategy(size=plan.decoders),
         )
-    pipe = pipe.map_batches(
+    log.info(
+        "ray engine: %d items, %d actor(s)%s, %s, batch %d",
+        len(paths),
+        plan.actors,
+        " on GPUs" if plan.gpus else f" of {plan.actor_cpus:g} CPU(s)",
+        f"{plan.decoders} decode task(s)" if plan.decoders else "decoding in the actors",
+        bs,
+    )
+    return pipe.map_batches(
         Embed,
         fn_constructor_args=(model.get_config(), weights, plan.threads, size, converted),
         batch_size=None,
@@ -202,58 +229,3 @@ def run_pass(
         num_gpus=1 if plan.gpus else 0,
         num_cpus=plan.actor_cpus,
     )
-    log.info(
-        "ray engine: %d items, %d actor(s)%s, %s, batch %d",
-        len(todo),
-        plan.actors,
-        " on GPUs" if plan.gpus else f" of {plan.actor_cpus:g} CPU(s)",
-        f"{plan.decoders} decode task(s)" if plan.decoders else "decoding in the actors",
-        bs,
-    )
-
-    pending: dict[int, tuple[bool, list[np.ndarray]]] = {}
-    nxt = 0
-    bar = tqdm(total=len(todo), unit="img", desc=f"{desc} (ray)", disable=None, smoothing=0.1)
-    t0 = began = time.perf_counter()
-    first = None
-    try:
-        for batch in pipe.iter_batches(batch_size=None, batch_format="numpy"):
-            if first is None:
-                first = time.perf_counter() - began
-                log.info(FIRST_ROWS, first)
-            n_out = sum(1 for key in batch if key.startswith("out"))
-            for r, k in enumerate(batch["k"]):
-                pending[int(k)] = (bool(batch["ok"][r]), [batch[f"out{j}"][r] for j in range(n_out)])
-            start = nxt
-            while nxt in pending:
-                nxt += 1
-            if nxt == start:
-                continue
-            run = range(start, nxt)
-            for group in groups:
-                ks = [k for k in run if todo[k][0] == group]
-                if not ks:
-                    continue
-                good = [k for k in ks if pending[k][0]]
-                if cfg.extract.strict and len(good) < len(ks):
-                    unreadable(sources[group][0][todo[next(k for k in ks if not pending[k][0])][1]])
-                ids, labels = sources[group]
-                last = todo[ks[-1]][1] + 1
-                if good:
-                    rows = [todo[k][1] for k in good]
-                    outs = [np.stack([pending[k][1][j] for k in good]) for j in range(n_out)]
-                    append_rows(f[group], outs[0], labels[rows], [ids[i] for i in rows], last, outs[1:])
-                else:
-                    f[group].attrs["next_index"] = last
-            for k in run:
-                del pending[k]
-            now = time.perf_counter()
-            f.attrs["extract_seconds"] = float(f.attrs["extract_seconds"]) + now - t0
-            t0 = now
-            bar.update(len(run))
-    finally:
-        bar.close()
-    if first is not None:
-        rest = time.perf_counter() - began - first
-        log.info("ray: %.1f img/s after the first rows", (len(todo) - bs) / max(rest, 1e-9))
-    finish_pass(f, sources)

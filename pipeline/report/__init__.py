@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from pipeline.config import Config, atomic_path, library_versions, writable_dir, write_json_atomic
+from pipeline.artifacts import atomic_path, library_versions, writable_dir, write_json_atomic
+from pipeline.config import Config
 from pipeline.errors import PipelineError, first_line
 from pipeline.report.curve import curve_points, heads_only_note, where_finetuning_pays
 from pipeline.report.layers import layer_sections
@@ -96,7 +97,6 @@ def run(cfg: Config) -> Path:
         raise PipelineError(
             f"no results for {dataset} yet in {results_path(art, dataset)}: run `make svm` and/or `make finetune`"
         )
-
     meta = None
     if cfg.metadata_path is not None:
         from pipeline.data import from_config, load_metadata
@@ -104,7 +104,33 @@ def run(cfg: Config) -> Path:
         ds = from_config(cfg)
         meta = load_metadata(cfg.metadata_path, ds.all_ids(), cfg.data.id_column, ds.name)
 
-    table = comparison_table(res, with_meta=meta is not None)
+    table, preds = _scored_table(res, art, dataset, meta is not None)
+    with atomic_path(out_dir / "summary.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    chosen = choice(table)
+    if chosen is not None:  # what `predict` and `export` apply by default: the verdict's own pick
+        write_json_atomic(out_dir / "choice.json", chosen)
+    else:
+        (out_dir / "choice.json").unlink(missing_ok=True)
+    main = display_table(table)
+    main.attrs["css"] = "main"
+    sections = _comparison_sections(table, main, res, art, dataset, out_dir)
+    models = _evaluated(table, preds, art, dataset)
+    records = {m.name: _read_json(m.path.with_name(m.path.name.replace(".predictions.csv", ".json"))) for m in models}
+    class_names = next((r["class_names"] for r in records.values() if r and "class_names" in r), None)
+    class_names = class_names or _class_names_seen(models)
+    if models and class_names:
+        sections[0][1].extend(_untested_note(models[0], class_names))
+    sections += _model_sections(cfg, models, class_names, meta, art, out_dir)
+    sections.append(_records_section(records))
+    render(sections, f"Transfer learning on {dataset}: frozen features + heads vs fine-tuning", out_dir)
+    _print_summary(sections[0][1], main, out_dir)
+    return out_dir / "report.html"
+
+
+def _scored_table(res: pd.DataFrame, art: Path, dataset: str, with_meta: bool):
+    """The comparison table with intervals and deltas vs the fine-tune, and each row's predictions."""
+    table = comparison_table(res, with_meta=with_meta)
     preds = {}
     for i, row in table[table["status"] == "ok"].iterrows():
         pred = _read_pred(predictions_file(art, dataset, row))
@@ -113,17 +139,12 @@ def run(cfg: Config) -> Path:
     baselines = {r["backbone"]: i for i, r in table.iterrows() if r["method"] == "finetune" and r["status"] == "ok"}
     table = with_uncertainty(table, preds, baselines)
     table["vs_finetune"] = vs_finetune(table)
-    with atomic_path(out_dir / "summary.csv") as tmp:
-        table.to_csv(tmp, index=False)
+    return table, preds
 
+
+def _comparison_sections(table, main, res, art: Path, dataset: str, out_dir: Path) -> list[tuple[str, object]]:
+    """Verdict, comparison table, accuracy-vs-time plot, best per backbone, learning curve, layers, details."""
     sections: list[tuple[str, object]] = [("", Verdict(verdict(table)))]
-    chosen = choice(table)
-    if chosen is not None:  # what `predict` and `export` apply by default: the verdict's own pick
-        write_json_atomic(out_dir / "choice.json", chosen)
-    else:
-        (out_dir / "choice.json").unlink(missing_ok=True)
-    main = display_table(table)
-    main.attrs["css"] = "main"
     sections.append(
         (
             "Comparison",
@@ -139,7 +160,6 @@ def run(cfg: Config) -> Path:
     sections.append(("Accuracy vs training time", plot))
     if table["backbone"].nunique() > 1:
         sections.append(("Best per backbone", best_per_backbone(table)))
-
     curve = curve_points(res)
     if len(curve):
         png = out_dir / "learning_curve.png"
@@ -154,37 +174,45 @@ def run(cfg: Config) -> Path:
     details = details_table(table)
     details.attrs["css"] = "details"
     sections.append(("Details of every run", details))
+    return sections
 
-    ok = table[table["status"] == "ok"]
+
+def _evaluated(table: pd.DataFrame, preds: dict, art: Path, dataset: str) -> list[Evaluated]:
+    """The models analysed image by image: the best head by validation accuracy and each fine-tune."""
     models: list[Evaluated] = []
     head = best_head(table)
     if head is not None and head.name in preds:
         label = method_label(head["method"], head["features"], head["layers"])
         p = predictions_file(art, dataset, head)
         models.append(Evaluated(f"best head by validation accuracy: {head['backbone']} {label}", preds[head.name], p))
+    ok = table[table["status"] == "ok"]
     for i, r in ok[ok["method"] == "finetune"].iterrows():
         if i in preds:
             models.append(
                 Evaluated(f"fine-tuned {r['backbone']}", preds[i], predictions_file(art, dataset, r), r["backbone"])
             )
-    records = {m.name: _read_json(m.path.with_name(m.path.name.replace(".predictions.csv", ".json"))) for m in models}
+    return models
 
-    class_names = next((r["class_names"] for r in records.values() if r and "class_names" in r), None)
-    class_names = class_names or _class_names_seen(models)
-    if models and class_names:
-        tested = set(models[0].pred["y_true"])
-        untested = [n for i, n in enumerate(class_names) if i not in tested]
-        if untested:
-            sections[0][1].append(
-                f"The test split holds no images of {', '.join(untested)}: the test accuracy cannot speak for "
-                f"{'it' if len(untested) == 1 else 'them'}."
-            )
+
+def _untested_note(model: Evaluated, class_names: list[str]) -> list[str]:
+    tested = set(model.pred["y_true"])
+    untested = [n for i, n in enumerate(class_names) if i not in tested]
+    if not untested:
+        return []
+    return [
+        f"The test split holds no images of {', '.join(untested)}: the test accuracy cannot speak for "
+        f"{'it' if len(untested) == 1 else 'them'}."
+    ]
+
+
+def _model_sections(cfg: Config, models, class_names, meta, art: Path, out_dir: Path) -> list[tuple[str, object]]:
+    """Confusion matrices and per-class scores of each model, its subgroups, Grad-CAM of the fine-tune."""
+    sections: list[tuple[str, object]] = []
     for k, m in enumerate(models):
         png = out_dir / f"confusion_{k}_{'finetune' if m.finetuned else 'head'}.png"
         plot_confusion(m.pred, class_names, png, m.name)
         sections.append((f"Confusion matrices: {m.name}", png))
         sections.append((f"Per-class precision / recall / F1: {m.name}", per_class_table(m.pred, class_names)))
-
     if meta is not None:
         for m in models:
             sub = subgroup_accuracy(m.pred, meta, cfg.report.subgroup_max_values)
@@ -195,12 +223,11 @@ def run(cfg: Config) -> Path:
                     sub if len(sub) else "no metadata columns that form subgroups",
                 )
             )
-
     finetuned = [m for m in models if m.finetuned]
     if finetuned and cfg.report.gradcam_images > 0:
         m = finetuned[0]
         png = out_dir / "gradcam.png"
-        model_file = art / "models" / dataset / f"{m.finetuned}-finetuned.keras"
+        model_file = art / "models" / cfg.dataset_name / f"{m.finetuned}-finetuned.keras"
         try:
             if model_file.exists() and plot_gradcam(
                 model_file, m.pred, cfg.dataset_dir, class_names, cfg.report.gradcam_images, png
@@ -208,20 +235,17 @@ def run(cfg: Config) -> Path:
                 sections.append(("Grad-CAM (fine-tuned model)", png))
         except (OSError, ValueError) as e:
             log.warning("warning: Grad-CAM skipped: %s", first_line(e))
+    return sections
 
-    shown_records = {
+
+def _records_section(records: dict) -> tuple[str, str]:
+    shown = {
         name: {"config": r.get("config"), "versions": r.get("versions"), "timestamp": r.get("timestamp")}
         for name, r in records.items()
         if r
     }
-    shown_records["report"] = {"versions": library_versions()}
-    sections.append(
-        ("Configuration and library versions", "```\n" + json.dumps(shown_records, indent=2, default=str) + "\n```")
-    )
-
-    render(sections, f"Transfer learning on {dataset}: frozen features + heads vs fine-tuning", out_dir)
-    _print_summary(sections[0][1], main, out_dir)
-    return out_dir / "report.html"
+    shown["report"] = {"versions": library_versions()}
+    return ("Configuration and library versions", "```\n" + json.dumps(shown, indent=2, default=str) + "\n```")
 
 
 def _class_names_seen(models: list[Evaluated]) -> list[str]:

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import atomic_path
+from pipeline.artifacts import atomic_path
+from pipeline.heads.registry import REGISTRY
 from pipeline.report.tables import method_label, pareto_front
 
 
@@ -26,17 +27,7 @@ def _plt():
     return plt
 
 
-MARKERS = {
-    "finetune": "*",
-    "frozen_dense": "h",
-    "ridge": "D",
-    "linear_svm": "s",
-    "rbf_svm": "o",
-    "logreg": "^",
-    "mlp": "P",
-    "knn": "v",
-    "linear_probe": "X",
-}
+MARKERS = {"finetune": "*", "frozen_dense": "h", **{name: spec.marker for name, spec in REGISTRY.items()}}
 
 
 def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None:

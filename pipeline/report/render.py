@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import atomic_path
+from pipeline.artifacts import atomic_path
 
 
 def _fmt(v, col: str) -> str:

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import HeadsConfig
+from pipeline.heads.registry import REGISTRY
 from pipeline.report.stats import unpaired, wilson
-from pipeline.results import FINETUNED, METHODS
+from pipeline.results import FINETUNED
 
 EXPECTED = HeadsConfig().heads  # shown as "not run" when missing: the default heads only
 META_FEATURES = ("image+meta", "image+meta_norm")
@@ -76,7 +77,7 @@ def comparison_table(results: pd.DataFrame, with_meta: bool = False) -> pd.DataF
     df["time_ratio"] = base_sec / df["total_seconds"]
     df.loc[df["method"] == "finetune", ["delta_pt", "time_ratio"]] = np.nan
     df["vs_finetune"] = vs_finetune(df)
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(FINETUNED + tuple(REGISTRY))}
     df["_m"] = df["method"].map(order).fillna(99)
     df["_f"] = df["features"].map({"image": 0, "image+meta": 1, "image+meta_norm": 2}).fillna(9)
     df["_l"] = (df["layers"] != "last").astype(int)

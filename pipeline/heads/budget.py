@@ -7,12 +7,13 @@ loaded. ``linear_probe`` streams from the cache and is never refused.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
+from pipeline.cache.reader import cache_shape
 from pipeline.errors import PipelineError
+from pipeline.heads import registry
 
 DEFAULT_FRACTION = 0.75
 OVERHEAD = 300 * 2**20  # the interpreter, numpy, scikit-learn, h5py
@@ -43,38 +44,23 @@ def parse(text: str | None) -> int:
     return int(value * _UNITS[unit])
 
 
-def cache_shape(path: Path) -> tuple[dict[str, int], int]:
-    """(rows per split, feature width of last + every tap), from the cache's metadata only."""
-    from pipeline.features import reading
-
-    with reading(path) as f:
-        taps = json.loads(f.attrs.get("tap_layers", "[]"))
-        rows = {s: f[s]["embeddings"].shape[0] for s in ("train", "val", "test")}
-        width = f["train"]["embeddings"].shape[1] + sum(f["train"]["taps"][n].shape[1] for n in taps)
-    return rows, width
-
-
-def need(head: str, rows: dict[str, int], width: int, cfg, with_meta: bool) -> int:
+def need(head: str, rows: dict[str, int], width: int, h, with_meta: bool) -> int:
     """Bytes an in-memory head needs: the packed cache, a fused copy with metadata, the standardised copy of
-    train + val it is tuned on (the shared arrays are never scaled in place), and its own working set."""
+    train + val it is tuned on (the shared arrays are never scaled in place), and its own working set
+    (``heads.registry``); ``h``: the heads settings."""
     cache = sum(rows.values()) * width * 4
     n, n_val = rows["train"], rows["val"]
-    own = {
-        "ridge": 3 * width * width * 8,
-        "rbf_svm": (lambda m: m * m * 8 + n_val * m * 2 + m * width * 4)(min(cfg.heads.rbf_max_train, n)),
-        "knn": n * width * 4,
-        "mlp": n * width * 4,
-    }.get(head, n * width * 8 if n * width <= cfg.heads.exact_max_size else 0)
+    own = registry.get(head).working_bytes(n, n_val, width, h)
     scaled = (n + n_val) * width * 4
     return OVERHEAD + cache * (2 if with_meta else 1) + scaled + own
 
 
-def check(heads: list[str], path: Path, cfg, with_meta: bool) -> None:
+def check(heads: list[str], path: Path, h, with_meta: bool) -> None:
     """Raise one line naming ``linear_probe`` when any in-memory head would exceed the budget."""
-    limit = parse(cfg.heads.memory_budget)
+    limit = parse(h.memory_budget)
     rows, width = cache_shape(path)
-    over = {h: need(h, rows, width, cfg, with_meta) for h in heads}
-    over = {h: b for h, b in over.items() if b > limit}
+    over = {head: need(head, rows, width, h, with_meta) for head in heads}
+    over = {head: b for head, b in over.items() if b > limit}
     if over:
         worst = max(over.values())
         raise PipelineError(

@@ -1,0 +1,332 @@
+"""Training, scoring and saving a fine-tune: two ``model.fit`` phases with callbacks (early stopping,
+checkpoints, backup-and-restore for resume), one test pass, the `finetune` and `frozen_dense` rows."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import backbones, results, uptodate
+from pipeline.artifacts import atomic_path, run_record, writable_dir, write_json_atomic
+from pipeline.augment import AUGMENT_SEEDS
+from pipeline.config import Config
+from pipeline.data import Dataset, from_config, image_dataset, nested_subset
+from pipeline.finetune.model import _optimizer, build_model, set_trainable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    model_path: Path
+    val_accuracy: float
+    scores: dict
+    phase_seconds: list[float]
+    epochs_run: list[int]
+
+    @property
+    def train_seconds(self) -> float:
+        return float(sum(self.phase_seconds))
+
+
+def model_path(cfg: Config, n_subset: int | None = None) -> Path:
+    name = f"{backbones.name_for(cfg.backbone.backbone)}-finetuned{results.subset_suffix(n_subset)}.keras"
+    return Path(cfg.artifacts) / "models" / cfg.dataset_name / name
+
+
+@contextlib.contextmanager
+def _quiet_end_of_data():
+    """tf.data of unknown length (unreadable files are skipped): Keras learns the end by running out."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        yield
+
+
+def fit_phase(model, phase: int, epochs: int, train, val, cfg: Config, work: Path):
+    """One compiled model.fit with the phase's callbacks; returns (seconds, epochs run, the epoch whose
+    weights were kept (1-based), its val accuracy)."""
+    import keras
+
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            "val_accuracy", patience=cfg.finetune.patience, restore_best_weights=True, mode="max"
+        ),
+        keras.callbacks.ModelCheckpoint(
+            work / f"phase{phase}.best.weights.h5",
+            "val_accuracy",
+            save_best_only=True,
+            save_weights_only=True,
+            mode="max",
+        ),
+        keras.callbacks.CSVLogger(work / "training_log.csv", append=True),
+        keras.callbacks.BackupAndRestore(work / f"backup-phase{phase}"),
+    ]
+    if cfg.finetune.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(Path(cfg.finetune.tensorboard) / f"phase{phase}"))
+    t0 = time.perf_counter()
+    with _quiet_end_of_data():
+        history = model.fit(
+            train,
+            validation_data=val,
+            epochs=epochs,
+            steps_per_epoch=cfg.finetune.steps_per_epoch,
+            callbacks=callbacks,
+            verbose=2,
+            shuffle=False,  # the tf.data pipeline shuffles; this only silences Keras' warning
+        )
+    seconds = time.perf_counter() - t0
+    accs = history.history.get("val_accuracy") or [float("nan")]
+    best = int(np.nanargmax(accs)) if np.isfinite(accs).any() else 0
+    return seconds, len(history.epoch), best + 1, float(accs[best])
+
+
+def _predict(model, ds: Dataset, split: str, size: int, batch_size: int):
+    """(ids, y_true, y_pred) of one split; unreadable images are left out (and said so)."""
+    part = ds.splits[split]
+    pred, index = [], []
+    for images, idx in image_dataset(ds.paths(split), size, batch_size):  # carries each image's position
+        pred.append(np.argmax(model(images, training=False), axis=1))
+        index.append(idx.numpy())
+    index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    if len(index) < len(part):
+        log.warning("warning: %d unreadable %s images left out of the score", len(part) - len(index), split)
+    y_pred = np.concatenate(pred) if pred else np.zeros(0, np.int64)
+    return [part.ids[i] for i in index], part.labels[index], y_pred
+
+
+def _inputs_key(cfg: Config, ds: Dataset, spec, weights, size: int) -> str:
+    settings = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if k not in ("resume", "tensorboard")}
+    return uptodate.inputs_key(
+        stage="finetune",
+        dataset=ds.fingerprint(),
+        classes=ds.class_names,
+        backbone=spec.name,
+        preprocessing=spec.preprocessing,
+        weights=weights.source,
+        weights_sha256=weights.sha256,
+        input_size=size,
+        finetune=settings,
+        seed=cfg.data.seed,
+        augment_seeds=AUGMENT_SEEDS,
+        precision=backbones.compute_precision(cfg.backbone.mixed_precision),
+    )
+
+
+@dataclass
+class _Job:
+    """One fine-tune: its data, backbone, weights and where its artifacts go."""
+
+    cfg: Config
+    ds: Dataset
+    spec: backbones.BackboneSpec
+    size: int
+    weights: backbones.Weights
+    out: Path  # the fine-tuned model; its stem names the predictions and the record
+
+    @property
+    def stem(self) -> Path:
+        return self.out.with_suffix("")
+
+    @property
+    def frozen_stem(self) -> Path:
+        return self.stem.with_name(self.stem.name.replace("-finetuned", "-frozen_dense"))
+
+
+def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None) -> FinetuneResult:
+    """Fine-tune, evaluate once on test, save the model and `finetune` + `frozen_dense` results rows.
+
+    ``n_subset``: train on a nested stratified subset of that many training images (learning curve);
+    its artifacts get a ``-n<N>`` suffix. A result whose inputs match a saved one is reused."""
+    job = _job(cfg, dataset, n_subset)
+    ft = cfg.finetune
+    frozen_model = job.frozen_stem.with_suffix(".keras")
+    files = [job.out, _pred(job.stem)] + ([_pred(job.frozen_stem), frozen_model] if ft.epochs_head > 0 else [])
+    key = _inputs_key(cfg, job.ds, job.spec, job.weights, job.size)
+    saved = uptodate.reusable(job.stem.with_suffix(".json"), key, *files, force=cfg.force)
+    if saved is not None:
+        for row in saved["rows"]:
+            results.upsert(results.results_path(cfg.artifacts, cfg.dataset_name), row)
+        print(f"\nfinetune {job.spec.name} ({job.ds.summary()}): up to date, reused {job.out} (--force to redo)")
+        return FinetuneResult(
+            job.out, saved["val_accuracy"], saved["scores"], saved["phase_seconds"], saved["epochs_run"]
+        )
+    work = writable_dir(job.out.with_name(job.out.stem + ".work"))
+    if not ft.resume:
+        shutil.rmtree(work)
+        work.mkdir()
+    state = {"phase_seconds": [], "epochs_run": [], "best_epochs": [], "best_val": []}
+    if (work / "state.json").exists():
+        state.update(json.loads((work / "state.json").read_text()))
+    model, gpu = _train(job, work, state)
+    with _quiet_end_of_data():
+        _, val_acc = model.evaluate(_split(job, "val", False), verbose=0)
+    ids, y_true, y_pred = _predict(model, job.ds, "test", job.size, ft.batch_size)
+    scores = results.scores(y_true, y_pred)
+    uptodate.invalidate(job.stem.with_suffix(".json"))
+    with atomic_path(job.out, ".keras") as tmp:
+        model.save(tmp)
+    res = FinetuneResult(job.out, float(val_acc), scores, state["phase_seconds"], state["epochs_run"])
+    results.write_predictions(_pred(job.stem), ids, y_true, y_pred, job.ds.class_names)
+    rows = [_finetune_row(job, res, state, len(y_true))]
+    if "frozen" in state and state["phase_seconds"]:
+        (work / "frozen_dense.predictions.csv").replace(_pred(job.frozen_stem))
+        if (work / "frozen_dense.keras").exists():  # absent only in a work folder resumed from an older version
+            (work / "frozen_dense.keras").replace(frozen_model)
+        rows.append(_frozen_row(job, state))
+    res_path = results.results_path(cfg.artifacts, cfg.dataset_name)
+    for row in rows:
+        results.upsert(res_path, row)
+    write_json_atomic(  # last: its inputs_key vouches for the files above
+        job.stem.with_suffix(".json"),
+        run_record(
+            cfg,
+            "finetune",
+            inputs_key=key,
+            weights=job.weights.source,
+            val_accuracy=res.val_accuracy,
+            scores=scores,
+            phase_seconds=res.phase_seconds,
+            epochs_run=res.epochs_run,
+            best_epochs=state["best_epochs"],
+            class_names=job.ds.class_names,
+            device="GPU" if gpu else "CPU",
+            rows=rows,
+        ),
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"\nfinetune {job.spec.name}: val {res.val_accuracy:.4f}  test {scores['test_accuracy']:.4f}  "
+        f"train {res.train_seconds:.1f}s (phases {', '.join(f'{s:.1f}s' for s in res.phase_seconds)})  -> {job.out}"
+    )
+    return res
+
+
+def _job(cfg: Config, dataset: Dataset | None, n_subset: int | None) -> _Job:
+    ds = dataset or from_config(cfg)
+    if n_subset is not None and n_subset >= len(ds.splits["train"]):
+        n_subset = None
+    if n_subset is not None:
+        ds = ds.with_train(nested_subset(ds.splits["train"].labels, n_subset, cfg.data.seed))
+        n_subset = len(ds.splits["train"])
+    spec = backbones.from_config(cfg.backbone)
+    size = cfg.backbone.input_size or spec.input_size
+    weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
+    return _Job(cfg, ds, spec, size, weights, model_path(cfg, n_subset))
+
+
+def _split(job: _Job, name: str, shuffle: bool):
+    seed = job.cfg.data.seed if shuffle else None
+    labels = job.ds.splits[name].labels
+    return image_dataset(job.ds.paths(name), job.size, job.cfg.finetune.batch_size, labels, shuffle_seed=seed)
+
+
+def _train(job: _Job, work: Path, state: dict):
+    """Both phases, each resumable (a finished phase's weights are reloaded, an interrupted one continues
+    from its last epoch); phase 1's model is scored and saved as ``frozen_dense``. Returns (model, gpu)."""
+    import keras
+
+    cfg, ft = job.cfg, job.cfg.finetune
+    with backbones.device_policy(cfg.backbone.mixed_precision) as gpu:
+        base = backbones.build_backbone(job.spec, job.weights, job.size, cfg.data.seed)
+        keras.utils.set_random_seed(cfg.data.seed)
+        model = build_model(base, job.spec, len(job.ds.class_names), ft.augment, cfg.data.seed, ft.dropout)
+    log.info(
+        "fine-tuning %s on %s (%s, %dpx) on %s: %d + %d epochs",
+        job.spec.name,
+        job.ds.summary(),
+        job.weights.describe(),
+        job.size,
+        "GPU" if gpu else "CPU",
+        ft.epochs_head,
+        ft.epochs_finetune,
+    )
+    train, val = _split(job, "train", True), _split(job, "val", False)
+    phases = [(1, ft.epochs_head, ft.learning_rate), (2, ft.epochs_finetune, ft.learning_rate * ft.finetune_lr_factor)]
+    for phase, epochs, lr in phases:
+        done = work / f"phase{phase}.done.weights.h5"
+        n = set_trainable(base, phase, ft.unfreeze_layers)
+        model.compile(_optimizer(ft.optimizer, lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
+        if done.exists():
+            with warnings.catch_warnings():  # a finished phase's optimizer state is not wanted back
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                model.load_weights(done)
+            log.info("phase %d already done (resumed from %s)", phase, done.name)
+        elif epochs > 0:
+            trainable = "backbone frozen" if phase == 1 else f"top {n} backbone layers trainable"
+            log.info("phase %d: %s, learning rate %g", phase, trainable, lr)
+            seconds, ran, best_epoch, best_val = fit_phase(model, phase, epochs, train, val, cfg, work)
+            model.save_weights(done)
+            for k, v in zip(
+                ("phase_seconds", "epochs_run", "best_epochs", "best_val"), (seconds, ran, best_epoch, best_val)
+            ):
+                state[k].append(v)
+            write_json_atomic(work / "state.json", state)
+        if phase == 1 and epochs > 0 and "frozen" not in state:
+            _score_frozen_dense(job, model, work, state)
+    return model, gpu
+
+
+def _score_frozen_dense(job: _Job, model, work: Path, state: dict) -> None:
+    """The Keras-guide recipe (frozen backbone + dense head, backbone run every epoch): its own method."""
+    ids, y_true, y_pred = _predict(model, job.ds, "test", job.size, job.cfg.finetune.batch_size)
+    results.write_predictions(_pred(work / "frozen_dense"), ids, y_true, y_pred, job.ds.class_names)
+    with atomic_path(work / "frozen_dense.keras", ".keras") as tmp:  # so `predict` can apply it too
+        model.save(tmp)
+    state["frozen"] = {"scores": results.scores(y_true, y_pred), "n_test": len(y_true)}
+    write_json_atomic(work / "state.json", state)
+
+
+def _finetune_row(job: _Job, res: FinetuneResult, state: dict, n_test: int) -> dict:
+    ft = job.cfg.finetune
+    params = {
+        "epochs": [ft.epochs_head, ft.epochs_finetune],
+        "epochs_run": res.epochs_run,
+        "best_epochs": state["best_epochs"],
+        "unfreeze_layers": ft.unfreeze_layers,
+        "learning_rate": ft.learning_rate,
+        "phase_seconds": [round(s, 1) for s in res.phase_seconds],
+    }
+    return _row(job, "finetune", res.val_accuracy, res.scores, res.train_seconds, n_test, params, job.stem)
+
+
+def _frozen_row(job: _Job, state: dict) -> dict:
+    params = {
+        "epochs_run": state["epochs_run"][0],
+        "best_epoch": state["best_epochs"][0],
+        "learning_rate": job.cfg.finetune.learning_rate,
+    }
+    frozen = state["frozen"]
+    seconds = state["phase_seconds"][0]
+    return _row(
+        job, "frozen_dense", state["best_val"][0], frozen["scores"], seconds, frozen["n_test"], params, job.frozen_stem
+    )
+
+
+def _row(job: _Job, method: str, val: float, scores: dict, seconds: float, n_test: int, params, stem) -> dict:
+    return results.row(
+        dataset=job.cfg.dataset_name,
+        backbone=job.spec.name,
+        method=method,
+        val_accuracy=val,
+        scores=scores,
+        tune_seconds=0.0,
+        fit_seconds=seconds,
+        n_train=len(job.ds.splits["train"]),
+        n_test=n_test,
+        params=params,
+        weights=job.weights.source,
+        predictions=str(_pred(stem).relative_to(Path(job.cfg.artifacts))),
+    )
+
+
+def _pred(stem: Path) -> Path:
+    return stem.with_name(stem.name + ".predictions.csv")

@@ -1,0 +1,115 @@
+"""The shape of the package, read from its imports with ``ast`` (nothing is imported or run): no import
+cycle among ``pipeline/`` modules, only ``pipeline/cache/`` opens HDF5, engines produce and never import
+the stage that writes their batches, and no module outgrows a screenful of screens."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "pipeline"
+MAX_LINES = 400
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """Every pipeline module ``name`` imports, at module level or inside functions: both are edges a
+    cycle can run through. ``from pipeline.x import y`` counts ``pipeline.x.y`` when that is a module."""
+    found = set()
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    edges = set()
+    for imp in found:
+        while imp and imp not in known:  # pipeline.heads.registry.REGISTRY -> pipeline.heads.registry
+            imp = imp.rpartition(".")[0]
+        if imp and imp != name and not name.startswith(imp + "."):  # a module's own package is not an edge
+            edges.add(imp)
+    return edges
+
+
+GRAPH = {n: _imports(n, p, set(_modules())) for n, p in _modules().items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, as the list of modules around it, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m) :] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        state[n] = 2
+        stack.pop()
+        return None
+
+    for n in sorted(graph):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_among_pipeline_modules():
+    assert _cycle(GRAPH) is None, " -> ".join(_cycle(GRAPH))
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    planted = {**GRAPH, "pipeline.errors": GRAPH["pipeline.errors"] | {"pipeline.extract"}}
+    assert _cycle(planted) is not None  # errors <- ... <- extract: closing it must be seen
+
+
+def test_only_the_cache_package_opens_hdf5():
+    users = {n for n, p in _modules().items() if "h5py" in _imports_raw(p)}
+    assert users and all(n.startswith("pipeline.cache.") for n in users), sorted(users)
+
+
+def _imports_raw(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("engine", [n for n in GRAPH if n.startswith("pipeline.engines")])
+def test_engines_produce_and_never_import_the_stage_that_writes(engine):
+    assert not GRAPH[engine] & {"pipeline.extract", "pipeline.cache.writer"}, GRAPH[engine]
+
+
+def test_no_module_over_400_lines():
+    long = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
+    assert {n: k for n, k in long.items() if k > MAX_LINES} == {}
+
+
+def test_every_module_says_why_it_exists():
+    missing = [n for n, p in _modules().items() if p.stat().st_size and not ast.get_docstring(ast.parse(p.read_text()))]
+    assert missing == []
