@@ -180,6 +180,11 @@ class FinetuneConfig:
     )
     patience: int = _opt(2, "EarlyStopping patience on val_accuracy (best weights restored)")
     steps_per_epoch: int | None = _opt(None, "cap on steps per epoch, for smoke runs (default: the whole training set)")
+    seeds: int = _opt(
+        1,
+        "train this many times, training seeds seed, seed+1, ... on the same data (one results row each; the report "
+        "gives mean ± sd across them)",
+    )
     resume: bool = _opt(False, "continue an interrupted fine-tune from its last checkpoint")
     tensorboard: str | None = _opt(None, "write TensorBoard logs to this folder")
 

@@ -24,7 +24,9 @@ from pipeline import lock
 from pipeline.artifacts import atomic_path
 from pipeline.errors import PipelineError, first_line
 
-KEY = ["dataset", "backbone", "method", "features", "layers", "n_train"]
+KEY = ["dataset", "backbone", "method", "features", "layers", "n_train", "seed"]
+# seed: empty for a run at the configured seed (every row before seeds existed); a training seed's number for
+# the fine-tune's extra seeds (``finetune --seeds N``), which the report shows as a spread, not as methods
 FINETUNED = ("finetune", "frozen_dense")  # trained end to end on images (frozen_dense: phase 1 of the fine-tune)
 COLUMNS = KEY + [
     "val_accuracy",
@@ -74,6 +76,7 @@ def row(
     features: str = "image",
     layers: str = "last",
     extract_seconds: float = 0.0,
+    seed: int | None = None,
 ) -> dict:
     """One results row, for a head and a fine-tune alike: ``train_seconds`` is tuning + the kept fit, and
     ``extract_seconds`` the share of the cache's extraction the method is charged (0 for fine-tunes)."""
@@ -95,7 +98,15 @@ def row(
         "weights": weights,
         "predictions": predictions,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        **({"seed": seed} if seed is not None else {}),
     }
+
+
+def extra_seed(table: pd.DataFrame) -> pd.Series:
+    """Rows of the fine-tune's extra training seeds (not methods of their own)."""
+    if "seed" not in table.columns:
+        return pd.Series(False, index=table.index)
+    return table["seed"].notna()
 
 
 def results_path(artifacts: str | Path, dataset: str) -> Path:

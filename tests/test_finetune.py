@@ -154,3 +154,31 @@ def test_unchanged_inputs_reuse_the_fine_tune_and_a_changed_setting_redoes_it(ft
     ft_cfg.force = True
     finetune.run(ft_cfg)
     assert calls == [1, 2, 1, 2]
+
+
+def test_seeds_train_one_model_and_row_each_and_the_report_gives_mean_and_sd(ft_cfg):
+    from pipeline import extract, heads, report
+
+    ft_cfg.finetune.seeds = 3
+    first = finetune.run(ft_cfg)
+    table = results.read_results(results.results_path(ft_cfg.artifacts, "toy"))
+    ft = table[table["method"] == "finetune"]
+    assert sorted(ft["seed"].fillna(-1).astype(int)) == [-1, 1, 2]  # the configured seed's row, then seeds 1 and 2
+    assert len(table[table["method"] == "frozen_dense"]) == 3
+    seed1 = finetune.model_path(ft_cfg, extra_seed=1)
+    a, b = keras.models.load_model(first.model_path), keras.models.load_model(seed1)
+    assert not np.allclose(a.get_layer("head").get_weights()[0], b.get_layer("head").get_weights()[0])
+    again = finetune.run(ft_cfg)  # every seed up to date: nothing retrained, the first seed's result returned
+    assert again.model_path == first.model_path and again.train_seconds == first.train_seconds
+
+    extract.run(ft_cfg)
+    ft_cfg.heads.heads = ("ridge",)
+    heads.run(ft_cfg)
+    out = report.run(ft_cfg).parent
+    text = (out / "report.md").read_text()
+    accs = ft.sort_values("seed", na_position="first")["test_accuracy"].to_numpy()
+    mean, sd = accs.mean(), accs.std(ddof=1)
+    assert "## Fine-tune across training seeds" in text and f"{mean:.4f} ± {sd:.4f}" in text
+    assert f"Across 3 training seeds the fine-tune scored {mean:.4f} ± {sd:.4f}" in text
+    summary = pd.read_csv(out / "summary.csv")  # the extra seeds are a spread, not methods of their own
+    assert (summary["method"] == "finetune").sum() == 1 and (summary["method"] == "frozen_dense").sum() == 1

@@ -38,8 +38,10 @@ class FinetuneResult:
         return float(sum(self.phase_seconds))
 
 
-def model_path(cfg: Config, n_subset: int | None = None) -> Path:
-    name = f"{backbones.name_for(cfg.backbone.backbone)}-finetuned{results.subset_suffix(n_subset)}.keras"
+def model_path(cfg: Config, n_subset: int | None = None, extra_seed: int | None = None) -> Path:
+    """``extra_seed``: a training seed beyond the configured one (``--seeds``), named ``-seed<N>``."""
+    seed = f"-seed{extra_seed}" if extra_seed is not None else ""
+    name = f"{backbones.name_for(cfg.backbone.backbone)}-finetuned{results.subset_suffix(n_subset)}{seed}.keras"
     return Path(cfg.artifacts) / "models" / cfg.dataset_name / name
 
 
@@ -103,9 +105,12 @@ def _predict(model, ds: Dataset, split: str, size: int, batch_size: int):
     return [part.ids[i] for i in index], part.labels[index], y_pred
 
 
-def _inputs_key(cfg: Config, ds: Dataset, spec, weights, size: int) -> str:
-    settings = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if k not in ("resume", "tensorboard")}
+def _inputs_key(cfg: Config, ds: Dataset, spec, weights, size: int, extra_seed: int | None = None) -> str:
+    skip = ("resume", "tensorboard", "seeds")  # how a run is driven, not what it computes
+    settings = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if k not in skip}
+    extra = {"train_seed": extra_seed} if extra_seed is not None else {}
     return uptodate.inputs_key(
+        **extra,
         stage="finetune",
         dataset=ds.fingerprint(),
         classes=ds.class_names,
@@ -131,6 +136,12 @@ class _Job:
     size: int
     weights: backbones.Weights
     out: Path  # the fine-tuned model; its stem names the predictions and the record
+    extra_seed: int | None = None  # a training seed beyond the configured one (``--seeds``)
+
+    @property
+    def seed(self) -> int:
+        """The training seed: initialisation, augmentation draws, shuffling."""
+        return self.cfg.data.seed if self.extra_seed is None else self.extra_seed
 
     @property
     def stem(self) -> Path:
@@ -142,15 +153,24 @@ class _Job:
 
 
 def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None) -> FinetuneResult:
-    """Fine-tune, evaluate once on test, save the model and `finetune` + `frozen_dense` results rows.
+    """Fine-tune, evaluate once on test, save the model and `finetune` + `frozen_dense` results rows; with
+    ``--seeds N``, N-1 more times with training seeds seed+1, ... (same data), each its own rows.
 
     ``n_subset``: train on a nested stratified subset of that many training images (learning curve);
     its artifacts get a ``-n<N>`` suffix. A result whose inputs match a saved one is reused."""
-    job = _job(cfg, dataset, n_subset)
+    first = _run_one(_job(cfg, dataset, n_subset))
+    for k in range(1, max(cfg.finetune.seeds, 1)):
+        log.info("fine-tune seed %d of %d: training seed %d", k + 1, cfg.finetune.seeds, cfg.data.seed + k)
+        _run_one(_job(cfg, dataset, n_subset, cfg.data.seed + k))
+    return first
+
+
+def _run_one(job: _Job) -> FinetuneResult:
+    cfg = job.cfg
     ft = cfg.finetune
     frozen_model = job.frozen_stem.with_suffix(".keras")
     files = [job.out, _pred(job.stem)] + ([_pred(job.frozen_stem), frozen_model] if ft.epochs_head > 0 else [])
-    key = _inputs_key(cfg, job.ds, job.spec, job.weights, job.size)
+    key = _inputs_key(cfg, job.ds, job.spec, job.weights, job.size, job.extra_seed)
     saved = uptodate.reusable(job.stem.with_suffix(".json"), key, *files, force=cfg.force)
     if saved is not None:
         for row in saved["rows"]:
@@ -210,7 +230,7 @@ def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None
     return res
 
 
-def _job(cfg: Config, dataset: Dataset | None, n_subset: int | None) -> _Job:
+def _job(cfg: Config, dataset: Dataset | None, n_subset: int | None, extra_seed: int | None = None) -> _Job:
     ds = dataset or from_config(cfg)
     if n_subset is not None and n_subset >= len(ds.splits["train"]):
         n_subset = None
@@ -220,11 +240,11 @@ def _job(cfg: Config, dataset: Dataset | None, n_subset: int | None) -> _Job:
     spec = backbones.from_config(cfg.backbone)
     size = cfg.backbone.input_size or spec.input_size
     weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
-    return _Job(cfg, ds, spec, size, weights, model_path(cfg, n_subset))
+    return _Job(cfg, ds, spec, size, weights, model_path(cfg, n_subset, extra_seed), extra_seed)
 
 
 def _split(job: _Job, name: str, shuffle: bool):
-    seed = job.cfg.data.seed if shuffle else None
+    seed = job.seed if shuffle else None
     labels = job.ds.splits[name].labels
     return image_dataset(job.ds.paths(name), job.size, job.cfg.finetune.batch_size, labels, shuffle_seed=seed)
 
@@ -236,9 +256,9 @@ def _train(job: _Job, work: Path, state: dict):
 
     cfg, ft = job.cfg, job.cfg.finetune
     with backbones.device_policy(cfg.backbone.mixed_precision) as gpu:
-        base = backbones.build_backbone(job.spec, job.weights, job.size, cfg.data.seed)
-        keras.utils.set_random_seed(cfg.data.seed)
-        model = build_model(base, job.spec, len(job.ds.class_names), ft.augment, cfg.data.seed, ft.dropout)
+        base = backbones.build_backbone(job.spec, job.weights, job.size, job.seed)
+        keras.utils.set_random_seed(job.seed)
+        model = build_model(base, job.spec, len(job.ds.class_names), ft.augment, job.seed, ft.dropout)
     log.info(
         "fine-tuning %s on %s (%s, %dpx) on %s: %d + %d epochs",
         job.spec.name,
@@ -325,6 +345,7 @@ def _row(job: _Job, method: str, val: float, scores: dict, seconds: float, n_tes
         params=params,
         weights=job.weights.source,
         predictions=str(_pred(stem).relative_to(Path(job.cfg.artifacts))),
+        seed=job.extra_seed,
     )
 
 

@@ -36,11 +36,13 @@ from pipeline.report.tables import (
     pareto_front,
     per_class_table,
     ratio_text,
+    seed_spread,
+    seed_table,
     subgroup_accuracy,
     vs_finetune,
 )
 from pipeline.report.verdict import choice, verdict
-from pipeline.results import head_name, read_results, results_path
+from pipeline.results import extra_seed, head_name, read_results, results_path
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,8 @@ def run(cfg: Config) -> Path:
         ds = from_config(cfg)
         meta = load_metadata(cfg.metadata_path, ds.all_ids(), cfg.data.id_column, ds.name)
 
+    spread = seed_spread(res)
+    res = res[~extra_seed(res)]  # the extra seeds are a spread of the fine-tune, not methods of their own
     table, preds = _scored_table(res, art, dataset, meta is not None)
     with atomic_path(out_dir / "summary.csv") as tmp:
         table.to_csv(tmp, index=False)
@@ -114,7 +118,7 @@ def run(cfg: Config) -> Path:
         (out_dir / "choice.json").unlink(missing_ok=True)
     main = display_table(table)
     main.attrs["css"] = "main"
-    sections = _comparison_sections(table, main, res, art, dataset, out_dir)
+    sections = _comparison_sections(table, main, res, art, dataset, out_dir, spread)
     models = _evaluated(table, preds, art, dataset)
     records = {m.name: _read_json(m.path.with_name(m.path.name.replace(".predictions.csv", ".json"))) for m in models}
     class_names = next((r["class_names"] for r in records.values() if r and "class_names" in r), None)
@@ -142,9 +146,10 @@ def _scored_table(res: pd.DataFrame, art: Path, dataset: str, with_meta: bool):
     return table, preds
 
 
-def _comparison_sections(table, main, res, art: Path, dataset: str, out_dir: Path) -> list[tuple[str, object]]:
-    """Verdict, comparison table, accuracy-vs-time plot, best per backbone, learning curve, layers, details."""
-    sections: list[tuple[str, object]] = [("", Verdict(verdict(table)))]
+def _comparison_sections(table, main, res, art: Path, dataset: str, out_dir: Path, spread) -> list:
+    """Verdict, comparison table, accuracy-vs-time plot, seeds, best per backbone, learning curve, layers,
+    details."""
+    sections: list[tuple[str, object]] = [("", Verdict(verdict(table, spread)))]
     sections.append(
         (
             "Comparison",
@@ -158,6 +163,16 @@ def _comparison_sections(table, main, res, art: Path, dataset: str, out_dir: Pat
     plot = out_dir / "accuracy_vs_time.png"
     plot_accuracy_vs_time(table, plot, dataset)
     sections.append(("Accuracy vs training time", plot))
+    if len(spread):
+        sections.append(
+            (
+                "Fine-tune across training seeds",
+                "The same fine-tune trained again with other training seeds (initialisation, augmentation, "
+                "shuffling; same images): its run-to-run spread, beside the test-set intervals above, which "
+                "describe one run's uncertainty from the finite test set.",
+            )
+        )
+        sections.append(("", seed_table(spread)))
     if table["backbone"].nunique() > 1:
         sections.append(("Best per backbone", best_per_backbone(table)))
     curve = curve_points(res)

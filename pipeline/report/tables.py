@@ -11,7 +11,7 @@ import pandas as pd
 from pipeline.config import HeadsConfig
 from pipeline.heads.registry import REGISTRY
 from pipeline.report.stats import unpaired, wilson
-from pipeline.results import FINETUNED
+from pipeline.results import FINETUNED, extra_seed
 
 EXPECTED = HeadsConfig().heads  # shown as "not run" when missing: the default heads only
 META_FEATURES = ("image+meta", "image+meta_norm")
@@ -46,6 +46,55 @@ def largest_runs(results: pd.DataFrame) -> pd.DataFrame:
     size = df["n_train"].fillna(0)
     keep = size == size.groupby([df[k] for k in ("backbone", "method", "features", "layers")]).transform("max")
     return df[keep]
+
+
+def seed_spread(results: pd.DataFrame) -> pd.DataFrame:
+    """Per backbone, the fine-tune's test accuracy over its training seeds at its largest training set: the
+    configured seed's row and the ``--seeds`` extra rows. Only where there is more than one seed."""
+    extra = results[extra_seed(results)]
+    rows = []
+    for (backbone, n), group in extra[extra["method"] == "finetune"].groupby(["backbone", "n_train"]):
+        first = results[
+            (results["backbone"] == backbone)
+            & (results["method"] == "finetune")
+            & (results["n_train"] == n)
+            & ~extra_seed(results)
+        ]
+        accs = np.concatenate([first["test_accuracy"].to_numpy(), group["test_accuracy"].to_numpy()])
+        seeds = [None] * len(first) + group["seed"].astype(int).tolist()
+        rows.append(
+            {
+                "backbone": backbone,
+                "n_train": n,
+                "seeds": len(accs),
+                "mean": float(accs.mean()),
+                "sd": float(accs.std(ddof=1)),
+                "min": float(accs.min()),
+                "max": float(accs.max()),
+                "accuracies": ", ".join(
+                    f"{a:.4f}" + (f" (seed {s})" if s is not None else " (configured seed)")
+                    for a, s in zip(accs, seeds)
+                ),
+            }
+        )
+    spread = pd.DataFrame(rows)
+    if len(spread):  # the largest training set per backbone: the one the comparison is about
+        spread = spread[spread["n_train"] == spread.groupby("backbone")["n_train"].transform("max")]
+    return spread.reset_index(drop=True)
+
+
+def seed_table(spread: pd.DataFrame) -> pd.DataFrame:
+    """The seed spread as the report shows it."""
+    return pd.DataFrame(
+        {
+            "backbone": spread["backbone"],
+            "training images": spread["n_train"].map(lambda n: f"{n:,.0f}"),
+            "seeds": spread["seeds"],
+            "test accuracy mean ± sd": [f"{m:.4f} ± {s:.4f}" for m, s in zip(spread["mean"], spread["sd"])],
+            "min – max": [f"{a:.4f} – {b:.4f}" for a, b in zip(spread["min"], spread["max"])],
+            "each seed": spread["accuracies"],
+        }
+    )
 
 
 def comparison_table(results: pd.DataFrame, with_meta: bool = False) -> pd.DataFrame:

@@ -35,9 +35,10 @@ def _baseline(ft: pd.Series) -> str:
     return "Baseline: " + ", ".join(x for x in parts if x) + "."
 
 
-def verdict(table: pd.DataFrame) -> list[str]:
+def verdict(table: pd.DataFrame, spread: pd.DataFrame | None = None) -> list[str]:
     """Two or three sentences per backbone: the best frozen head against the fine-tune, with its
-    uncertainty and significance, what the Pareto front holds, and what the baseline was."""
+    uncertainty and significance, what the Pareto front holds, and what the baseline was; with several
+    training seeds of the fine-tune (``spread``), their mean ± sd and whether it outweighs the difference."""
     ok = table[table["status"] == "ok"]
     if ok.empty:
         return ["No results yet."]
@@ -77,6 +78,8 @@ def verdict(table: pd.DataFrame) -> list[str]:
         if head["features"] != "image":
             lines.extend(_image_only(table, b, head))
         lines.append(_baseline(f))
+        if spread is not None and len(spread) and (spread["backbone"] == b).any():
+            lines.append(_seeds(spread[spread["backbone"] == b].iloc[0], head))
         dense = ok[(ok["backbone"] == b) & (ok["method"] == "frozen_dense")]
         if len(dense):
             d = dense.iloc[0]
@@ -93,6 +96,21 @@ def verdict(table: pd.DataFrame) -> list[str]:
     ]
     lines.append(f"On the Pareto front (nothing else is both more accurate and cheaper): {', '.join(names)}.")
     return lines
+
+
+def _seeds(s: pd.Series, head: pd.Series) -> str:
+    """The fine-tune's run-to-run spread beside the head's difference from it, in words."""
+    sd, delta = s["sd"] * 100, abs(head["delta_pt"])
+    text = (
+        f"Across {s['seeds']} training seeds the fine-tune scored {s['mean']:.4f} ± {s['sd']:.4f} (mean ± sd; "
+        f"{s['min']:.4f} – {s['max']:.4f}): "
+    )
+    if sd >= delta:
+        return text + (
+            f"its seed-to-seed spread ({sd:.2f} pt) is at least the {delta:.2f} pt difference above, so another "
+            "training run of the fine-tune could reverse it."
+        )
+    return text + f"its seed-to-seed spread ({sd:.2f} pt) is smaller than the {delta:.2f} pt difference above."
 
 
 def _image_only(table: pd.DataFrame, backbone: str, head: pd.Series) -> list[str]:
