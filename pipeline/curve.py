@@ -9,9 +9,11 @@ computes only that size; the full-size point is the `make svm` / `make finetune`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
+import time
 
 import numpy as np
 
@@ -37,6 +39,26 @@ def sizes(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> dict[f
     return {f: len(nested_subset(labels, max(1, round(f * n)), seed, MIN_PER_CLASS)) for f in sorted(fractions)}
 
 
+class _Eta:
+    """Time left, from the seconds per training image each kind of work has taken so far (fine-tune epochs
+    and head fits both grow about linearly with the training set). Reused points cost ~0 and make it low."""
+
+    def __init__(self):
+        self.rate: dict[str, list[float]] = {"heads": [0.0, 0.0], "finetune": [0.0, 0.0]}  # seconds, images
+        self.left: dict[str, list[int]] = {}
+
+    @contextlib.contextmanager
+    def timing(self, kind: str, n: int):
+        t0 = time.perf_counter()
+        yield
+        self.rate[kind][0] += time.perf_counter() - t0
+        self.rate[kind][1] += n
+
+    def text(self) -> str:
+        seconds = sum(s / n * sum(self.left.get(kind, ())) for kind, (s, n) in self.rate.items() if n)
+        return f" (about {seconds / 60:,.0f} min left at the rates so far)" if seconds else ""
+
+
 def run(cfg: Config) -> list[int]:
     """Every point of the curve; returns the sizes."""
     ds = from_config(cfg)
@@ -59,12 +81,18 @@ def run(cfg: Config) -> list[int]:
     backbone = name_for(cfg.backbone.backbone)
     # read the cache once for all points, and only if some point has heads to fit
     load = functools.cache(lambda: load_features(cache_path(cfg.artifacts, cfg.dataset_name, backbone), backbone))
-    for n in points:
-        log.info("curve point: %d of %d training images", n, n_full)
+    ft_cfg = copy.deepcopy(cfg)
+    ft_cfg.finetune.resume = True  # an interrupted point continues from its last epoch (same inputs only)
+    eta = _Eta()
+    for k, n in enumerate(points):
+        log.info("curve point %d of %d: %d of %d training images%s", k + 1, len(points), n, n_full, eta.text())
         if head_cfg.heads.heads:
-            heads.run(head_cfg, n_subset=n if n < n_full else None, load=load)
+            with eta.timing("heads", n):
+                heads.run(head_cfg, n_subset=n if n < n_full else None, load=load)
         if n in ft_points:
-            finetune.run(cfg, ds, n_subset=n if n < n_full else None)
+            with eta.timing("finetune", n):
+                finetune.run(ft_cfg, ds, n_subset=n if n < n_full else None)
+        eta.left = {"heads": [m for m in points[k + 1 :]], "finetune": [m for m in ft_points if m > n]}
     table = results.read_results(results.results_path(cfg.artifacts, cfg.dataset_name))
     mine = table[(table["backbone"] == name_for(cfg.backbone.backbone)) & table["n_train"].isin(points)]
     mine = mine[mine["features"] == "image"].sort_values(["method", "layers", "n_train"])

@@ -27,6 +27,7 @@ from pipeline.errors import PipelineError, first_line
 KEY = ["dataset", "backbone", "method", "features", "layers", "n_train", "seed"]
 # seed: empty for a run at the configured seed (every row before seeds existed); a training seed's number for
 # the fine-tune's extra seeds (``finetune --seeds N``), which the report shows as a spread, not as methods
+OPTIONAL_KEYS = ("layers", "seed")  # added after tables existed: absent in an older table, filled on reading
 FINETUNED = ("finetune", "frozen_dense")  # trained end to end on images (frozen_dense: phase 1 of the fine-tune)
 COLUMNS = KEY + [
     "val_accuracy",
@@ -130,13 +131,15 @@ def read_results(path: Path) -> pd.DataFrame:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise PipelineError(f"{path} is not a valid results table: {first_line(e)}; {_FIX}") from None
-    missing = [k for k in KEY if k != "layers" and k not in table.columns]
+    missing = [k for k in KEY if k not in OPTIONAL_KEYS and k not in table.columns]
     if missing:
         raise PipelineError(f"{path} is not a valid results table: no column(s) {', '.join(missing)}; {_FIX}")
     bad = table[table[["dataset", "backbone", "method"]].isna().any(axis=1)]
     if len(bad):
         line = int(bad.index[0]) + 2  # the header is line 1
         raise PipelineError(f"{path} is not a valid results table: line {line} has no dataset/backbone/method; {_FIX}")
+    if "seed" not in table.columns:
+        table["seed"] = np.nan
     if "layers" not in table.columns:
         table["layers"] = "last"
     table["layers"] = table["layers"].fillna("last")

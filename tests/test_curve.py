@@ -49,3 +49,41 @@ def test_curve_writes_one_row_per_method_and_size_and_a_rerun_replaces_them(cfg,
     again = results.read_results(path)
     assert len(again) == len(table)  # replaced, not duplicated
     assert (pd.to_datetime(again["timestamp"]) >= pd.to_datetime(table["timestamp"]).max()).all()
+
+
+def test_an_interrupted_curve_point_resumes_where_it_stopped(cfg, caplog, monkeypatch):
+    """Killed in the fine-tune's phase 2 at the second point: the rerun reuses the first point and the heads of
+    the second, and the fine-tune continues after its finished phase 1 instead of starting over."""
+    from pipeline import finetune
+
+    extract.run(cfg)
+    cfg.heads.heads, cfg.heads.layers, cfg.heads.features = ("ridge",), ("last",), ("image",)
+    cfg.curve.fractions = (0.5, 1.0)
+    cfg.curve.finetune_fractions = (0.5, 1.0)
+    cfg.finetune.epochs_head = cfg.finetune.epochs_finetune = 1
+    cfg.finetune.batch_size = 6
+    real, phases = finetune.train.fit_phase, []
+
+    def killed_in_phase_two_of_the_full_size(model, phase, epochs, train, val, c, work):
+        phases.append((work.name, phase))
+        if phase == 2 and "-n" not in work.name and not any(p == ("x", 0) for p in phases):
+            phases.append(("x", 0))
+            raise KeyboardInterrupt
+        return real(model, phase, epochs, train, val, c, work)
+
+    monkeypatch.setattr(finetune.train, "fit_phase", killed_in_phase_two_of_the_full_size)
+    try:
+        curve.run(cfg)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the planted interruption did not happen")
+    caplog.clear()
+    phases.clear()
+    assert curve.run(cfg) == [9, 18]
+    assert phases == [("tiny_cnn-finetuned.work", 2)]  # only the unfinished phase trained again
+    assert "phase 1 already done (resumed" in caplog.text and caplog.text.count("up to date") == 3
+    table = results.read_results(results.results_path(cfg.artifacts, "toy"))
+    assert sorted(zip(table["method"], table["n_train"])) == [
+        (m, n) for m in ("finetune", "frozen_dense", "ridge") for n in (9, 18)
+    ]

@@ -69,6 +69,20 @@ def test_results_row_without_key_is_named(tmp_path):
         results.read_results(path)
 
 
+def test_a_results_table_from_before_seeds_and_layers_is_read_and_kept(tmp_path):
+    """Tables written before the ``layers`` and ``seed`` key columns existed: read, updated in place, no row lost;
+    a row's extra seed is a row of its own beside the configured seed's."""
+    path = tmp_path / "d.csv"
+    old = {"dataset": "d", "backbone": "b", "method": "finetune", "features": "image", "n_train": 30}
+    pd.DataFrame([old, {**old, "method": "ridge"}]).to_csv(path, index=False)
+    table = results.read_results(path)
+    assert table["layers"].tolist() == ["last", "last"] and table["seed"].isna().all()
+    results.upsert(path, {**old, "test_accuracy": 0.5})  # the same key: replaces the old finetune row
+    results.upsert(path, {**old, "seed": 1, "test_accuracy": 0.6})  # an extra seed: a row of its own
+    table = results.read_results(path)
+    assert sorted(zip(table["method"], table["seed"].fillna(-1))) == [("finetune", -1), ("finetune", 1), ("ridge", -1)]
+
+
 def _head_outputs(cfg, fs, order):
     """Every default head on layer sets last and all, in ``order``: (val accuracy, val and test predictions)."""
     import joblib

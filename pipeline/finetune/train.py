@@ -180,12 +180,15 @@ def _run_one(job: _Job) -> FinetuneResult:
             job.out, saved["val_accuracy"], saved["scores"], saved["phase_seconds"], saved["epochs_run"]
         )
     work = writable_dir(job.out.with_name(job.out.stem + ".work"))
-    if not ft.resume:
-        shutil.rmtree(work)
-        work.mkdir()
-    state = {"phase_seconds": [], "epochs_run": [], "best_epochs": [], "best_val": []}
+    state = {"phase_seconds": [], "epochs_run": [], "best_epochs": [], "best_val": [], "inputs_key": key}
     if (work / "state.json").exists():
         state.update(json.loads((work / "state.json").read_text()))
+    if not ft.resume or state["inputs_key"] != key:  # never resume a run made with other inputs
+        if ft.resume:
+            log.warning("notice: %s was started with other settings; starting over", work.name)
+        shutil.rmtree(work)
+        work.mkdir()
+        state = {"phase_seconds": [], "epochs_run": [], "best_epochs": [], "best_val": [], "inputs_key": key}
     model, gpu = _train(job, work, state)
     with _quiet_end_of_data():
         _, val_acc = model.evaluate(_split(job, "val", False), verbose=0)
