@@ -112,8 +112,9 @@ class ExtractConfig:
 class HeadsConfig:
     heads: tuple[str, ...] = _opt(
         ("ridge", "logreg", "linear_svm", "rbf_svm"),
-        "heads to fit: ridge logreg linear_svm rbf_svm mlp knn linear_probe (mlp and knn trailed logreg on every "
-        "dataset measured, so they are opt-in; linear_probe streams from the cache for sets beyond RAM)",
+        "heads to fit: ridge logreg linear_svm rbf_svm nystroem mlp knn linear_probe (mlp and knn trailed logreg on "
+        "every dataset measured, so they are opt-in; nystroem is an RBF SVM on every image for 50,000+; "
+        "linear_probe streams from the cache for sets beyond RAM)",
     )
     layers: tuple[str, ...] = _opt(
         ("last", "all"),
@@ -160,6 +161,7 @@ class HeadsConfig:
     mlp_hidden: int = _opt(1024, "mlp: hidden units")
     mlp_dropout: tuple[float, ...] = _opt((0.25, 0.5), "mlp: dropout rates tried on the validation split")
     rbf_max_train: int = _opt(10000, "rbf_svm is O(N^2): above this many training images, subsample (stratified)")
+    nystroem_components: int = _opt(4000, "nystroem: landmark images approximating the RBF kernel")
     max_iter: int = _opt(1000, "iteration cap for liblinear / lbfgs solvers")
     n_jobs: int = _opt(-1, "parallel jobs for the grid search (-1 = all cores)")
 

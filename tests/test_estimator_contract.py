@@ -12,12 +12,14 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from pipeline.estimators import CosineKNN, KerasMLP, KernelSVC
 from pipeline.heads import BlockWeight
 from pipeline.linear import LinearHead, RidgeHead
+from pipeline.nystroem import NystroemHead
 
 ESTIMATORS = [
     RidgeHead(),
     LinearHead("log"),
     LinearHead("squared_hinge"),
     KernelSVC(),
+    NystroemHead(n_components=50),
     CosineKNN(),
     BlockWeight(),
     KerasMLP(hidden=32, max_epochs=20, learning_rate=0.01),

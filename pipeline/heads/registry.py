@@ -67,6 +67,17 @@ def _rbf_svm(h, seed, n, d):
     return KernelSVC()
 
 
+def _nystroem(h, seed, n, d):
+    from pipeline.nystroem import NystroemHead
+
+    return NystroemHead(n_components=h.nystroem_components, batch_size=h.batch_size, seed=seed)
+
+
+def _nystroem_bytes(n, n_val, width, h):
+    m = min(h.nystroem_components, n)  # the mapped train + val, the landmarks, the m x m SVD
+    return (n + n_val) * m * 4 * 2 + m * width * 4 + 4 * m * m * 8
+
+
 def _knn(h, seed, n, d):
     from pipeline.estimators import CosineKNN
 
@@ -117,6 +128,15 @@ REGISTRY: dict[str, HeadSpec] = {
             working_bytes=_exact_solver_bytes,
         ),
         HeadSpec("rbf_svm", _rbf_svm, "C", "c_grid", ("c_grid", "rbf_max_train"), "o", working_bytes=_rbf_bytes),
+        HeadSpec(
+            "nystroem",
+            _nystroem,
+            "C",
+            "c_grid",
+            ("c_grid", "nystroem_components", "batch_size"),
+            "d",
+            working_bytes=_nystroem_bytes,
+        ),
         HeadSpec(
             "mlp",
             _mlp,
