@@ -346,7 +346,7 @@ def test_the_fine_tune_key_has_the_precision_too(cfg, monkeypatch):
     spec = backbones.from_config(cfg.backbone)
     weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), spec.input_size)
     cpu = finetune.train._inputs_key(cfg, ds, spec, weights, spec.input_size)
-    monkeypatch.setattr(backbones, "gpu_visible", lambda: True)
+    monkeypatch.setattr(backbones.device, "gpu_visible", lambda: True)
     gpu = finetune.train._inputs_key(cfg, ds, spec, weights, spec.input_size)
     cfg.backbone.mixed_precision = False
     gpu32 = finetune.train._inputs_key(cfg, ds, spec, weights, spec.input_size)

@@ -57,15 +57,15 @@ class Pool:
     gpus: int
 
 
-def plan_pool(nodes: list[dict], cfg) -> Pool:
-    """Sizes the pool from the alive nodes' resources: one actor per GPU; without GPUs one per node,
-    each asking for no more CPUs than one node has (a request for the cluster's total would never be
-    scheduled on a cluster of several nodes)."""
+def plan_pool(nodes: list[dict], settings) -> Pool:
+    """Sizes the pool from the alive nodes' resources (``settings``: the extract section's ``ray_actors``
+    and ``ray_decoders``): one actor per GPU; without GPUs one per node, each asking for no more CPUs than
+    one node has (a request for the cluster's total would never be scheduled on a cluster of several nodes)."""
     gpus = int(sum(n.get("GPU", 0) for n in nodes))
     cpu_nodes = [n["CPU"] for n in nodes if n.get("CPU", 0) > 0] or [1.0]
     cpus = sum(cpu_nodes)
-    actors = cfg.ray_actors or gpus or len(cpu_nodes)
-    decoders = cfg.ray_decoders
+    actors = settings.ray_actors or gpus or len(cpu_nodes)
+    decoders = settings.ray_decoders
     if decoders < 0:  # the CPUs the GPU actors leave, one decode task each; none without GPUs
         decoders = max(1, int(cpus) - actors) if gpus else 0
     if gpus:
