@@ -97,3 +97,19 @@ def test_cli_lists_tap_candidates_with_shapes_and_defaults(capsys):
     assert main(["backbones", "--taps", TINY]) == 0
     out = capsys.readouterr().out
     assert "* bn1" in out and "7x7x8" in out and "(final embedding)" in out
+
+
+def test_grid_pooling_of_a_constructed_activation_in_both_forms():
+    """A known activation (its values are their own positions) pooled 3x3 on a 7x7 map: each cell is the
+    mean over PyTorch's adaptive bins, and the portable form (crops + global averages) gives the same."""
+    import keras
+
+    x = np.arange(7 * 7 * 2, dtype=np.float32).reshape(1, 7, 7, 2)
+    cells = taps.grid_cells(x.shape, 3)
+    assert cells[0] == (0, 3, 0, 3) and cells[4] == (2, 5, 2, 5) and cells[8] == (4, 7, 4, 7)
+    expected = np.concatenate([x[:, r0:r1, c0:c1, :].mean(axis=(1, 2)) for r0, r1, c0, c1 in cells], axis=-1)
+    np.testing.assert_allclose(np.asarray(taps.adaptive_pool(x, 3)), expected, rtol=1e-6)
+    inp = keras.Input((7, 7, 2))
+    portable = keras.Model(inp, taps.portable_pool(inp, 3, "pool"))
+    np.testing.assert_allclose(portable(x).numpy(), expected, rtol=1e-6)
+    assert expected[0, 0] == x[0, 0:3, 0:3, 0].mean() == 8 * 2  # the centre of the top-left 3x3 bin: (1, 1) -> 16
