@@ -55,7 +55,7 @@ def test_predict_with_the_recorded_choice_reproduces_the_test_predictions(fitted
     assert f"accuracy {choice['test_accuracy']:.4f}" in capsys.readouterr().out
     score_cols = [c for c in got.columns if c.startswith(("p_", "score_"))]
     # which head wins a tie on this tiny data depends on the timings; libsvm's RBF SVM has votes, no scores
-    classes = [] if methods.load(fitted, choice["name"]).score_kind() is None else ["blue", "green", "red"]
+    classes = [] if methods.load(fitted, choice["name"]).score_kind is None else ["blue", "green", "red"]
     assert [c.split("_", 1)[1] for c in score_cols] == classes
 
 
