@@ -111,11 +111,11 @@ def _models(cfg: Config, spec, size: int, weights, key: dict) -> _Models:
     if cfg.extract.engine == "ray" and runtime == "openvino":
         log.warning("notice: the Ray engine runs tf or onnx; running the OpenVINO request in TensorFlow")
         runtime = "tf"
-    folder = Path(cfg.artifacts) / "runtimes"
+    folder, model_key = Path(cfg.artifacts) / "runtimes", runtimes.model_key(key)
     forward, runtime = runtimes.forward_for(
-        runtime, model, lambda: taps_mod.feature_model(spec, base, taps, portable=True), runtimes.model_key(key), folder
+        runtime, model, lambda: taps_mod.feature_model(spec, base, taps, portable=True), model_key, folder
     )
-    onnx = runtimes.converted_path(folder, runtimes.model_key(key), "onnx") if runtime == "onnx" else None
+    onnx = runtimes.converted_path(folder, model_key, "onnx") if runtime == "onnx" else None
     augmented = _augmented(model, augment, size) if augment is not None else None
     return _Models(model, forward, runtime, onnx, augmented, taps, int(base.output_shape[-1]), gpu)
 
@@ -186,7 +186,8 @@ def _passes(writer: CacheWriter, ds: Dataset, m: _Models, size: int, cfg: Config
         if ex.engine == "ray":
             from pipeline.engines import ray_data
 
-            _write_pass(writer, ds.root, sources, lambda p: ray_data.batches(p, size, ex, m.model, m.onnx), ex.strict)
+            ray = lambda p: ray_data.batches(p, size, ex, m.model, m.onnx)  # noqa: E731
+            _write_pass(writer, ds.root, sources, ray, ex.strict, "extract (ray)")
         else:
             _write_pass(writer, ds.root, sources, _local(size, ex.batch_size, m.forward), ex.strict, "extract")
         if ex.views:
@@ -206,7 +207,7 @@ def _local(size: int, batch_size: int, forward):
     return lambda paths: local.batches(paths, size, batch_size, forward)
 
 
-def _write_pass(writer: CacheWriter, root: Path, sources: dict, batches, strict: bool, desc: str = "ray") -> None:
+def _write_pass(writer: CacheWriter, root: Path, sources: dict, batches, strict: bool, desc: str) -> None:
     """Every remaining item of ``sources`` ({group: (ids, labels)}) through ``batches`` (paths -> engine
     batches), each batch's rows appended to its group; the seconds spent are added to the cache's."""
     from tqdm.auto import tqdm
@@ -216,12 +217,16 @@ def _write_pass(writer: CacheWriter, root: Path, sources: dict, batches, strict:
     group_of = np.asarray([groups.index(g) for g, _ in todo], dtype=np.int64)
     local = np.asarray([i for _, i in todo], dtype=np.int64)
     bar = tqdm(total=len(todo), unit="img", desc=desc, disable=None, smoothing=0.1)
+
+    def id_of(k: int) -> str:
+        group, i = todo[k]
+        return sources[group][0][i]
+
     pos, t0 = 0, time.perf_counter()
     try:
         for b in batches([str(root / sources[g][0][i]) for g, i in todo]):
             if strict and b.end - pos != len(b.positions):
-                missing = sorted(set(range(pos, b.end)) - set(b.positions.tolist()))[0]
-                unreadable(sources[todo[missing][0]][0][todo[missing][1]])
+                unreadable(id_of(sorted(set(range(pos, b.end)) - set(b.positions.tolist()))[0]))
             for k, group in enumerate(groups):
                 _write_group(writer, group, sources[group], k, group_of, local, pos, b)
             now = time.perf_counter()
@@ -231,7 +236,7 @@ def _write_pass(writer: CacheWriter, root: Path, sources: dict, batches, strict:
     finally:
         bar.close()
     if strict and pos < len(todo):
-        unreadable(sources[todo[pos][0]][0][todo[pos][1]])
+        unreadable(id_of(pos))
     writer.finish_pass({g: sources[g][0] for g in groups})
 
 

@@ -15,10 +15,10 @@ import h5py
 import numpy as np
 
 from pipeline.cache.key import VIEWS
+from pipeline.data import SPLITS
 from pipeline.errors import PipelineError, first_line
 
 LAST = "last"  # the final embedding, as a layer name
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -256,10 +256,3 @@ def cache_shape(path: Path) -> tuple[dict[str, int], int]:
         rows = {s: f[s]["embeddings"].shape[0] for s in SPLITS}
         width = f["train"]["embeddings"].shape[1] + sum(f["train"]["taps"][n].shape[1] for n in taps)
     return rows, width
-
-
-def read_rows(path: Path, split: str, names: tuple[str, ...] = ("embeddings",)) -> dict[str, np.ndarray]:
-    """Whole datasets of one split (``embeddings``, ``labels``, ``ids``, ``taps/<layer>``), as arrays."""
-    with reading(path) as f:
-        g = f[split]
-        return {n: (g[n].asstr()[()] if n == "ids" else g[n][()]) for n in names}

@@ -21,13 +21,13 @@ import h5py
 import numpy as np
 
 from pipeline.cache.key import VIEWS, differences, read_key
+from pipeline.data import SPLITS
 from pipeline.errors import DISK_FULL, PipelineError, first_line
 
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 256  # rows per storage chunk: the stream reads whole chunks
 SLACK = 256 * 2**10  # HDF5's own metadata and heap growth per batch, beyond the rows and a new chunk per dataset
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)

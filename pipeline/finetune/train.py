@@ -136,7 +136,12 @@ class _Job:
     size: int
     weights: backbones.Weights
     out: Path  # the fine-tuned model; its stem names the predictions and the record
+    n_subset: int | None = None  # a learning-curve point's training images (None: the whole split)
     extra_seed: int | None = None  # a training seed beyond the configured one (``--seeds``)
+
+    def with_seed(self, seed: int) -> _Job:
+        """The same fine-tune (data, weights) under another training seed, with its own artifacts."""
+        return dataclasses.replace(self, out=model_path(self.cfg, self.n_subset, seed), extra_seed=seed)
 
     @property
     def seed(self) -> int:
@@ -158,10 +163,11 @@ def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None
 
     ``n_subset``: train on a nested stratified subset of that many training images (learning curve);
     its artifacts get a ``-n<N>`` suffix. A result whose inputs match a saved one is reused."""
-    first = _run_one(_job(cfg, dataset, n_subset))
+    job = _job(cfg, dataset, n_subset)
+    first = _run_one(job)
     for k in range(1, max(cfg.finetune.seeds, 1)):
         log.info("fine-tune seed %d of %d: training seed %d", k + 1, cfg.finetune.seeds, cfg.data.seed + k)
-        _run_one(_job(cfg, dataset, n_subset, cfg.data.seed + k))
+        _run_one(job.with_seed(cfg.data.seed + k))
     return first
 
 
@@ -180,7 +186,7 @@ def _run_one(job: _Job) -> FinetuneResult:
             job.out, saved["val_accuracy"], saved["scores"], saved["phase_seconds"], saved["epochs_run"]
         )
     work = writable_dir(job.out.with_name(job.out.stem + ".work"))
-    state = {"phase_seconds": [], "epochs_run": [], "best_epochs": [], "best_val": [], "inputs_key": key}
+    state = _fresh_state(key)
     if (work / "state.json").exists():
         state.update(json.loads((work / "state.json").read_text()))
     if not ft.resume or state["inputs_key"] != key:  # never resume a run made with other inputs
@@ -188,7 +194,7 @@ def _run_one(job: _Job) -> FinetuneResult:
             log.warning("notice: %s was started with other settings; starting over", work.name)
         shutil.rmtree(work)
         work.mkdir()
-        state = {"phase_seconds": [], "epochs_run": [], "best_epochs": [], "best_val": [], "inputs_key": key}
+        state = _fresh_state(key)
     model, gpu = _train(job, work, state)
     with _quiet_end_of_data():
         _, val_acc = model.evaluate(_split(job, "val", False), verbose=0)
@@ -233,7 +239,12 @@ def _run_one(job: _Job) -> FinetuneResult:
     return res
 
 
-def _job(cfg: Config, dataset: Dataset | None, n_subset: int | None, extra_seed: int | None = None) -> _Job:
+def _fresh_state(key: str) -> dict:
+    """A work folder's progress before any phase: seconds, epochs run, best epochs and val per phase."""
+    return {"phase_seconds": [], "epochs_run": [], "best_epochs": [], "best_val": [], "inputs_key": key}
+
+
+def _job(cfg: Config, dataset: Dataset | None, n_subset: int | None) -> _Job:
     ds = dataset or from_config(cfg)
     if n_subset is not None and n_subset >= len(ds.splits["train"]):
         n_subset = None
@@ -243,7 +254,7 @@ def _job(cfg: Config, dataset: Dataset | None, n_subset: int | None, extra_seed:
     spec = backbones.from_config(cfg.backbone)
     size = cfg.backbone.input_size or spec.input_size
     weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
-    return _Job(cfg, ds, spec, size, weights, model_path(cfg, n_subset, extra_seed), extra_seed)
+    return _Job(cfg, ds, spec, size, weights, model_path(cfg, n_subset), n_subset)
 
 
 def _split(job: _Job, name: str, shuffle: bool):

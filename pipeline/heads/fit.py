@@ -116,13 +116,17 @@ def fit_head(
     ``dim`` is the image feature width, or the widths of its blocks (layers) in order; ``h``: the heads
     settings (grids, solver limits, refit)."""
     train, val, test = splits["train"], splits["val"], splits["test"]
-    if head == "rbf_svm" and len(train.y) > h.rbf_max_train:
+    cap_setting = registry.get(head).max_train_setting
+    cap = getattr(h, cap_setting) if cap_setting else None
+    if cap is not None and len(train.y) > cap:
         log.warning(
-            "notice: rbf_svm is O(N^2); training on a stratified subsample of %d of %d images (--rbf-max-train)",
-            h.rbf_max_train,
+            "notice: %s is O(N^2); training on a stratified subsample of %d of %d images (--%s)",
+            head,
+            cap,
             len(train.y),
+            cap_setting.replace("_", "-"),
         )
-        train = _subsample(train, h.rbf_max_train, seed)
+        train = _subsample(train, cap, seed)
     if len(val.y) and len(np.unique(val.y)) < 2:
         log.warning(
             "warning: the validation split holds a single class: every setting of %s scores the same on it, so "

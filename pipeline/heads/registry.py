@@ -27,6 +27,7 @@ class HeadSpec:
     streaming: bool = False  # trained on minibatches read from the cache; never loads it whole
     foldable: bool = False  # linear in the features: export folds it into one Dense layer
     val_tuned_only: bool = False  # tuned by its own ``tune`` on validation: no cross-validation fallback
+    max_train_setting: str | None = None  # the heads option capping its training images (a stratified subsample)
     working_bytes: Callable = lambda n, n_val, width, h: 0  # beyond the features and their scaled copy
 
 
@@ -127,7 +128,16 @@ REGISTRY: dict[str, HeadSpec] = {
             foldable=True,
             working_bytes=_exact_solver_bytes,
         ),
-        HeadSpec("rbf_svm", _rbf_svm, "C", "c_grid", ("c_grid", "rbf_max_train"), "o", working_bytes=_rbf_bytes),
+        HeadSpec(
+            "rbf_svm",
+            _rbf_svm,
+            "C",
+            "c_grid",
+            ("c_grid", "rbf_max_train"),
+            "o",
+            working_bytes=_rbf_bytes,
+            max_train_setting="rbf_max_train",
+        ),
         HeadSpec(
             "nystroem",
             _nystroem,

@@ -96,8 +96,9 @@ def run(cfg: Config, n_subset: int | None = None, load: Callable[[], FeatureSet]
     if unknown:
         raise PipelineError(f"unknown feature set(s) {', '.join(unknown)} (known: {', '.join(FEATURE_SETS)})")
     registry.check(cfg.heads.heads)
-    path = cache_path(cfg.artifacts, cfg.dataset_name, name_for(cfg.backbone.backbone))
-    attrs = check_cache(path, name_for(cfg.backbone.backbone))
+    backbone = name_for(cfg.backbone.backbone)
+    path = cache_path(cfg.artifacts, cfg.dataset_name, backbone)
+    attrs = check_cache(path, backbone)
     info = CacheInfo(path, attrs)
     keep = None  # the training rows of a learning-curve point, drawn once
     if n_subset is not None:
@@ -123,7 +124,7 @@ def run(cfg: Config, n_subset: int | None = None, load: Callable[[], FeatureSet]
     if in_memory:
         heads = list(dict.fromkeys(p.head for p in in_memory))
         budget.check(heads, path, cfg.heads, any(p.features != "image" for p in in_memory))
-        load = load or (lambda: load_features(path, name_for(cfg.backbone.backbone)))
+        load = load or (lambda: load_features(path, backbone))
         out += _run_in_memory(cfg, in_memory, load(), res_path, out_dir, keep)
     streaming = [p for p in todo if registry.get(p.head).streaming]
     if streaming:
