@@ -201,9 +201,12 @@ class KerasMLP(ClassifierMixin, BaseEstimator):
             self.model_.set_weights(weights)
 
 
-def rbf_kernel32(A: np.ndarray, B: np.ndarray, gamma: float, out: np.ndarray | None = None) -> np.ndarray:
-    """exp(-gamma |a - b|^2) from one float32 matrix product (BLAS), written into ``out`` when given."""
-    A, B = A.astype(np.float32, copy=False), B.astype(np.float32, copy=False)
+def rbf_kernel32(
+    A: np.ndarray, B: np.ndarray, gamma: float, out: np.ndarray | None = None, dtype=np.float32
+) -> np.ndarray:
+    """exp(-gamma |a - b|^2) from one float32 matrix product (BLAS), written into ``out`` when given;
+    ``dtype=np.float64`` where a row's value must not depend on the rows computed beside it."""
+    A, B = A.astype(dtype, copy=False), B.astype(dtype, copy=False)
     K = A @ B.T
     K *= -2.0
     K += np.einsum("ij,ij->i", A, A)[:, None]

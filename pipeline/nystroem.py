@@ -34,7 +34,7 @@ class NystroemHead(ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.seed = seed
 
-    def _map(self, X: np.ndarray, y) -> np.ndarray:
+    def _map(self, X: np.ndarray) -> np.ndarray:
         """Fit the feature map on X (gamma, landmarks, K_mm^(-1/2), standardisation) and return X mapped."""
         self.gamma_ = KernelSVC(gamma=self.gamma)._gamma(X)
         m = min(self.n_components, len(X))
@@ -43,8 +43,7 @@ class NystroemHead(ClassifierMixin, BaseEstimator):
         K = rbf_kernel32(self.landmarks_, self.landmarks_, self.gamma_).astype(np.float64)
         U, S, Vt = np.linalg.svd(K)
         S = np.maximum(S, 1e-12)  # as scikit-learn's Nystroem: a singular landmark set stays finite
-        self.normalization_ = (U / np.sqrt(S)) @ Vt
-        self.normalization_ = self.normalization_.astype(np.float32)
+        self.normalization_ = ((U / np.sqrt(S)) @ Vt).astype(np.float32)
         self.mean_, self.scale_ = 0.0, 1.0
         Z = self._features(X)
         mean, var = column_stats(Z)
@@ -53,10 +52,14 @@ class NystroemHead(ClassifierMixin, BaseEstimator):
         Z /= self.scale_
         return Z
 
-    def _features(self, X: np.ndarray) -> np.ndarray:
-        Z = np.empty((len(X), len(self.landmarks_)), dtype=np.float32)
+    def _features(self, X: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """The standardised Nyström features of X, in float32 for training; in float64 for scoring, so a row's
+        scores do not depend on which rows share its BLAS blocks (float32 products differ by ~1e-7)."""
+        Z = np.empty((len(X), len(self.landmarks_)), dtype=dtype)
+        normalization = self.normalization_.astype(dtype, copy=False)
         for s in range(0, len(X), CHUNK):
-            Z[s : s + CHUNK] = rbf_kernel32(X[s : s + CHUNK], self.landmarks_, self.gamma_) @ self.normalization_.T
+            K = rbf_kernel32(X[s : s + CHUNK], self.landmarks_, self.gamma_, dtype=dtype)
+            Z[s : s + CHUNK] = K @ normalization.T
             Z[s : s + CHUNK] -= self.mean_
             Z[s : s + CHUNK] /= self.scale_
         return Z
@@ -66,32 +69,24 @@ class NystroemHead(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         X, y = fit_data(self, X, y)
-        self.linear_ = self._linear().fit(self._map(X, y), y)
+        self.linear_ = self._linear().fit(self._map(X), y)
         self.classes_ = self.linear_.classes_
         return self
 
     def tune(self, X, y, X_val, y_val, grid: dict, desc: str | None = None) -> tuple[dict, float, float]:
         """The feature map once, then every C of ``grid`` in one minibatch run (``LinearHead.tune``)."""
         X, y = fit_data(self, X, y)
-        Z = self._map(X, y)
+        Z = self._map(X)
         Zv = self._features(predict_data(self, X_val))
         self.linear_ = self._linear()
         params, acc, seconds = self.linear_.tune(Z, y, Zv, y_val, grid, desc)
         self.C, self.classes_ = params["C"], self.linear_.classes_
         return params, acc, seconds
 
-    def _scores(self, X: np.ndarray) -> np.ndarray:
-        """Class scores of validated rows, in float64 from the mapping on: a row's scores then do not depend
-        on which other rows share its BLAS blocks (float32 products differ by ~1e-7 with their neighbours)."""
-        X = X.astype(np.float64)
-        L, N = self.landmarks_.astype(np.float64), self.normalization_.astype(np.float64)
-        K = -2.0 * (X @ L.T) + np.einsum("ij,ij->i", X, X)[:, None] + np.einsum("ij,ij->i", L, L)[None, :]
-        Z = (np.exp(-self.gamma_ * np.maximum(K, 0.0)) @ N.T - self.mean_) / self.scale_
-        return Z @ self.linear_.coef_.T.astype(np.float64) + self.linear_.intercept_
-
     def _all_scores(self, X) -> np.ndarray:
         X = predict_data(self, X)  # validates (and checks fitted) first
-        return np.vstack([self._scores(X[s : s + CHUNK]) for s in range(0, len(X), CHUNK)])
+        W, b = self.linear_.coef_.T.astype(np.float64), self.linear_.intercept_
+        return np.vstack([self._features(X[s : s + CHUNK], np.float64) @ W + b for s in range(0, len(X), CHUNK)])
 
     def decision_function(self, X):
         return binary_scores(self._all_scores(X))

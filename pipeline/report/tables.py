@@ -48,20 +48,19 @@ def largest_runs(results: pd.DataFrame) -> pd.DataFrame:
     return df[keep]
 
 
+SPREAD_COLUMNS = ["backbone", "n_train", "seeds", "mean", "sd", "min", "max", "accuracies"]
+
+
 def seed_spread(results: pd.DataFrame) -> pd.DataFrame:
     """Per backbone, the fine-tune's test accuracy over its training seeds at its largest training set: the
     configured seed's row and the ``--seeds`` extra rows. Only where there is more than one seed."""
-    extra = results[extra_seed(results)]
     rows = []
-    for (backbone, n), group in extra[extra["method"] == "finetune"].groupby(["backbone", "n_train"]):
-        first = results[
-            (results["backbone"] == backbone)
-            & (results["method"] == "finetune")
-            & (results["n_train"] == n)
-            & ~extra_seed(results)
-        ]
-        accs = np.concatenate([first["test_accuracy"].to_numpy(), group["test_accuracy"].to_numpy()])
-        seeds = [None] * len(first) + group["seed"].astype(int).tolist()
+    for (backbone, n), group in results[results["method"] == "finetune"].groupby(["backbone", "n_train"]):
+        if not extra_seed(group).any():
+            continue
+        group = group.sort_values("seed", na_position="first")  # the configured seed first
+        accs = group["test_accuracy"].to_numpy()
+        names = [" (configured seed)" if pd.isna(s) else f" (seed {int(s)})" for s in group["seed"]]
         rows.append(
             {
                 "backbone": backbone,
@@ -71,16 +70,12 @@ def seed_spread(results: pd.DataFrame) -> pd.DataFrame:
                 "sd": float(accs.std(ddof=1)),
                 "min": float(accs.min()),
                 "max": float(accs.max()),
-                "accuracies": ", ".join(
-                    f"{a:.4f}" + (f" (seed {s})" if s is not None else " (configured seed)")
-                    for a, s in zip(accs, seeds)
-                ),
+                "accuracies": ", ".join(f"{a:.4f}{name}" for a, name in zip(accs, names, strict=True)),
             }
         )
-    spread = pd.DataFrame(rows)
-    if len(spread):  # the largest training set per backbone: the one the comparison is about
-        spread = spread[spread["n_train"] == spread.groupby("backbone")["n_train"].transform("max")]
-    return spread.reset_index(drop=True)
+    spread = pd.DataFrame(rows, columns=SPREAD_COLUMNS)
+    largest = spread["n_train"] == spread.groupby("backbone")["n_train"].transform("max")  # the compared size
+    return spread[largest].reset_index(drop=True)
 
 
 def seed_table(spread: pd.DataFrame) -> pd.DataFrame:

@@ -78,7 +78,7 @@ def verdict(table: pd.DataFrame, spread: pd.DataFrame | None = None) -> list[str
         if head["features"] != "image":
             lines.extend(_image_only(table, b, head))
         lines.append(_baseline(f))
-        if spread is not None and len(spread) and (spread["backbone"] == b).any():
+        if spread is not None and (spread["backbone"] == b).any():
             lines.append(_seeds(spread[spread["backbone"] == b].iloc[0], head))
         dense = ok[(ok["backbone"] == b) & (ok["method"] == "frozen_dense")]
         if len(dense):
