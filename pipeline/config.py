@@ -169,18 +169,42 @@ class HeadsConfig:
 @dataclass
 class FinetuneConfig:
     epochs_head: int = _opt(2, "phase 1 epochs: backbone frozen, new head trained")
-    epochs_finetune: int = _opt(4, "phase 2 epochs: top of the backbone unfrozen (BatchNorm stays in inference mode)")
-    unfreeze_layers: int = _opt(40, "phase 2: backbone layers made trainable, counted from the top (-1 = all)")
+    epochs_finetune: int = _opt(
+        30,
+        "phase 2: the most epochs the fine-tune may train, search epochs included; early stopping on val accuracy "
+        "ends it before this cap (the results row records which ended it: early_stopping or epoch_cap)",
+    )
+    unfreeze_layers: int = _opt(
+        -1, "phase 2: backbone layers made trainable, counted from the top (-1 = all: full fine-tuning)"
+    )
     batch_size: int = _opt(32, "images per training step")
-    learning_rate: float = _opt(1e-3, "phase 1 learning rate")
-    finetune_lr_factor: float = _opt(0.1, "phase 2 learning rate = learning_rate x this")
+    learning_rate: float = _opt(1e-3, "phase 1 learning rate (backbone frozen, new head)")
+    lr_grid: tuple[float, ...] = _opt(
+        (1e-5, 1e-4, 1e-3),
+        "phase 2 learning rates searched on the validation split: each trains --search-epochs from the phase-1 "
+        "weights, the best continues to early stopping; a best value on an edge extends the grid a log step at a "
+        "time; the search's seconds are charged to the fine-tune. One value: no search",
+    )
+    search_epochs: int = _opt(1, "phase 2 epochs each learning rate of --lr-grid trains before the best is chosen")
+    schedule: str = _opt(
+        "plateau",
+        "phase 2 learning-rate schedule: plateau (x0.3 when val accuracy stalls an epoch), cosine (to zero over "
+        "--epochs-finetune) or constant",
+        choices=("plateau", "cosine", "constant"),
+    )
     optimizer: str = _opt("adam", "any keras.optimizers name: adam, sgd, rmsprop, adamw, ...")
     dropout: float = _opt(0.2, "dropout before the new softmax layer")
     augment: tuple[str, ...] = _opt(
         ("flip", "zoom", "translate"),
         "augmentation layers: flip zoom translate (leave out flip where it changes the class)",
     )
-    patience: int = _opt(2, "EarlyStopping patience on val_accuracy (best weights restored)")
+    patience: int = _opt(3, "phase 2 stops after this many epochs without a better val accuracy (best weights kept)")
+    memory_budget: str | None = _opt(
+        None,
+        "decoded training and validation images are kept in memory up to this (8G, 512M, or a fraction of "
+        "available RAM like 0.5; default 0.5) and in a file in the work folder beyond it; either way each image "
+        "is decoded once",
+    )
     steps_per_epoch: int | None = _opt(None, "cap on steps per epoch, for smoke runs (default: the whole training set)")
     seeds: int = _opt(
         1,

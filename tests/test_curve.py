@@ -63,16 +63,17 @@ def test_an_interrupted_curve_point_resumes_where_it_stopped(cfg, caplog, monkey
     cfg.curve.finetune_fractions = (0.5, 1.0)
     cfg.finetune.epochs_head = cfg.finetune.epochs_finetune = 1
     cfg.finetune.batch_size = 6
-    real, phases, killed = finetune.train.fit_phase, [], []
+    cfg.finetune.lr_grid = (1e-3,)
+    real, phases, killed = finetune.phases.fit_phase, [], []
 
-    def killed_in_phase_two_of_the_full_size(model, phase, epochs, train, val, c, work):
+    def killed_in_phase_two_of_the_full_size(model, phase, epochs, train, val, c, work, **kw):
         phases.append((work.name, phase))
         if phase == 2 and "-n" not in work.name and not killed:
             killed.append(work.name)
             raise KeyboardInterrupt
-        return real(model, phase, epochs, train, val, c, work)
+        return real(model, phase, epochs, train, val, c, work, **kw)
 
-    monkeypatch.setattr(finetune.train, "fit_phase", killed_in_phase_two_of_the_full_size)
+    monkeypatch.setattr(finetune.phases, "fit_phase", killed_in_phase_two_of_the_full_size)
     with pytest.raises(KeyboardInterrupt):
         curve.run(cfg)
     assert killed == ["tiny_cnn-finetuned.work"], "the planted interruption did not happen"

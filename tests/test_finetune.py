@@ -16,6 +16,7 @@ def ft_cfg(cfg):
     cfg.finetune.batch_size = 6
     cfg.finetune.unfreeze_layers = -1
     cfg.finetune.learning_rate = 0.05
+    cfg.finetune.lr_grid = (0.005,)  # no search: one phase-2 fit (the search has tests of its own)
     return cfg
 
 
@@ -26,7 +27,7 @@ def _backbone_weights(model):
 
 def test_phase_two_unfreezes_and_changes_the_backbone_while_phase_one_does_not(ft_cfg, monkeypatch):
     seen = {}
-    real = finetune.train.fit_phase
+    real = finetune.phases.fit_phase
 
     def spy(model, phase, *a, **k):
         base, before = _backbone_weights(model)
@@ -35,7 +36,7 @@ def test_phase_two_unfreezes_and_changes_the_backbone_while_phase_one_does_not(f
         seen[phase]["after"] = _backbone_weights(model)[1]
         return out
 
-    monkeypatch.setattr(finetune.train, "fit_phase", spy)
+    monkeypatch.setattr(finetune.phases, "fit_phase", spy)
     res = finetune.run(ft_cfg)
     assert seen[1]["trainable"] == 0
     assert all(np.array_equal(a, b) for a, b in zip(seen[1]["before"], seen[1]["after"]))
@@ -56,7 +57,7 @@ def test_phase_two_unfreezes_and_changes_the_backbone_while_phase_one_does_not(f
 
 
 def test_batchnorm_stays_in_inference_mode_when_unfrozen(ft_cfg, monkeypatch):
-    real = finetune.train.fit_phase
+    real = finetune.phases.fit_phase
     stats = {}
 
     def spy(model, phase, *a, **k):
@@ -67,13 +68,13 @@ def test_batchnorm_stays_in_inference_mode_when_unfrozen(ft_cfg, monkeypatch):
         stats[phase] = np.array_equal(before, bn.moving_mean.numpy())
         return out
 
-    monkeypatch.setattr(finetune.train, "fit_phase", spy)
+    monkeypatch.setattr(finetune.phases, "fit_phase", spy)
     finetune.run(ft_cfg)
     assert stats == {1: True, 2: True}
 
 
 def test_interrupted_finetune_resumes_after_the_finished_phase(ft_cfg, monkeypatch):
-    real = finetune.train.fit_phase
+    real = finetune.phases.fit_phase
     calls = []
 
     def crash_in_phase_two(model, phase, *a, **k):
@@ -82,7 +83,7 @@ def test_interrupted_finetune_resumes_after_the_finished_phase(ft_cfg, monkeypat
             raise KeyboardInterrupt
         return real(model, phase, *a, **k)
 
-    monkeypatch.setattr(finetune.train, "fit_phase", crash_in_phase_two)
+    monkeypatch.setattr(finetune.phases, "fit_phase", crash_in_phase_two)
     with pytest.raises(KeyboardInterrupt):
         finetune.run(ft_cfg)
     ft_cfg.finetune.resume = True
@@ -136,8 +137,8 @@ def test_unchanged_inputs_reuse_the_fine_tune_and_a_changed_setting_redoes_it(ft
     def no_fitting(*a, **k):
         raise AssertionError("fitted although nothing changed")
 
-    real = finetune.train.fit_phase
-    monkeypatch.setattr(finetune.train, "fit_phase", no_fitting)
+    real = finetune.phases.fit_phase
+    monkeypatch.setattr(finetune.phases, "fit_phase", no_fitting)
     again = finetune.run(ft_cfg)
     assert "up to date" in capsys.readouterr().out
     assert again.scores == first.scores and again.phase_seconds == first.phase_seconds
@@ -146,7 +147,7 @@ def test_unchanged_inputs_reuse_the_fine_tune_and_a_changed_setting_redoes_it(ft
 
     calls = []
     monkeypatch.setattr(
-        finetune.train, "fit_phase", lambda m, phase, *a, **k: calls.append(phase) or real(m, phase, *a, **k)
+        finetune.phases, "fit_phase", lambda m, phase, *a, **k: calls.append(phase) or real(m, phase, *a, **k)
     )
     ft_cfg.finetune.learning_rate = 0.01  # a setting that changes the numbers
     finetune.run(ft_cfg)

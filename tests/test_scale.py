@@ -91,7 +91,9 @@ def test_memory_budget_refusal_is_one_line_naming_linear_probe(tmp_path):
 
 
 def test_budget_parses_sizes_and_fractions(monkeypatch):
-    monkeypatch.setattr(budget, "available_bytes", lambda: 8 * 2**30)
+    from pipeline import resources
+
+    monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 2**30)
     assert budget.parse("8G") == 8 * 2**30 and budget.parse("512M") == 512 * 2**20
     assert budget.parse("0.5") == 4 * 2**30 and budget.parse(None) == int(0.75 * 8 * 2**30)
     with pytest.raises(PipelineError):

@@ -1,13 +1,15 @@
 """`make finetune`: the fully fine-tuned Keras baseline, timed on the same splits.
 
 Two phases, as in the Keras transfer-learning guide: (1) backbone frozen, train the new head; (2)
-unfreeze the top of the backbone and train on at a ~10x lower learning rate (``model``: the network
-and its phases; ``train``: fitting, scoring, saving, results rows). Same backbone, weights, input size
-and preprocessing as ``extract``.
+every backbone layer trainable, its learning rate searched on the validation split like the heads' C,
+then trained until early stopping (``model``: the network; ``inputs``: images decoded once; ``search``:
+the learning-rate search and schedule; ``phases``: the two fits; ``train``: scoring, saving, results
+rows). Same backbone, weights, input size, preprocessing and splits as ``extract``.
 """
 
 from pipeline.augment import AUGMENT_SEEDS, augmentation_layers
 from pipeline.finetune.model import build_model, set_trainable
+from pipeline.finetune import phases
 from pipeline.finetune.train import FinetuneResult, model_path, run
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "augmentation_layers",
     "build_model",
     "model_path",
+    "phases",
     "run",
     "set_trainable",
 ]

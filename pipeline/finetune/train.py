@@ -3,13 +3,10 @@ checkpoints, backup-and-restore for resume), one test pass, the `finetune` and `
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import shutil
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +17,7 @@ from pipeline.artifacts import atomic_path, run_record, writable_dir, write_json
 from pipeline.augment import AUGMENT_SEEDS
 from pipeline.config import Config
 from pipeline.data import Dataset, from_config, image_dataset, nested_subset
-from pipeline.finetune.model import _optimizer, build_model, set_trainable
+from pipeline.finetune import phases
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +29,11 @@ class FinetuneResult:
     scores: dict
     phase_seconds: list[float]
     epochs_run: list[int]
+    search_seconds: float = 0.0  # the learning-rate search, charged like the heads' tuning
 
     @property
     def train_seconds(self) -> float:
-        return float(sum(self.phase_seconds))
+        return float(sum(self.phase_seconds) + self.search_seconds)
 
 
 def model_path(cfg: Config, n_subset: int | None = None, extra_seed: int | None = None) -> Path:
@@ -43,52 +41,6 @@ def model_path(cfg: Config, n_subset: int | None = None, extra_seed: int | None 
     seed = f"-seed{extra_seed}" if extra_seed is not None else ""
     name = f"{backbones.name_for(cfg.backbone.backbone)}-finetuned{results.subset_suffix(n_subset)}{seed}.keras"
     return Path(cfg.artifacts) / "models" / cfg.dataset_name / name
-
-
-@contextlib.contextmanager
-def _quiet_end_of_data():
-    """tf.data of unknown length (unreadable files are skipped): Keras learns the end by running out."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
-        yield
-
-
-def fit_phase(model, phase: int, epochs: int, train, val, cfg: Config, work: Path):
-    """One compiled model.fit with the phase's callbacks; returns (seconds, epochs run, the epoch whose
-    weights were kept (1-based), its val accuracy)."""
-    import keras
-
-    callbacks = [
-        keras.callbacks.EarlyStopping(
-            "val_accuracy", patience=cfg.finetune.patience, restore_best_weights=True, mode="max"
-        ),
-        keras.callbacks.ModelCheckpoint(
-            work / f"phase{phase}.best.weights.h5",
-            "val_accuracy",
-            save_best_only=True,
-            save_weights_only=True,
-            mode="max",
-        ),
-        keras.callbacks.CSVLogger(work / "training_log.csv", append=True),
-        keras.callbacks.BackupAndRestore(work / f"backup-phase{phase}"),
-    ]
-    if cfg.finetune.tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(Path(cfg.finetune.tensorboard) / f"phase{phase}"))
-    t0 = time.perf_counter()
-    with _quiet_end_of_data():
-        history = model.fit(
-            train,
-            validation_data=val,
-            epochs=epochs,
-            steps_per_epoch=cfg.finetune.steps_per_epoch,
-            callbacks=callbacks,
-            verbose=2,
-            shuffle=False,  # the tf.data pipeline shuffles; this only silences Keras' warning
-        )
-    seconds = time.perf_counter() - t0
-    accs = history.history.get("val_accuracy") or [float("nan")]
-    best = int(np.nanargmax(accs)) if np.isfinite(accs).any() else 0
-    return seconds, len(history.epoch), best + 1, float(accs[best])
 
 
 def _predict(model, ds: Dataset, split: str, size: int, batch_size: int):
@@ -106,7 +58,7 @@ def _predict(model, ds: Dataset, split: str, size: int, batch_size: int):
 
 
 def _inputs_key(cfg: Config, ds: Dataset, spec, weights, size: int, extra_seed: int | None = None) -> str:
-    skip = ("resume", "tensorboard", "seeds")  # how a run is driven, not what it computes
+    skip = ("resume", "tensorboard", "seeds", "memory_budget")  # how a run is driven, not what it computes
     settings = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if k not in skip}
     extra = {"train_seed": extra_seed} if extra_seed is not None else {}
     return uptodate.inputs_key(
@@ -183,7 +135,12 @@ def _run_one(job: _Job) -> FinetuneResult:
             results.upsert(results.results_path(cfg.artifacts, cfg.dataset_name), row)
         print(f"\nfinetune {job.spec.name} ({job.ds.summary()}): up to date, reused {job.out} (--force to redo)")
         return FinetuneResult(
-            job.out, saved["val_accuracy"], saved["scores"], saved["phase_seconds"], saved["epochs_run"]
+            job.out,
+            saved["val_accuracy"],
+            saved["scores"],
+            saved["phase_seconds"],
+            saved["epochs_run"],
+            saved.get("search_seconds", 0.0),
         )
     work = writable_dir(job.out.with_name(job.out.stem + ".work"))
     state = _fresh_state(key)
@@ -195,15 +152,16 @@ def _run_one(job: _Job) -> FinetuneResult:
         shutil.rmtree(work)
         work.mkdir()
         state = _fresh_state(key)
-    model, gpu = _train(job, work, state)
-    with _quiet_end_of_data():
-        _, val_acc = model.evaluate(_split(job, "val", False), verbose=0)
+    model, gpu = phases.train(job, work, state)
+    val_acc = state["best_val"][-1] if state["best_val"] else float("nan")
     ids, y_true, y_pred = _predict(model, job.ds, "test", job.size, ft.batch_size)
     scores = results.scores(y_true, y_pred)
     uptodate.invalidate(job.stem.with_suffix(".json"))
     with atomic_path(job.out, ".keras") as tmp:
         model.save(tmp)
-    res = FinetuneResult(job.out, float(val_acc), scores, state["phase_seconds"], state["epochs_run"])
+    res = FinetuneResult(
+        job.out, float(val_acc), scores, state["phase_seconds"], state["epochs_run"], state.get("search_seconds", 0.0)
+    )
     results.write_predictions(_pred(job.stem), ids, y_true, y_pred, job.ds.class_names)
     rows = [_finetune_row(job, res, state, len(y_true))]
     if "frozen" in state and state["phase_seconds"]:
@@ -224,6 +182,7 @@ def _run_one(job: _Job) -> FinetuneResult:
             val_accuracy=res.val_accuracy,
             scores=scores,
             phase_seconds=res.phase_seconds,
+            search_seconds=res.search_seconds,
             epochs_run=res.epochs_run,
             best_epochs=state["best_epochs"],
             class_names=job.ds.class_names,
@@ -234,7 +193,8 @@ def _run_one(job: _Job) -> FinetuneResult:
     shutil.rmtree(work, ignore_errors=True)
     print(
         f"\nfinetune {job.spec.name}: val {res.val_accuracy:.4f}  test {scores['test_accuracy']:.4f}  "
-        f"train {res.train_seconds:.1f}s (phases {', '.join(f'{s:.1f}s' for s in res.phase_seconds)})  -> {job.out}"
+        f"train {res.train_seconds:.1f}s (learning-rate search {res.search_seconds:.1f}s, phases "
+        f"{', '.join(f'{s:.1f}s' for s in res.phase_seconds)})  -> {job.out}"
     )
     return res
 
@@ -257,59 +217,7 @@ def _job(cfg: Config, dataset: Dataset | None, n_subset: int | None) -> _Job:
     return _Job(cfg, ds, spec, size, weights, model_path(cfg, n_subset), n_subset)
 
 
-def _split(job: _Job, name: str, shuffle: bool):
-    seed = job.seed if shuffle else None
-    labels = job.ds.splits[name].labels
-    return image_dataset(job.ds.paths(name), job.size, job.cfg.finetune.batch_size, labels, shuffle_seed=seed)
-
-
-def _train(job: _Job, work: Path, state: dict):
-    """Both phases, each resumable (a finished phase's weights are reloaded, an interrupted one continues
-    from its last epoch); phase 1's model is scored and saved as ``frozen_dense``. Returns (model, gpu)."""
-    import keras
-
-    cfg, ft = job.cfg, job.cfg.finetune
-    with backbones.device_policy(cfg.backbone.mixed_precision) as gpu:
-        base = backbones.build_backbone(job.spec, job.weights, job.size, job.seed)
-        keras.utils.set_random_seed(job.seed)
-        model = build_model(base, job.spec, len(job.ds.class_names), ft.augment, job.seed, ft.dropout)
-    log.info(
-        "fine-tuning %s on %s (%s, %dpx) on %s: %d + %d epochs",
-        job.spec.name,
-        job.ds.summary(),
-        job.weights.describe(),
-        job.size,
-        "GPU" if gpu else "CPU",
-        ft.epochs_head,
-        ft.epochs_finetune,
-    )
-    train, val = _split(job, "train", True), _split(job, "val", False)
-    phases = [(1, ft.epochs_head, ft.learning_rate), (2, ft.epochs_finetune, ft.learning_rate * ft.finetune_lr_factor)]
-    for phase, epochs, lr in phases:
-        done = work / f"phase{phase}.done.weights.h5"
-        n = set_trainable(base, phase, ft.unfreeze_layers)
-        model.compile(_optimizer(ft.optimizer, lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
-        if done.exists():
-            with warnings.catch_warnings():  # a finished phase's optimizer state is not wanted back
-                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-                model.load_weights(done)
-            log.info("phase %d already done (resumed from %s)", phase, done.name)
-        elif epochs > 0:
-            trainable = "backbone frozen" if phase == 1 else f"top {n} backbone layers trainable"
-            log.info("phase %d: %s, learning rate %g", phase, trainable, lr)
-            seconds, ran, best_epoch, best_val = fit_phase(model, phase, epochs, train, val, cfg, work)
-            model.save_weights(done)
-            for k, v in zip(
-                ("phase_seconds", "epochs_run", "best_epochs", "best_val"), (seconds, ran, best_epoch, best_val)
-            ):
-                state[k].append(v)
-            write_json_atomic(work / "state.json", state)
-        if phase == 1 and epochs > 0 and "frozen" not in state:
-            _score_frozen_dense(job, model, work, state)
-    return model, gpu
-
-
-def _score_frozen_dense(job: _Job, model, work: Path, state: dict) -> None:
+def score_frozen_dense(job: _Job, model, work: Path, state: dict) -> None:
     """The Keras-guide recipe (frozen backbone + dense head, backbone run every epoch): its own method."""
     ids, y_true, y_pred = _predict(model, job.ds, "test", job.size, job.cfg.finetune.batch_size)
     results.write_predictions(_pred(work / "frozen_dense"), ids, y_true, y_pred, job.ds.class_names)
@@ -325,11 +233,19 @@ def _finetune_row(job: _Job, res: FinetuneResult, state: dict, n_test: int) -> d
         "epochs": [ft.epochs_head, ft.epochs_finetune],
         "epochs_run": res.epochs_run,
         "best_epochs": state["best_epochs"],
+        "stop": state.get("stop"),
         "unfreeze_layers": ft.unfreeze_layers,
         "learning_rate": ft.learning_rate,
+        "learning_rate_finetune": state.get("learning_rate_finetune"),
+        "lr_search": state.get("search", {}),
+        "search_epochs": ft.search_epochs if len(ft.lr_grid) > 1 else 0,
+        "search_seconds": round(res.search_seconds, 1),
+        "schedule": ft.schedule,
         "phase_seconds": [round(s, 1) for s in res.phase_seconds],
     }
-    return _row(job, "finetune", res.val_accuracy, res.scores, res.train_seconds, n_test, params, job.stem)
+    return _row(
+        job, "finetune", res.val_accuracy, res.scores, res.train_seconds, n_test, params, job.stem, res.search_seconds
+    )
 
 
 def _frozen_row(job: _Job, state: dict) -> dict:
@@ -345,15 +261,18 @@ def _frozen_row(job: _Job, state: dict) -> dict:
     )
 
 
-def _row(job: _Job, method: str, val: float, scores: dict, seconds: float, n_test: int, params, stem) -> dict:
+def _row(
+    job: _Job, method: str, val: float, scores: dict, seconds: float, n_test: int, params, stem, tune: float = 0.0
+) -> dict:
+    """``seconds``: everything the method cost, ``tune`` of it the learning-rate search."""
     return results.row(
         dataset=job.cfg.dataset_name,
         backbone=job.spec.name,
         method=method,
         val_accuracy=val,
         scores=scores,
-        tune_seconds=0.0,
-        fit_seconds=seconds,
+        tune_seconds=tune,
+        fit_seconds=seconds - tune,
         n_train=len(job.ds.splits["train"]),
         n_test=n_test,
         params=params,

@@ -1,0 +1,191 @@
+"""The two ``model.fit`` phases of a fine-tune, each resumable: (1) backbone frozen, new head trained; (2)
+every backbone layer trainable (BatchNorm excepted), its learning rate searched on validation, trained
+until early stopping with a learning-rate schedule (``search``)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline import backbones, resources
+from pipeline.artifacts import write_json_atomic
+from pipeline.finetune import inputs, search
+from pipeline.finetune.model import _optimizer, build_model, set_trainable
+
+if TYPE_CHECKING:
+    from pipeline.finetune.train import _Job
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_end_of_data():
+    """tf.data of unknown length (unreadable files are skipped): Keras learns the end by running out."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        yield
+
+
+def fit_phase(model, phase: int, epochs: int, train, val, ft, work: Path, *, tag: str = "", extra=(), initial=0):
+    """One compiled model.fit with the phase's callbacks (``extra``: the schedule), from epoch ``initial``;
+    returns (seconds, epochs run in this fit, the epoch kept (1-based, counted from 0), its val accuracy)."""
+    import keras
+
+    name = tag or f"phase{phase}"
+    callbacks = [
+        keras.callbacks.EarlyStopping("val_accuracy", patience=ft.patience, restore_best_weights=True, mode="max"),
+        keras.callbacks.CSVLogger(work / "training_log.csv", append=True),
+        keras.callbacks.BackupAndRestore(work / f"backup-{name}"),
+        *[c for c in extra if c is not None],
+    ]
+    if ft.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(Path(ft.tensorboard) / name))
+    t0 = time.perf_counter()
+    with quiet_end_of_data():
+        history = model.fit(
+            train,
+            validation_data=val,
+            epochs=epochs,
+            initial_epoch=initial,
+            steps_per_epoch=ft.steps_per_epoch,
+            callbacks=callbacks,
+            verbose=2,
+            shuffle=False,  # the tf.data pipeline shuffles; this only silences Keras' warning
+        )
+    seconds = time.perf_counter() - t0
+    accs = history.history.get("val_accuracy") or [float("nan")]
+    best = int(np.nanargmax(accs)) if np.isfinite(accs).any() else 0
+    return seconds, len(history.epoch), initial + best + 1, float(accs[best])
+
+
+def splits(job: _Job, work: Path):
+    """Training (shuffled afresh each epoch by the job's seed) and validation batches, decoded once."""
+    ft = job.cfg.finetune
+    budget = resources.parse(ft.memory_budget, default_fraction=0.5)
+    out = []
+    for name in ("train", "val"):
+        part = job.ds.splits[name]
+        need = inputs.nbytes(len(part), job.size)
+        dec = inputs.decode(job.ds.paths(name), part.labels, job.size, budget, work / f"{name}.decoded.npy")
+        budget -= 0 if dec.spilled else need
+        if len(dec) < len(part):
+            log.warning("warning: %d unreadable %s images left out", len(part) - len(dec), name)
+        out.append(inputs.batches(dec, ft.batch_size, job.seed if name == "train" else None))
+    return out
+
+
+def train(job: _Job, work: Path, state: dict):
+    """Both phases; phase 1's model is scored and saved as ``frozen_dense`` by ``on_phase_one``. A finished
+    phase's weights are reloaded, an interrupted one continues from its last epoch. Returns (model, gpu)."""
+    import keras
+
+    cfg, ft = job.cfg, job.cfg.finetune
+    with backbones.device_policy(cfg.backbone.mixed_precision) as gpu:
+        base = backbones.build_backbone(job.spec, job.weights, job.size, job.seed)
+        keras.utils.set_random_seed(job.seed)
+        model = build_model(base, job.spec, len(job.ds.class_names), ft.augment, job.seed, ft.dropout)
+    log.info(
+        "fine-tuning %s on %s (%s, %dpx) on %s: %d epochs (head), then up to %d (all of it)",
+        job.spec.name,
+        job.ds.summary(),
+        job.weights.describe(),
+        job.size,
+        "GPU" if gpu else "CPU",
+        ft.epochs_head,
+        ft.epochs_finetune,
+    )
+    data = splits(job, work)
+    _phase_one(job, model, base, data, work, state)
+    _phase_two(job, model, base, data, work, state)
+    return model, gpu
+
+
+def _load(model, path: Path) -> None:
+    with warnings.catch_warnings():  # weights saved under another optimizer: its state is not wanted back
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(path)
+
+
+def _done(model, path: Path, phase: int) -> bool:
+    if not path.exists():
+        return False
+    _load(model, path)
+    log.info("phase %d already done (resumed from %s)", phase, path.name)
+    return True
+
+
+def _record(state: dict, work: Path, seconds: float, ran: int, best_epoch: int, best_val: float) -> None:
+    for k, v in zip(("phase_seconds", "epochs_run", "best_epochs", "best_val"), (seconds, ran, best_epoch, best_val)):
+        state[k].append(v)
+    write_json_atomic(work / "state.json", state)
+
+
+def _phase_one(job: _Job, model, base, data, work: Path, state: dict) -> None:
+    ft = job.cfg.finetune
+    set_trainable(base, 1, ft.unfreeze_layers)
+    model.compile(_optimizer(ft.optimizer, ft.learning_rate), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    done = work / "phase1.done.weights.h5"
+    if not _done(model, done, 1) and ft.epochs_head > 0:
+        log.info("phase 1: backbone frozen, learning rate %g", ft.learning_rate)
+        _record(state, work, *fit_phase(model, 1, ft.epochs_head, *data, ft, work))
+        model.save_weights(done)
+    if ft.epochs_head > 0 and "frozen" not in state:
+        from pipeline.finetune.train import score_frozen_dense
+
+        score_frozen_dense(job, model, work, state)
+
+
+def _phase_two(job: _Job, model, base, data, work: Path, state: dict) -> None:
+    """The learning-rate search from the phase-1 weights, then the best value trained on to early stopping."""
+    ft = job.cfg.finetune
+    n = set_trainable(base, 2, ft.unfreeze_layers)
+    done = work / "phase2.done.weights.h5"
+    if _done(model, done, 2) or ft.epochs_finetune <= 0:
+        return
+    what = "every" if ft.unfreeze_layers < 0 else f"the top {n}"
+    log.info("phase 2: %s backbone layer with weights trainable (%d), BatchNorm in inference mode", what, n)
+    start = work / "phase2.start.weights.h5"
+    if not start.exists():
+        model.save_weights(start)
+    search_epochs = min(ft.search_epochs, ft.epochs_finetune)
+
+    def compile_at(lr: float) -> None:
+        model.compile(_optimizer(ft.optimizer, lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    def try_lr(lr: float) -> tuple[float, float]:
+        _load(model, start)
+        compile_at(lr)
+        log.info("phase 2 search: learning rate %g, %d epoch(s)", lr, search_epochs)
+        seconds, _, _, best_val = fit_phase(model, 2, search_epochs, *data, ft, work, tag=f"search-lr{lr:g}")
+        model.save_weights(search.weights_file(work, lr))  # its best epoch's weights (EarlyStopping restores them)
+        return best_val, seconds
+
+    lr = search.choose_lr(try_lr, ft.lr_grid, state, work)
+    searched = len(ft.lr_grid) > 1
+    _load(model, search.weights_file(work, lr) if searched else start)
+    compile_at(lr)
+    initial = search_epochs if searched else 0
+    log.info("phase 2: learning rate %g (%s schedule), up to %d epochs", lr, ft.schedule, ft.epochs_finetune)
+    seconds, ran, best_epoch, best_val = fit_phase(
+        model,
+        2,
+        ft.epochs_finetune,
+        *data,
+        ft,
+        work,
+        extra=[search.schedule_callback(ft.schedule, lr, ft.epochs_finetune)],
+        initial=initial,
+    )
+    if searched and state["search"][f"{lr:g}"] > best_val:  # nothing after the search run beat it: keep that
+        _load(model, search.weights_file(work, lr))
+        best_epoch, best_val = initial, state["search"][f"{lr:g}"]
+    state["learning_rate_finetune"] = lr
+    state["stop"] = search.stop_reason(initial + ran, ft.epochs_finetune)
+    _record(state, work, seconds, initial + ran, best_epoch, best_val)
+    model.save_weights(done)
