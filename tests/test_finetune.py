@@ -183,3 +183,105 @@ def test_seeds_train_one_model_and_row_each_and_the_report_gives_mean_and_sd(ft_
     assert f"Across 3 training seeds the fine-tune scored {mean:.4f} ± {sd:.4f}" in text
     summary = pd.read_csv(out / "summary.csv")  # the extra seeds are a spread, not methods of their own
     assert (summary["method"] == "finetune").sum() == 1 and (summary["method"] == "frozen_dense").sum() == 1
+
+
+def test_decoded_once_the_batches_are_the_pixels_and_orders_of_decoding_every_epoch(cfg, tmp_path):
+    """In memory and spilled to disk: the same images, labels and per-epoch shuffles as the decode-each-epoch
+    pipeline under the same seed."""
+    from pipeline.data import from_config, image_dataset
+    from pipeline.finetune import inputs
+
+    ds = from_config(cfg)
+    paths, labels = ds.paths("train"), ds.splits["train"].labels
+    for budget, spill in ((2**30, False), (0, True)):
+        every = image_dataset(paths, 16, 4, labels, shuffle_seed=7)
+        dec = inputs.decode(paths, labels, 16, budget, tmp_path / f"train{budget}.npy")
+        assert dec.spilled == spill and len(dec) == len(paths)
+        once = inputs.batches(dec, 4, shuffle_seed=7)
+        for _epoch in range(2):  # a new order each epoch, the same one on both sides
+            pairs = list(zip(every, once, strict=True))
+            assert len(pairs) == 5
+            for (xa, ya), (xb, yb) in pairs:
+                np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+                np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+    first, second = ([y.numpy() for _, y in once] for _ in range(2))
+    assert any(not np.array_equal(a, b) for a, b in zip(first, second))  # reshuffled
+
+
+def test_decode_leaves_out_an_unreadable_image_and_says_where(cfg, tmp_path):
+    from pipeline.data import from_config
+    from pipeline.finetune import inputs
+
+    ds = from_config(cfg)
+    paths, labels = ds.paths("train"), ds.splits["train"].labels
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    dec = inputs.decode([*paths[:3], str(bad), *paths[3:]], np.r_[labels[:3], 0, labels[3:]], 16, 2**30, tmp_path / "x")
+    assert len(dec) == len(paths) and 3 not in dec.index
+    np.testing.assert_array_equal(dec.labels, labels)
+
+
+def test_the_learning_rate_search_picks_the_best_val_and_extends_an_edge(tmp_path):
+    from pipeline.finetune import search
+
+    val = {1e-5: 0.5, 1e-4: 0.6, 1e-3: 0.7, 1e-2: 0.8, 1e-1: 0.3}  # best on the upper edge of the grid
+    tried = []
+
+    def try_lr(lr):
+        tried.append(lr)
+        search.weights_file(tmp_path, lr).write_bytes(b"w")
+        return val[min(val, key=lambda v: abs(np.log(v / lr)))], 2.0
+
+    state = {}
+    best = search.choose_lr(try_lr, (1e-5, 1e-4, 1e-3), state, tmp_path)
+    assert best == pytest.approx(1e-2) and len(tried) == 5  # 1e-2 beat the edge, 1e-1 did not
+    assert state["search_seconds"] == 10.0 and len(state["search"]) == 5
+    assert json.loads((tmp_path / "state.json").read_text())["search"] == state["search"]
+    again = search.choose_lr(lambda lr: pytest.fail("retrained a tried value"), (1e-5, 1e-4, 1e-3), state, tmp_path)
+    assert again == best  # resumed from the record: nothing trained twice
+    assert search.choose_lr(try_lr, (3e-4,), {}, tmp_path) == 3e-4 and len(tried) == 5  # one value: no search
+    tie = {}
+    assert search.choose_lr(lambda lr: (0.5, 1.0), (1e-5, 1e-4, 1e-3), tie, tmp_path) == pytest.approx(1e-4)
+    assert len(tie["search"]) == 3  # a tie is no reason to chase an edge
+    assert search.stop_reason(7, 30) == "early_stopping" and search.stop_reason(30, 30) == "epoch_cap"
+
+
+def test_a_searched_fine_tune_continues_the_best_rate_and_is_charged_its_search(ft_cfg, monkeypatch):
+    seen = []
+    real = finetune.phases.fit_phase
+
+    def spy(model, phase, epochs, *a, **k):
+        out = real(model, phase, epochs, *a, **k)
+        seen.append((phase, k.get("tag", ""), k.get("initial", 0), out))
+        return out
+
+    monkeypatch.setattr(finetune.phases, "fit_phase", spy)
+    ft_cfg.finetune.lr_grid = (1e-3, 1e-2, 1e-1)
+    ft_cfg.finetune.epochs_finetune = 2
+    res = finetune.run(ft_cfg)
+    searches = [s for s in seen if s[1].startswith("search")]
+    assert 3 <= len(searches) <= 5 and all(s[3][1] == 1 for s in searches)  # one epoch each
+    final = [s for s in seen if s[0] == 2 and not s[1]]
+    assert len(final) == 1 and final[0][2] == 1  # the winner continues after its search epoch
+    row = results.read_results(results.results_path(ft_cfg.artifacts, "toy")).set_index("method").loc["finetune"]
+    params = json.loads(row["params"])
+    search_s = sum(s[3][0] for s in searches)
+    assert row["tune_seconds"] == pytest.approx(search_s, rel=1e-6) and res.search_seconds == pytest.approx(search_s)
+    assert row["train_seconds"] == pytest.approx(sum(res.phase_seconds) + search_s)
+    lrs = params["lr_search"]
+    assert lrs[f"{params['learning_rate_finetune']:g}"] == max(lrs.values())
+    assert params["epochs_run"][1] == 2 and params["stop"] == "epoch_cap"  # 1 search + 1 more = the cap
+
+
+def test_a_fine_tune_that_hits_its_cap_is_flagged_in_its_row_and_the_verdict(ft_cfg):
+    from pipeline import extract, heads, report
+
+    finetune.run(ft_cfg)  # one phase-2 epoch of at most one: the cap ended it
+    extract.run(ft_cfg)
+    ft_cfg.heads.heads = ("ridge",)
+    heads.run(ft_cfg)
+    row = results.read_results(results.results_path(ft_cfg.artifacts, "toy")).set_index("method").loc["finetune"]
+    assert json.loads(row["params"])["stop"] == "epoch_cap"
+    text = (report.run(ft_cfg).parent / "report.md").read_text()
+    line = next(x for x in text.splitlines() if "Best frozen head" in x)
+    assert "The fine-tune was still improving when its epoch cap stopped it" in line

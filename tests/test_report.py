@@ -207,7 +207,8 @@ def _write_preds(path, correct: np.ndarray):
     ).to_csv(path, index=False)
 
 
-def test_verdict_states_ci_mcnemar_and_the_baseline(tmp_path):
+@pytest.mark.parametrize("stop", ["early_stopping", "epoch_cap"])
+def test_verdict_states_ci_mcnemar_and_the_baseline(tmp_path, stop):
     cfg = _report_cfg(tmp_path)
     art = tmp_path / "artifacts"
     base = np.arange(400) % 10 != 0  # 90% right
@@ -222,7 +223,18 @@ def test_verdict_states_ci_mcnemar_and_the_baseline(tmp_path):
             train_seconds=400.0,
             extract_seconds=0.0,
             predictions="ft.csv",
-            params=json.dumps({"epochs": [2, 4], "epochs_run": [2, 3], "best_epochs": [2, 1], "unfreeze_layers": 40}),
+            params=json.dumps(
+                {
+                    "epochs": [2, 30],
+                    "epochs_run": [2, 3],
+                    "best_epochs": [2, 1],
+                    "unfreeze_layers": -1,
+                    "stop": stop,
+                    "learning_rate_finetune": 1e-4,
+                    "lr_search": {"1e-05": 0.8, "0.0001": 0.85, "0.001": 0.82},
+                    "search_seconds": 150.0,
+                }
+            ),
         ),
         dict(
             method="logreg",
@@ -250,7 +262,13 @@ def test_verdict_states_ci_mcnemar_and_the_baseline(tmp_path):
         in first
     )
     assert f"{delta:+.2f} pt (95% CI " in first and "no significant difference" in first and "10× cheaper" in first
-    assert "2 + 3 epochs" in first and "early stopping kept epoch 2 and 1" in first and "300 images" in first
+    assert "2 + 3 epochs (head, then every backbone layer trained) of at most 2 + 30" in first
+    assert "kept epoch 2 and 1" in first and "300 images" in first
+    assert "phase-2 learning rate 0.0001 chosen on val from 1e-05, 0.0001, 0.001" in first
+    assert "400 s (learning-rate search 150 s + training 250 s)" in first
+    line = next(x for x in first.splitlines() if "Best frozen head" in x)
+    capped = "The fine-tune was still improving when its epoch cap stopped it" in line
+    assert capped == (stop == "epoch_cap") and ("hit its epoch cap" in first) == capped
     summary = pd.read_csv(out.parent / "summary.csv").set_index("method")
     lo, hi = summary.loc["logreg", ["delta_ci_low", "delta_ci_high"]]
     assert lo < delta < hi and 0 < summary.loc["logreg", "mcnemar_p"] <= 1

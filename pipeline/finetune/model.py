@@ -52,12 +52,12 @@ def set_trainable(base, phase: int, unfreeze_layers: int) -> int:
     return n
 
 
-def _optimizer(name: str, lr: float):
+def _optimizer(name: str, lr):
+    """A fresh optimizer by Keras name; ``lr`` a number or a ``LearningRateSchedule``."""
     import keras
 
     try:
         opt = keras.optimizers.get(name)
     except ValueError:
         raise PipelineError(f"unknown optimizer '{name}'") from None
-    opt.learning_rate = lr
-    return opt
+    return type(opt).from_config({**opt.get_config(), "learning_rate": lr})

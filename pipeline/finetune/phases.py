@@ -77,7 +77,9 @@ def splits(job: _Job, work: Path):
         if len(dec) < len(part):
             log.warning("warning: %d unreadable %s images left out", len(part) - len(dec), name)
         out.append(inputs.batches(dec, ft.batch_size, job.seed if name == "train" else None))
-    return out
+        if name == "train":
+            steps = ft.steps_per_epoch or -(-len(dec) // ft.batch_size)
+    return out, steps
 
 
 def train(job: _Job, work: Path, state: dict):
@@ -100,9 +102,9 @@ def train(job: _Job, work: Path, state: dict):
         ft.epochs_head,
         ft.epochs_finetune,
     )
-    data = splits(job, work)
+    data, steps = splits(job, work)
     _phase_one(job, model, base, data, work, state)
-    _phase_two(job, model, base, data, work, state)
+    _phase_two(job, model, base, data, steps, work, state)
     return model, gpu
 
 
@@ -141,8 +143,9 @@ def _phase_one(job: _Job, model, base, data, work: Path, state: dict) -> None:
         score_frozen_dense(job, model, work, state)
 
 
-def _phase_two(job: _Job, model, base, data, work: Path, state: dict) -> None:
-    """The learning-rate search from the phase-1 weights, then the best value trained on to early stopping."""
+def _phase_two(job: _Job, model, base, data, steps: int, work: Path, state: dict) -> None:
+    """The learning-rate search from the phase-1 weights, then the best value trained on to early stopping.
+    ``steps``: training steps per epoch, over which each search run anneals its rate."""
     ft = job.cfg.finetune
     n = set_trainable(base, 2, ft.unfreeze_layers)
     done = work / "phase2.done.weights.h5"
@@ -160,7 +163,7 @@ def _phase_two(job: _Job, model, base, data, work: Path, state: dict) -> None:
 
     def try_lr(lr: float) -> tuple[float, float]:
         _load(model, start)
-        compile_at(lr)
+        compile_at(search.annealed(lr, search_epochs * steps))
         log.info("phase 2 search: learning rate %g, %d epoch(s)", lr, search_epochs)
         seconds, _, _, best_val = fit_phase(model, 2, search_epochs, *data, ft, work, tag=f"search-lr{lr:g}")
         model.save_weights(search.weights_file(work, lr))  # its best epoch's weights (EarlyStopping restores them)

@@ -14,25 +14,51 @@ from pipeline.report.tables import best_head, ci_text, method_label, pareto_fron
 ALPHA = 0.05
 
 
-def _baseline(ft: pd.Series) -> str:
-    """What the fine-tune was, so a weak baseline is not over-read."""
+def _params(ft: pd.Series) -> dict:
     try:
-        p = json.loads(ft["params"])
+        return json.loads(ft["params"])
     except (TypeError, ValueError):
-        p = {}
+        return {}
+
+
+def _baseline(ft: pd.Series) -> str:
+    """What the fine-tune was, so a weak baseline is not over-read: what trained, the learning rate and how
+    it was chosen, how many epochs and what ended them, and what the search cost."""
+    p = _params(ft)
     ran, best = p.get("epochs_run", []), p.get("best_epochs", [])
     planned = p.get("epochs")
     parts = [f"{ft['backbone']} fine-tuned on {ft['n_train']:,.0f} images" if np.isfinite(ft["n_train"]) else ""]
     if ran:
-        epochs = " + ".join(str(e) for e in ran)
-        text = f"{epochs} epochs (head, then top {p.get('unfreeze_layers', '?')} backbone layers unfrozen)"
+        layers = p.get("unfreeze_layers", "?")
+        which = "every backbone layer" if layers == -1 else f"top {layers} backbone layers"
+        text = f"{' + '.join(str(e) for e in ran)} epochs (head, then {which} trained)"
         if planned:
-            text += f" of {' + '.join(str(e) for e in planned)} planned"
+            text += f" of at most {' + '.join(str(e) for e in planned)}"
         if best:
-            text += f"; early stopping kept epoch {' and '.join(str(b) for b in best)}"
+            text += f"; kept epoch {' and '.join(str(b) for b in best)}"
+        if p.get("stop"):
+            text += "; phase 2 " + ("ended by early stopping" if p["stop"] == "early_stopping" else "hit its epoch cap")
         parts.append(text)
-    parts.append(f"{ft['total_seconds']:,.0f} s")
+    lr, search = p.get("learning_rate_finetune"), p.get("lr_search") or {}
+    if lr is not None:
+        tried = f" chosen on val from {', '.join(search)}" if len(search) > 1 else ""
+        parts.append(f"phase-2 learning rate {lr:g}{tried}")
+    seconds = f"{ft['total_seconds']:,.0f} s"
+    if p.get("search_seconds"):
+        rest = ft["total_seconds"] - p["search_seconds"]
+        seconds += f" (learning-rate search {p['search_seconds']:,.0f} s + training {rest:,.0f} s)"
+    parts.append(seconds)
     return "Baseline: " + ", ".join(x for x in parts if x) + "."
+
+
+def capped(ft: pd.Series) -> bool:
+    """The fine-tune's phase 2 ran to its epoch cap: by the stopping rule it was still improving."""
+    return _params(ft).get("stop") == "epoch_cap"
+
+
+CAPPED = (
+    " The fine-tune was still improving when its epoch cap stopped it: this difference may overstate the heads."
+)
 
 
 def verdict(table: pd.DataFrame, spread: pd.DataFrame | None = None) -> list[str]:
@@ -74,7 +100,7 @@ def verdict(table: pd.DataFrame, spread: pd.DataFrame | None = None) -> list[str
         ratio = head["time_ratio"]
         cost = ratio_text(ratio).replace("faster", "cheaper").replace("slower", "dearer")
         text += f", {cost} ({head['total_seconds']:,.0f} s vs {f['total_seconds']:,.0f} s)." if cost else "."
-        lines.append(text)
+        lines.append(text + (CAPPED if capped(f) else ""))
         if head["features"] != "image":
             lines.extend(_image_only(table, b, head))
         lines.append(_baseline(f))
