@@ -42,17 +42,24 @@ class CosineKNN(ClassifierMixin, BaseEstimator):
         return self
 
     def _neighbours(self, X, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k similarities and indices, in chunks so memory stays chunk x n_train."""
+        """Top-k similarities and indices, in chunks so memory stays chunk x n_train.
+
+        A row's neighbours must not depend on the rows beside it (scikit-learn's subset-invariance check): a
+        BLAS product rounds a row differently in another block, which reorders near-ties. So the product
+        only shortlists 2k candidates; their similarities are recomputed row by row in float64, and ties
+        go to the lower training index."""
         Xq = normalize(predict_data(self, X))
         k = min(k, len(self.X_))
+        m = min(2 * k + 2, len(self.X_))
         sims, idx = [], []
         for start in range(0, len(Xq), _CHUNK):
-            s = Xq[start : start + _CHUNK] @ self.X_.T
-            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            ts = np.take_along_axis(s, top, axis=1)
-            order = np.argsort(-ts, axis=1)
-            sims.append(np.take_along_axis(ts, order, axis=1))
-            idx.append(np.take_along_axis(top, order, axis=1))
+            q = Xq[start : start + _CHUNK]
+            cand = np.argpartition(-(q @ self.X_.T), m - 1, axis=1)[:, :m]
+            q64 = q.astype(np.float64)
+            exact = np.stack([np.einsum("ij,ij->i", q64, self.X_[cand[:, j]].astype(np.float64)) for j in range(m)], 1)
+            order = np.lexsort((cand, -exact), axis=1)[:, :k]
+            sims.append(np.take_along_axis(exact, order, axis=1))
+            idx.append(np.take_along_axis(cand, order, axis=1))
         return np.vstack(sims), np.vstack(idx)
 
     def _vote(self, sims: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:

@@ -1,4 +1,6 @@
-"""Every custom estimator passes scikit-learn's own estimator checks, with no expected failure.
+"""Every custom estimator passes scikit-learn's own estimator checks, with no expected failure, at its
+defaults and at non-default settings (another solver, k = 1 and 3, fixed epochs, a fixed gamma): a setting
+is part of the contract too (``CosineKNN(n_neighbors=3)`` once failed subset invariance).
 
 A small MLP (32 hidden units, up to 20 epochs) keeps its checks to about a minute; the contract is
 the same at any size.
@@ -24,9 +26,20 @@ ESTIMATORS = [
     BlockWeight(),
     KerasMLP(hidden=32, max_epochs=20, learning_rate=0.01),
 ]
+NON_DEFAULT = [
+    RidgeHead(alpha=100.0),
+    LinearHead("log", C=10.0, epochs=3),  # the minibatch solver instead of scikit-learn's exact one
+    LinearHead("squared_hinge", C=0.1, epochs=3, batch_size=16),
+    KernelSVC(C=10.0, gamma=0.5),
+    NystroemHead(C=10.0, gamma=0.5, n_components=20),
+    CosineKNN(n_neighbors=1),
+    CosineKNN(n_neighbors=3),
+    CosineKNN(n_neighbors=5, temperature=1.0),
+    KerasMLP(hidden=16, dropout=0.0, epochs=5, learning_rate=0.01),  # fixed epochs, no early stopping
+]
 
 
-@parametrize_with_checks(ESTIMATORS)
+@parametrize_with_checks(ESTIMATORS + NON_DEFAULT)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
