@@ -109,7 +109,7 @@ def main() -> None:
         folder = export.run(cfg)
         run = subprocess.run(
             [sys.executable, WITHOUT_PIPELINE, str(ROOT / "examples" / "load_exported.py"), str(folder)]
-            + [str(work / "images.npy"), str(work / "scores.npy")],
+            + [str(work / "images.npy"), "--scores", str(work / "scores.npy")],
             capture_output=True,
             text=True,
         )

@@ -1,10 +1,11 @@
 """Run a model from `make export` without this package: TensorFlow, Keras, ONNX Runtime or LiteRT alone.
 
-    python examples/load_exported.py artifacts/export/<dataset>/<method>-<format> images.npy [scores.npy]
+    python examples/load_exported.py artifacts/export/<dataset>/<method>-<format> IMAGE... [--scores out.npy]
 
-``images.npy``: float32 (N, H, W, 3), RGB 0-255, already resized to the manifest's input size (bilinear,
-no crop). Prints the predicted class of each image; with a third argument, saves the per-class scores.
-Copy ``load`` into your own code: it is all a model needs.
+``IMAGE``: image files or folders of them, each passed to the model as decoded, RGB 0-255 float32 at its
+own height and width (the model resizes inside, as the pipeline does); or ``.npy`` arrays (N, H, W, 3)
+float32 RGB 0-255, read batch by batch. Prints the predicted class of each image, in order; with
+``--scores``, saves the per-class scores. Copy ``load`` into your own code: it is all a model needs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 
 
 def load(folder: str | Path):
-    """(predict function: images (N, H, W, 3) float32 -> scores (N, K), manifest). Image-only models."""
+    """(predict function: images (N, H, W, 3) float32 RGB 0-255, any H and W -> scores (N, K), manifest).
+    Image-only models."""
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     path = str(folder / manifest["file"])
@@ -67,17 +69,39 @@ def predicted_classes(scores: np.ndarray, manifest: dict) -> list[str]:
     return [labels[i] for i in scores.argmax(axis=1)]
 
 
+def images(args: list[str]):
+    """Batches in the order given: one decoded image per file (sizes differ), 32 rows at a time of a .npy."""
+    from PIL import Image
+
+    for arg in args:
+        path = Path(arg)
+        if path.suffix == ".npy":
+            array = np.load(path, mmap_mode="r")  # any number of images
+            for i in range(0, len(array), 32):
+                yield np.asarray(array[i : i + 32], np.float32)
+            continue
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            yield np.asarray(Image.open(f).convert("RGB"), np.float32)[None]
+
+
 if __name__ == "__main__":
+    import argparse
     import time
 
-    predict, manifest = load(sys.argv[1])
-    images = np.load(sys.argv[2], mmap_mode="r")  # read batch by batch: any number of images
-    predict(np.asarray(images[:32], np.float32))  # the first call builds / traces: not timed
-    start = time.perf_counter()
-    scores = np.concatenate([predict(np.asarray(images[i : i + 32], np.float32)) for i in range(0, len(images), 32)])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="an export folder (manifest.json inside)")
+    parser.add_argument("images", nargs="+", help="image files, folders of them, or .npy arrays")
+    parser.add_argument("--scores", help="save the per-class scores here (.npy)")
+    args = parser.parse_args()
+    predict, manifest = load(args.model)
+    start, scores = time.perf_counter(), []
+    for batch in images(args.images):
+        scores.append(predict(batch))
     seconds = time.perf_counter() - start
-    print(f"# {len(images)} images in {seconds:.2f} s ({len(images) / seconds:.1f} img/s)", file=sys.stderr)
-    if len(sys.argv) > 3:
-        np.save(sys.argv[3], scores)
+    scores = np.concatenate(scores)
+    print(f"# {len(scores)} images in {seconds:.2f} s ({len(scores) / seconds:.1f} img/s)", file=sys.stderr)
+    if args.scores:
+        np.save(args.scores, scores)
     for name in predicted_classes(scores, manifest):
         print(name)

@@ -1,14 +1,15 @@
 """`make export`: the answer as one self-contained model, with its class names and a manifest.
 
-Raw RGB 0-255 images of the backbone's input size go in (preprocessing inside), per-class scores come
-out: probabilities for logreg and the fine-tuned models, decision values for ridge and linear SVM. A
-linear head on cached features is *folded*: its standardisation, block weights and linear weights are
-one affine map, so they become one ``Dense`` layer on top of the tapped feature model, and nothing of
-scikit-learn is needed at inference. The model is built from built-in Keras layers only, then written
-by Keras' own ``Model.export`` (SavedModel, ONNX, LiteRT) or ``Model.save`` (``.keras``), so it runs
-where this package is not installed. A ``+meta`` head becomes a two-input model (image, encoded
-metadata vector; the encoding is in the manifest). RBF SVM, k-NN and the MLP do not fold: their export
-is the feature model plus the scikit-learn head, which ``predict`` applies.
+RGB 0-255 images of any height and width go in as float32, resized and preprocessed inside (the resize
+is the pipeline's own bilinear ``tf.image.resize``, so a user's decoded pixels give exactly the report's
+predictions); per-class scores come out: probabilities for logreg and the fine-tuned models, decision
+values for ridge and linear SVM. A linear head on cached features is *folded*: its standardisation,
+block weights and linear weights are one affine map, so they become one ``Dense`` layer on top of the
+tapped feature model, and nothing of scikit-learn is needed at inference. The model is built from
+built-in Keras layers only, then written by Keras' own ``Model.export`` (SavedModel, ONNX, LiteRT) or
+``Model.save`` (``.keras``), so it runs where this package is not installed. A ``+meta`` head becomes a
+two-input model (image, encoded metadata vector; the encoding is in the manifest). RBF SVM, k-NN and the
+MLP do not fold: their export is the feature model plus the scikit-learn head, which ``predict`` applies.
 """
 
 from __future__ import annotations
@@ -52,17 +53,42 @@ def folded(head, d: int) -> tuple[np.ndarray, np.ndarray, str]:
     return W.astype(np.float32), bias.astype(np.float32), "softmax" if proba else "linear"
 
 
+def _image_input(size: int):
+    """(input, resized): images of any height and width in (a batch shares one size), resized as
+    ``data.load_image`` resizes (bilinear, no crop, no antialiasing) before anything else.
+
+    ``training=False`` on the resize: Keras' image layers default to ``training=True``, and the first
+    layer of a call sets the mode for every later one, so a plain ``model(x)`` ran the backbone's
+    BatchNorm on batch statistics (and updated them) until this was said."""
+    import keras
+
+    image = keras.Input((None, None, 3), name="image")
+    resize = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize")
+    return image, resize(image, training=False)
+
+
+def any_size(model, size: int):
+    """A one-input model (the feature model) behind the resize."""
+    import keras
+
+    image, x = _image_input(size)
+    return keras.Model(image, model(x), name=model.name)
+
+
 def build(method: methods.Method):
-    """The exportable Keras model: image (and metadata) in, per-class scores out; built-in layers only."""
+    """The exportable Keras model: image (and metadata) in, per-class scores out; built-in layers only.
+    None when the head does not fold (the feature model is exported beside it)."""
     import keras
 
     if method.head is None:
-        return _finetuned(method.model)
+        return _finetuned(method.model, method.input_size)
     if methods.is_keras(method.head) or not registry.get(method.method).foldable:
         return None
-    model = method.model
-    blocks = [model.outputs[b] for b in method.blocks]
-    inputs = [model.input]
+    image, x = _image_input(method.input_size)
+    outputs = method.model(x)
+    outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+    blocks = [outputs[b] for b in method.blocks]
+    inputs = [image]
     if method.encoding is not None:
         meta = keras.Input((len(method.encoding.names),), name="metadata")
         inputs.append(meta)
@@ -77,7 +103,7 @@ def build(method: methods.Method):
     )
 
 
-def _finetuned(model):
+def _finetuned(model, size: int):
     """The fine-tuned model without its training-only layers (augmentation, dropout) and with its
     preprocessing as a built-in layer."""
     import keras
@@ -86,10 +112,10 @@ def _finetuned(model):
     from pipeline.taps import portable_base
 
     base = portable_base(next(layer for layer in model.layers if isinstance(layer, keras.Model)))[0]
-    inputs = keras.Input(model.input_shape[1:], name="image")
+    image, x = _image_input(size)
     pre = portable_preprocess(model.get_layer("preprocess").kind)
-    x = base(pre(inputs) if pre is not None else model.get_layer("preprocess")(inputs), training=False)
-    return keras.Model(inputs, model.get_layer("head")(x), name="finetuned_exported")
+    x = base(pre(x) if pre is not None else model.get_layer("preprocess")(x), training=False)
+    return keras.Model(image, model.get_layer("head")(x), name="finetuned_exported")
 
 
 def write(model, fmt: str, folder: Path) -> Path:
@@ -119,7 +145,7 @@ def run(cfg: Config) -> Path:
         if model is None:
             import joblib
 
-            write(method.model, fmt, tmp)
+            write(any_size(method.model, method.input_size), fmt, tmp)
             head_file = "head.keras" if methods.is_keras(method.head) else "head.joblib"
             if head_file == "head.keras":
                 method.head.save(tmp / head_file)
@@ -144,7 +170,15 @@ def manifest(cfg: Config, method: methods.Method, fmt: str, head_file: str | Non
     """What the model is, what goes in and comes out, and how good it was: everything a user needs to load it."""
     row = methods.head_row(cfg, method) or {}
     size = method.input_size
-    inputs = [{"name": "image", "shape": [None, size, size, 3], "dtype": "float32", "values": "RGB 0-255"}]
+    inputs = [
+        {
+            "name": "image",
+            "shape": [None, None, None, 3],
+            "dtype": "float32",
+            "values": "RGB 0-255 as decoded, any height and width (one size per batch); resized inside to "
+            f"{size} x {size}, bilinear, no crop",
+        }
+    ]
     if method.encoding is not None:
         inputs.append({"name": "metadata", "shape": [None, len(method.encoding.names)], "dtype": "float32"})
     kind = method.score_kind
@@ -172,5 +206,32 @@ def manifest(cfg: Config, method: methods.Method, fmt: str, head_file: str | Non
         "cache_key": (method.record.get("cache") or {}).get("key"),
         "metadata_encoding": dataclasses.asdict(method.encoding) if method.encoding else None,
         "versions": library_versions(),
-        "resize": "bilinear to the input size, no crop, RGB (gray replicated), float32 0-255",
+        "resize": f"inside the model: bilinear to {size} x {size}, no crop (pass the decoded image as it is; "
+        "gray images converted to RGB)",
+        "usage": USAGE[fmt],
     }
+
+
+USAGE = {  # three lines per format: the decoded image as it is, in; scores out
+    "keras": [
+        "import keras, numpy as np; from PIL import Image",
+        "model = keras.models.load_model('model.keras')",
+        "scores = model.predict(np.asarray(Image.open('x.png').convert('RGB'), np.float32)[None])",
+    ],
+    "saved_model": [
+        "import tensorflow as tf, numpy as np; from PIL import Image",
+        "model = tf.saved_model.load('saved_model')",
+        "scores = model.serve(np.asarray(Image.open('x.png').convert('RGB'), np.float32)[None]).numpy()",
+    ],
+    "onnx": [
+        "import onnxruntime as ort, numpy as np; from PIL import Image",
+        "s = ort.InferenceSession('model.onnx'); name = s.get_inputs()[0].name",
+        "scores = s.run(None, {name: np.asarray(Image.open('x.png').convert('RGB'), np.float32)[None]})[0]",
+    ],
+    "litert": [
+        "from ai_edge_litert.interpreter import Interpreter; import numpy as np; from PIL import Image",
+        "x = np.asarray(Image.open('x.png').convert('RGB'), np.float32)[None]; m = Interpreter('model.tflite')",
+        "i = m.get_input_details()[0]['index']; m.resize_tensor_input(i, x.shape); m.allocate_tensors()",
+        "m.set_tensor(i, x); m.invoke(); scores = m.get_tensor(m.get_output_details()[0]['index'])",
+    ],
+}

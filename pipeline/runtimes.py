@@ -84,7 +84,7 @@ def converted_path(folder: Path, key: dict, runtime: str) -> Path:
 def keras_export(model, path: Path, fmt: str) -> None:
     """``Model.export`` (or ``save`` for ``keras``) of a model that has run once, as the exporters want;
     a missing exporter package is a one-line error naming it."""
-    dummy = [np.zeros((1, *i.shape[1:]), np.float32) for i in model.inputs]
+    dummy = [np.zeros((1, *(d or 8 for d in i.shape[1:])), np.float32) for i in model.inputs]  # None: any size
     model(dummy[0] if len(dummy) == 1 else dummy)
     if fmt == "keras":
         model.save(path)

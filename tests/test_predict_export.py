@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from pipeline import export, extract, heads, methods, predict, report
 from pipeline.cache.reader import load_features
@@ -121,26 +122,34 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "litert", "saved_model"])
-def test_exported_files_run_without_this_package(fitted, tmp_path, fmt):
+@pytest.mark.parametrize("fmt", ["onnx", "litert", "saved_model", "keras"])
+def test_exported_files_run_without_this_package_on_images_as_decoded(fitted, tmp_path, fmt):
     """Each format loaded by TensorFlow / ONNX Runtime / LiteRT alone, in a process where `import pipeline`
-    fails: the predicted classes of the head's predictions.csv and its scores within 1e-5."""
+    fails, fed each test image as PIL decodes it (20 px; the model resizes to 16 inside): the predicted
+    classes of the head's predictions.csv and its scores within 1e-5; a stack of images already at the
+    input size gives the same."""
     fitted.export.method, fitted.export.format = "logreg@all", fmt
     out = export.run(fitted)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == [None, None, None, 3] and len(manifest["usage"]) >= 3
     fs = load_features(extract.cache_path(fitted))
-    np.save(tmp_path / "images.npy", _test_images(fitted, fs))
-    run = subprocess.run(
-        [sys.executable, WITHOUT_PIPELINE, str(ROOT / "examples" / "load_exported.py"), str(out)]
-        + [str(tmp_path / "images.npy"), str(tmp_path / "scores.npy")],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
     saved = pd.read_csv(Path(fitted.artifacts) / "heads" / "toy" / "tiny_cnn" / "logreg@all.predictions.csv")
-    assert run.stdout.split() == saved["pred"].tolist()
+    files = [str(fitted.dataset_dir / i) for i in saved["id"]]
+    assert all(Image.open(f).size == (20, 20) for f in files)
+    np.save(tmp_path / "images.npy", _test_images(fitted, fs, list(saved["id"])))
     method = methods.load(fitted, "logreg@all")
     X = fs.with_layers(method.record["layer_names"]).splits["test"].X
-    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), _sklearn_scores(method, X), atol=1e-5)
+    order = [list(fs.splits["test"].ids).index(i) for i in saved["id"]]
+    for source in (files, [str(tmp_path / "images.npy")]):
+        run = subprocess.run(
+            [sys.executable, WITHOUT_PIPELINE, str(ROOT / "examples" / "load_exported.py"), str(out), *source]
+            + ["--scores", str(tmp_path / "scores.npy")],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.split() == saved["pred"].tolist()
+        np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), _sklearn_scores(method, X[order]), atol=1e-5)
 
 
 def test_an_rbf_head_exports_as_features_plus_head_and_refuses_onnx_in_one_line(fitted):
