@@ -87,8 +87,9 @@ sweep: data ## extract + svm (+ finetune with FINETUNE=1) for each of BACKBONES=
 test: setup ## run the test suite (fast: tiny backbones and generated images)
 	$(BIN)/python -m pytest -q
 
-bench: data ## extraction ratios (ENGINE=ray: ray vs local too), heads-vs-finetune cost, heads at scale, exported runtimes
+bench: data ## extraction ratios (ENGINE=ray: ray vs local too), fine-tune input pipeline ÷ in-memory steps, heads-vs-finetune cost, heads at scale, exported runtimes
 	$(BIN)/python benchmarks/extract_throughput.py --backbone $(BACKBONE) --artifacts $(ARTIFACTS) --source data/$(DATA)/train --engine $(ENGINE)
+	$(BIN)/python benchmarks/finetune_throughput.py --dataset $(DATA) --artifacts $(ARTIFACTS) $(CFG)
 	$(BIN)/python benchmarks/heads_vs_finetune.py --dataset $(DATA) --artifacts $(ARTIFACTS) || true
 	$(BIN)/python benchmarks/heads_scale.py --sizes $(SIZES)
 	$(BIN)/python benchmarks/export_runtimes.py --dataset $(DATA) --artifacts $(ARTIFACTS) || true
