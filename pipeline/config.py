@@ -119,7 +119,8 @@ class HeadsConfig:
     layers: tuple[str, ...] = _opt(
         ("last", "all"),
         "layer sets the heads read, each its own results row: last (final embedding), all (every cached tap + "
-        "last), auto (greedy search on val), or tap layer names (together one set)",
+        "last), auto (greedy search on val), or taps (together one set) as the report labels them, tap1 tap2 ..., "
+        "or by their Keras layer names",
     )
     train_views: int = _opt(0, "also fit on this many cached augmented views of each training image (extract --views)")
     features: tuple[str, ...] = _opt(

@@ -17,6 +17,7 @@ images. Test accuracy per block is computed for the report only.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -38,12 +39,17 @@ _CHUNK = 8192
 def variants(requested: tuple[str, ...], available: list[str]) -> list[tuple[str, list[str] | None]]:
     """(label, blocks) per requested layer set; ``auto``'s blocks are chosen later (None).
 
-    ``last``, ``all`` and ``auto`` are each a set of their own; any other names
-    together form one set, labelled by the names joined with commas.
+    ``last``, ``all`` and ``auto`` are each a set of their own; any other names (raw Keras names, or
+    ``tapK``: the K-th cached tap, as the report labels it) together form one set, labelled by the raw
+    names joined with commas.
     """
     out: list[tuple[str, list[str] | None]] = []
     names = []
+    taps = [n for n in available if n != LAST]
     for r in requested:
+        alias = re.fullmatch(r"tap\s*(\d+)", r)
+        if alias and 1 <= int(alias.group(1)) <= len(taps):
+            r = taps[int(alias.group(1)) - 1]
         if r == LAST:
             out.append((LAST, [LAST]))
         elif r == ALL:
@@ -72,7 +78,7 @@ def variants(requested: tuple[str, ...], available: list[str]) -> list[tuple[str
 class Selection:
     chosen: list[str]
     val_accuracy: float
-    per_layer: list[dict] = field(default_factory=list)  # {layer, width, val_accuracy, test_accuracy}
+    per_layer: list[dict] = field(default_factory=list)  # {layer, label, width, val_accuracy, test_accuracy}
     steps: list[dict] = field(default_factory=list)  # greedy path: {layers, val_accuracy}
     seconds: float = 0.0
     scorer: str = "ridge (one-hot targets, penalty picked on val)"
@@ -146,10 +152,12 @@ def select(fs, greedy: bool = True) -> Selection:
     t0 = time.perf_counter()
     ridge = _Ridge(fs, layers)
     per_layer = []
+    labels = fs.layer_labels()
     for name in layers:
         val, test = ridge.score([name])
+        width = fs.block("train", name).shape[1]
         per_layer.append(
-            {"layer": name, "width": fs.block("train", name).shape[1], "val_accuracy": val, "test_accuracy": test}
+            {"layer": name, "label": labels[name], "width": width, "val_accuracy": val, "test_accuracy": test}
         )
     order = sorted(per_layer, key=lambda r: -r["val_accuracy"])
     chosen, best = [order[0]["layer"]], order[0]["val_accuracy"]
@@ -164,9 +172,9 @@ def select(fs, greedy: bool = True) -> Selection:
         steps.append({"layers": list(chosen), "val_accuracy": acc})
     chosen = [n for n in layers if n in chosen]  # network order, for stable names
     sel = Selection(chosen, best, per_layer, steps, time.perf_counter() - t0, greedy=greedy)
-    alone = ", ".join(f"{r['layer']} {r['val_accuracy']:.3f}" for r in per_layer)
+    alone = ", ".join(f"{r['label']} {r['val_accuracy']:.3f}" for r in per_layer)
     if greedy:
-        what = ", ".join(chosen)
+        what = ", ".join(labels[n] for n in chosen)
         log.info("layers auto: chose %s (ridge val %.4f; alone: %s) in %.1fs", what, best, alone, sel.seconds)
     else:
         log.info("ridge val accuracy per layer: %s (%.1fs)", alone, sel.seconds)

@@ -94,6 +94,7 @@ def test_unknown_layer_names_are_one_line(tapped):
 def test_variants_parse_keywords_and_names():
     got = layer_select.variants(("last", "auto", "a", "b", "all", "last"), ["last", "a", "b"])
     assert got == [("last", ["last"]), ("auto", None), ("all", ["last", "a", "b"]), ("a,b", ["a", "b"])]
+    assert layer_select.variants(("tap2", "a"), ["last", "a", "b"]) == [("b,a", ["b", "a"])]
 
 
 def test_mlp_and_knn_heads_are_tuned_saved_and_recorded(tapped):
@@ -168,3 +169,25 @@ def test_views_resume_after_the_splits_are_done(cfg, monkeypatch):
     res = extract.run(cfg)  # splits already complete: only the views pass runs
     fs = load_features(res.path)
     assert fs.n_views == 1 and len(fs.views["ids"]) == 18 and len(fs.splits["train"].ids) == 18
+
+
+def test_layers_read_as_taps_with_their_shape_and_tapk_names_the_same_set_as_the_keras_name(cfg):
+    """The tiny backbone's one stage tap: labelled with its block-less name, channels and resolution in the
+    cache, the log and layers.json; ``--layers tap1`` is the same set (same artifact, same row) as its raw
+    Keras name, which --layers still takes."""
+    extract.run(cfg)
+    fs = load_features(extract.cache_path(cfg))
+    raw = fs.layer_names()[1]
+    labels = fs.layer_labels()
+    assert labels["last"] == "final embedding" and labels[raw] == f"tap 1: {raw} (8 ch, 7×7)"
+    assert layer_select.variants(("tap1",), fs.layer_names()) == [(raw, [raw])]
+    assert layer_select.variants((raw,), fs.layer_names()) == [(raw, [raw])]
+    from pipeline.cache.reader import tap_label
+
+    assert tap_label(4, "_blocks__11___bn0__relu6", [7, 7, 672]) == "tap 4: block 11 (672 ch, 7×7)"
+    cfg.heads.heads, cfg.heads.layers = ("ridge",), ("tap1", "auto")
+    heads.run(cfg)
+    sel = json.loads((Path(cfg.artifacts) / "heads" / "toy" / TINY / "layers.json").read_text())
+    assert {r["label"] for r in sel["per_layer"]} == {"final embedding", labels[raw]}
+    table = results.read_results(results.results_path(cfg.artifacts, "toy"))
+    assert raw in set(table["layers"])  # keyed by the raw name: `--layers <raw name>` finds this row again

@@ -126,10 +126,12 @@ def test_layer_sets_are_rows_of_their_own_and_the_per_layer_chart_is_shown(tmp_p
     heads_dir.mkdir(parents=True)
     per_layer = [
         {"layer": "last", "width": 1280, "val_accuracy": 0.86, "test_accuracy": 0.85},
-        {"layer": "block11", "width": 672, "val_accuracy": 0.88, "test_accuracy": 0.87},
+        {"layer": "_blocks__11___bn0__relu6", "label": "tap 4: block 11 (672 ch, 7×7)", "width": 672}
+        | {"val_accuracy": 0.88, "test_accuracy": 0.87},
     ]
-    steps = [{"layers": ["block11"], "val_accuracy": 0.88}, {"layers": ["block11", "last"], "val_accuracy": 0.89}]
-    sel = {"chosen": ["last", "block11"], "per_layer": per_layer, "steps": steps, "seconds": 1.5}
+    raw = "_blocks__11___bn0__relu6"
+    steps = [{"layers": [raw], "val_accuracy": 0.88}, {"layers": [raw, "last"], "val_accuracy": 0.89}]
+    sel = {"chosen": ["last", raw], "per_layer": per_layer, "steps": steps, "seconds": 1.5}
     (heads_dir / "layers.json").write_text(json.dumps(sel))
     out = report.run(cfg)
     summary = pd.read_csv(out.parent / "summary.csv").set_index(["backbone", "method", "features", "layers"])
@@ -137,7 +139,8 @@ def test_layer_sets_are_rows_of_their_own_and_the_per_layer_chart_is_shown(tmp_p
     assert summary.loc[("efficientnet_lite0", "logreg", "image", "last"), "delta_pt"] == pytest.approx(-2.5)
     assert (out.parent / "layers_efficientnet_lite0.png").read_bytes()[:4] == b"\x89PNG"
     html = out.read_text()
-    assert "(what --layers auto uses) picks last, block11" in html and "block11 + last (0.8900)" in html
+    assert "(what --layers auto uses) picks last, tap 4: block 11 (672 ch, 7×7)" in html
+    assert "tap 4: block 11 (672 ch, 7×7) + last (0.8900)" in html
 
 
 def test_numeric_columns_are_quartile_bins_and_missing_values_a_subgroup_of_their_own():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,18 @@ from pipeline.data import SPLITS
 from pipeline.errors import PipelineError, first_line
 
 LAST = "last"  # the final embedding, as a layer name
+
+
+def tap_label(k: int, name: str, shape: list[int] | None = None) -> str:
+    """``tap k`` (what ``--layers tapK`` names), the block when the name has one (the Lite builders'
+    ``_blocks__11___bn0__relu6``), and the channels and resolution when the cache recorded them."""
+    block = re.search(r"blocks?_*(\d+)", name)
+    where = f"block {block.group(1)}" if block else name
+    if shape and len(shape) == 3:
+        where += f" ({shape[2]} ch, {shape[0]}×{shape[1]})"
+    elif shape:
+        where += f" ({shape[-1]} ch)"
+    return f"tap {k}: {where}"
 
 
 @dataclass
@@ -45,6 +58,15 @@ class _CacheAttrs:
     @property
     def tap_layers(self) -> list[str]:
         return json.loads(self.attrs.get("tap_layers", "[]"))
+
+    def layer_labels(self) -> dict[str, str]:
+        """What a reader calls each cached layer: ``last`` -> "final embedding", a tap -> "tap 4: block 11
+        (672 ch, 7×7)"; the raw Keras names stay the keys (and what ``--layers`` matches besides ``tapN``)."""
+        shapes = json.loads(self.attrs.get("tap_shapes", "{}"))
+        labels = {LAST: "final embedding"}
+        for k, name in enumerate(self.tap_layers, 1):
+            labels[name] = tap_label(k, name, shapes.get(name))
+        return labels
 
 
 @dataclass

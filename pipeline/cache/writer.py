@@ -107,6 +107,7 @@ class CacheWriter:
         f.attrs.update(key)
         f.attrs["extract_seconds"] = 0.0
         f.attrs["tap_layers"] = json.dumps([t.layer for t in taps])
+        f.attrs["tap_shapes"] = json.dumps({t.layer: list(t.shape) for t in taps})  # for readable labels
         for s in self.groups:
             _create_rows(f.create_group(s), dim, taps, self.chunk_rows)
         f.flush()

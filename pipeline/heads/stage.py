@@ -187,7 +187,7 @@ def _fit_one(cfg: Config, p, fs: FeatureSet, splits, encoding, layers, select_se
         "fitting %s on %s [%s] (%d train, %d-dim)",
         p.name,
         fs.backbone,
-        ", ".join(layers),
+        ", ".join(fs.layer_labels().get(n, n) for n in layers),
         len(splits["train"].y),
         splits["train"].X.shape[1],
     )
@@ -228,7 +228,8 @@ def _run_streaming(
     out = []
     for p in plan:
         layers = p.layers
-        log.info("fitting %s on %s [%s], streamed from %s", p.name, info.backbone, ", ".join(layers), info.path.name)
+        names = ", ".join(info.layer_labels().get(n, n) for n in layers)
+        log.info("fitting %s on %s [%s], streamed from %s", p.name, info.backbone, names, info.path.name)
         res, streams = probe.fit_probe(
             info.path,
             layers,

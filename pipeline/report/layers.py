@@ -18,7 +18,7 @@ def plot_layer_scores(per_layer: pd.DataFrame, chosen: list[str], path: Path, ti
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(per_layer) + 1.6), dpi=110)
     y = range(len(per_layer))
-    labels = [f"{r.layer} ({r.width})" + ("  [chosen]" if r.layer in chosen else "") for r in per_layer.itertuples()]
+    labels = [f"{r.label} [{r.width}-dim]" + ("  (chosen)" * (r.layer in chosen)) for r in per_layer.itertuples()]
     ax.barh([i + 0.2 for i in y], per_layer["val_accuracy"], height=0.4, label="validation", color="#4c72b0")
     ax.barh([i - 0.2 for i in y], per_layer["test_accuracy"], height=0.4, label="test", color="#dd8452")
     ax.set_yticks(list(y), labels, fontsize=8)
@@ -45,27 +45,33 @@ def layer_sections(heads_dir: Path, out_dir: Path) -> list[tuple[str, object]]:
         per_layer = pd.DataFrame(sel.get("per_layer", []))
         if per_layer.empty:
             continue
+        per_layer["label"] = per_layer.get("label", per_layer["layer"]).fillna(per_layer["layer"])  # older files
         png = out_dir / f"layers_{backbone}.png"
         plot_layer_scores(per_layer, sel["chosen"], png, f"{backbone}: each layer alone (val picks, test shown)")
-        steps = " → ".join(f"{' + '.join(s['layers'])} ({s['val_accuracy']:.4f})" for s in sel.get("steps", []))
+        label = dict(zip(per_layer["layer"], per_layer["label"]))
+        steps = " → ".join(
+            f"{' + '.join(label.get(n, n) for n in step['layers'])} ({step['val_accuracy']:.4f})"
+            for step in sel.get("steps", [])
+        )
+        chosen = ", ".join(label.get(n, n) for n in sel["chosen"])
         scorer = f"{sel.get('scorer', 'a ridge head')}; {sel.get('seconds', 0):.1f}s"
         if sel.get("greedy", True):
             what = (
                 f"Greedy forward selection on the validation split (what --layers auto uses) picks "
-                f"{', '.join(sel['chosen'])} ({scorer}): {steps}."
+                f"{chosen} ({scorer}): {steps}."
             )
         else:
             what = (
-                f"Each layer alone, scored by {scorer}; the best alone is {', '.join(sel['chosen'])}. "
+                f"Each layer alone, scored by {scorer}; the best alone is {chosen}. "
                 "--layers auto would search sets of layers greedily on the validation split."
             )
         sections.append(
             (
                 f"Which layers: {backbone}",
-                f"{what} 'last' is the final pooled embedding; the others are taps (extract --taps); "
-                "--layers all uses every one.",
+                f"{what} The final embedding is `last`; tap K is `--layers tapK` (its Keras layer name in the "
+                "table, which --layers also takes); --layers all uses every one.",
             )
         )
         sections.append(("", png))
-        sections.append(("", per_layer))
+        sections.append(("", per_layer[["label", "layer"] + [c for c in per_layer if c not in ("label", "layer")]]))
     return sections
