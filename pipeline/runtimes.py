@@ -3,8 +3,8 @@
 On the project's 2-core CPUs the same EfficientNet-Lite0 feature model ran 1.6-3x faster in ONNX
 Runtime than in TensorFlow (``benchmarks/NOTES.md``: 2.5-3x on AVX2, 1.6-1.85x on AVX-512), with
 embeddings equal within 1e-4 relative. The model is converted once per feature model (``model_key``)
-by Keras' own ``Model.export`` (from built-in layers only, see ``taps.feature_model(portable=True)``),
-stored under ``artifacts/runtimes/`` and reused. A model the
+by Keras' own ``Model.export`` (from built-in layers only, see ``taps.feature_model(portable=True)``)
+in a child process whose output goes to a log beside it, stored under ``artifacts/runtimes/`` and reused. A model the
 exporter cannot convert falls back to TensorFlow with a one-line notice. On a GPU TensorFlow stays the
 default (``auto``).
 """
@@ -16,6 +16,8 @@ import importlib.util
 import json
 import logging
 import os
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,7 +99,9 @@ def keras_export(model, path: Path, fmt: str) -> None:
 
 
 def convert(portable_model, path: Path, runtime: str) -> Path:
-    """The model in ``runtime``'s format at ``path``, written atomically."""
+    """The model in ``runtime``'s format at ``path``, written atomically (in this process)."""
+    if runtime not in ("onnx", "openvino"):
+        raise PipelineError(f"nothing converts a model for the runtime '{runtime}'")
     size = portable_model.input_shape[1]
     if runtime == "onnx":
         with atomic_path(path, suffix=".onnx") as tmp:
@@ -110,6 +114,38 @@ def convert(portable_model, path: Path, runtime: str) -> Path:
             ov.save_model(ov_model, str(tmp))
             tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
     return path
+
+
+def convert_isolated(portable_model, path: Path, runtime: str) -> Path:
+    """``convert`` in a child process, its output in ``<path>.log``: the converters' graph work took ~2 GB
+    of the extracting process's peak memory and printed their chatter on every first run. The model goes
+    across as a ``.keras`` file (built-in layers only, so it loads anywhere)."""
+    import multiprocessing
+
+    log_path = path.with_suffix(".log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".convert-") as tmp:
+        saved = Path(tmp) / "model.keras"
+        portable_model.save(saved)
+        child = multiprocessing.get_context("spawn").Process(
+            target=_convert_child, args=(str(saved), str(path), runtime, str(log_path)), name="convert"
+        )
+        child.start()
+        child.join()
+    if child.exitcode != 0 or not path.exists():
+        lines = log_path.read_text(errors="replace").strip().splitlines() if log_path.exists() else []
+        raise PipelineError(f"{lines[-1] if lines else f'exit code {child.exitcode}'} (log: {log_path})")
+    return path
+
+
+def _convert_child(saved: str, path: str, runtime: str, log_path: str) -> None:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
+    import keras
+
+    convert(keras.models.load_model(saved), Path(path), runtime)
 
 
 def onnx_session(model: Path | bytes, n_threads: int = 0):
@@ -154,7 +190,8 @@ def forward_for(runtime: str, model, build_portable: Callable, key: dict, folder
     path = converted_path(folder, key, runtime)
     try:
         if not path.exists():
-            convert(build_portable(), path, runtime)
+            convert_isolated(build_portable(), path, runtime)
+            log.info("converted %s to %s (cached at %s)", key.get("backbone"), NAMES[runtime], path)
     except Exception as e:  # noqa: BLE001 - any exporter failure means: run it in TensorFlow instead
         log.warning(
             "notice: %s cannot be converted for %s (%s); running it in TensorFlow",

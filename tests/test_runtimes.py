@@ -52,8 +52,13 @@ def test_each_runtime_gives_tensorflows_embeddings_and_taps(cfg, tmp_path, runti
     assert len(list((tmp_path / runtime / "runtimes").iterdir())) >= 1
 
 
-def test_the_converted_model_is_made_once_and_reused(cfg, tmp_path):
+def test_the_converted_model_is_made_once_and_reused_and_its_converter_talks_to_a_log(cfg, tmp_path, capfd, caplog):
     _extract(cfg, tmp_path, "onnx")
+    out = capfd.readouterr()
+    assert "tf2onnx" not in out.out + out.err and "After optimization" not in out.out + out.err
+    assert "converted tiny_cnn to ONNX Runtime (cached at" in caplog.text
+    logs = list((tmp_path / "onnx" / "runtimes").glob("*.log"))
+    assert len(logs) == 1 and "onnx" in logs[0].read_text().lower()  # the converter's chatter, kept
     files = sorted((tmp_path / "onnx" / "runtimes").iterdir())
     stamps = [f.stat().st_mtime_ns for f in files]
     shutil.rmtree(tmp_path / "onnx" / "features")  # extracted again: the same model, not converted again
@@ -62,11 +67,22 @@ def test_the_converted_model_is_made_once_and_reused(cfg, tmp_path):
     assert [f.stat().st_mtime_ns for f in files] == stamps
 
 
+def test_a_conversion_that_fails_in_its_process_is_one_line_naming_its_log(cfg, tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten()])
+    path = tmp_path / "m.xml"
+    with pytest.raises(Exception) as e:
+        runtimes.convert_isolated(model, path, "no-such-runtime")
+    assert "nothing converts a model for the runtime 'no-such-runtime'" in str(e.value)
+    assert str(tmp_path / "m.log") in str(e.value) and "\n" not in str(e.value) and not path.exists()
+
+
 def test_a_model_that_fails_to_convert_falls_back_to_tensorflow_with_a_notice(cfg, tmp_path, monkeypatch, caplog):
     def broken(*a, **k):
         raise ValueError("op FancyOp has no ONNX equivalent")
 
-    monkeypatch.setattr(runtimes, "convert", broken)
+    monkeypatch.setattr(runtimes, "convert_isolated", broken)
     res = _extract(cfg, tmp_path, "onnx")
     assert _arrays(res.path)[0] == "tf"
     assert "notice: tiny_cnn cannot be converted for onnx (op FancyOp has no ONNX equivalent)" in caplog.text
