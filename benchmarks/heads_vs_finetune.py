@@ -23,10 +23,10 @@ def main() -> None:
     ap.add_argument("--artifacts", default="artifacts")
     args = ap.parse_args()
 
-    from pipeline.report.tables import largest_runs
+    from pipeline.report.tables import beside_their_finetune, largest_runs
     from pipeline.results import read_results, results_path
 
-    table = largest_runs(read_results(results_path(args.artifacts, args.dataset)))  # not the curve's subsets
+    table = largest_runs(beside_their_finetune(read_results(results_path(args.artifacts, args.dataset))))
     rows = []
     for backbone, group in table.groupby("backbone"):
         ft = group[group["method"] == "finetune"]

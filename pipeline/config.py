@@ -170,27 +170,20 @@ class HeadsConfig:
 @dataclass
 class FinetuneConfig:
     epochs_head: int = _opt(2, "phase 1 epochs: backbone frozen, new head trained")
-    epochs_finetune: int = _opt(
-        30,
-        "phase 2: the most epochs the fine-tune may train, search epochs included; early stopping on val accuracy "
-        "ends it before this cap (the results row records which ended it: early_stopping or epoch_cap)",
-    )
-    unfreeze_layers: int = _opt(
-        -1, "phase 2: backbone layers made trainable, counted from the top (-1 = all: full fine-tuning)"
-    )
+    epochs_finetune: int = _opt(30, "phase 2: the most epochs (search included); early stopping on val ends it sooner")
+    unfreeze_layers: int = _opt(-1, "phase 2: backbone layers trainable, from the top (-1 = all: full fine-tuning)")
     batch_size: int = _opt(32, "images per training step")
     learning_rate: float = _opt(1e-3, "phase 1 learning rate (backbone frozen, new head)")
     lr_grid: tuple[float, ...] = _opt(
         (1e-5, 1e-4, 1e-3),
-        "phase 2 learning rates searched on the validation split: each trains --search-epochs from the phase-1 "
-        "weights, the best continues to early stopping; a best value on an edge extends the grid a log step at a "
-        "time; the search's seconds are charged to the fine-tune. One value: no search",
+        "phase 2 learning rates searched on the validation split: each trains --search-epochs (annealed) from the "
+        "phase-1 weights, the best continues to early stopping; a best value on an edge extends the grid a log "
+        "step at a time; the search's seconds are charged to the fine-tune. One value: no search",
     )
     search_epochs: int = _opt(1, "phase 2 epochs each learning rate of --lr-grid trains before the best is chosen")
     schedule: str = _opt(
         "plateau",
-        "phase 2 learning-rate schedule: plateau (x0.3 when val accuracy stalls an epoch), cosine (to zero over "
-        "--epochs-finetune) or constant",
+        "phase 2 rate: plateau (x0.3 when val stalls an epoch), cosine (to 0 over the cap), constant",
         choices=("plateau", "cosine", "constant"),
     )
     optimizer: str = _opt("adam", "any keras.optimizers name: adam, sgd, rmsprop, adamw, ...")
@@ -201,10 +194,7 @@ class FinetuneConfig:
     )
     patience: int = _opt(3, "phase 2 stops after this many epochs without a better val accuracy (best weights kept)")
     memory_budget: str | None = _opt(
-        None,
-        "decoded training and validation images are kept in memory up to this (8G, 512M, or a fraction of "
-        "available RAM like 0.5; default 0.5) and in a file in the work folder beyond it; either way each image "
-        "is decoded once",
+        None, "images are decoded once, kept in memory up to this (8G, 512M, a RAM fraction; default 0.5), else on disk"
     )
     steps_per_epoch: int | None = _opt(None, "cap on steps per epoch, for smoke runs (default: the whole training set)")
     seeds: int = _opt(
@@ -292,6 +282,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    explicit: tuple[str, ...] = _opt((), "the options set in the TOML file or on the command line (section.name)")
 
     @property
     def dataset_dir(self) -> Path:
@@ -320,7 +311,7 @@ class Config:
 
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name not in ("artifacts", "force")}
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
 
 
 def _base_type(tp):
@@ -361,19 +352,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -
                 inner = typing.get_args(tp)[0]
                 group.add_argument(flag, dest=dest, type=inner, nargs="+", default=None, metavar=meta, help=help_)
             else:
-                choices = f.metadata.get("choices")
-                group.add_argument(
-                    flag,
-                    dest=dest,
-                    type=tp,
-                    default=None,
-                    metavar=None if choices else meta,
-                    choices=choices,
-                    help=help_,
-                )
+                choices, metavar = f.metadata.get("choices"), None if f.metadata.get("choices") else meta
+                kw = dict(dest=dest, type=tp, default=None, metavar=metavar, choices=choices, help=help_)
+                group.add_argument(flag, **kw)
 
 
-def _apply(obj, values: dict[str, Any], where: str) -> None:
+def _apply(obj, values: dict[str, Any], where: str, given: list[str] | None = None) -> None:
+    """Set ``values`` (a TOML table) on ``obj``; the dotted names set are appended to ``given``."""
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in names:
@@ -382,19 +367,22 @@ def _apply(obj, values: dict[str, Any], where: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise PipelineError(f"{where}.{key} must be a table")
-            _apply(current, value, f"{where}.{key}")
+            _apply(current, value, f"{where}.{key}", given)
         else:
             setattr(obj, key, tuple(value) if isinstance(value, list) else value)
+            if given is not None:
+                given.append(f"{where}.{key}".removeprefix("config."))
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """Defaults, then the TOML file, then explicitly given flags."""
     cfg = Config()
+    given: list[str] = []
     if getattr(args, "config", None):
         path = Path(args.config)
         try:
             with open(path, "rb") as f:
-                _apply(cfg, tomllib.load(f), "config")
+                _apply(cfg, tomllib.load(f), "config", given)
         except FileNotFoundError:
             raise PipelineError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
@@ -407,4 +395,6 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if "." in dest and value is not None:
             section, name = dest.split(".", 1)
             setattr(getattr(cfg, section), name, tuple(value) if isinstance(value, list) else value)
+            given.append(dest)
+    cfg.explicit = tuple(dict.fromkeys(given))
     return cfg

@@ -17,9 +17,8 @@ import time
 
 import numpy as np
 
-from pipeline import finetune, heads, results
+from pipeline import extract, finetune, heads, results
 from pipeline.backbones.model_file import name_for
-from pipeline.cache.key import cache_path
 from pipeline.cache.reader import load_features
 from pipeline.config import Config
 from pipeline.data import from_config, nested_subset
@@ -80,7 +79,7 @@ def run(cfg: Config) -> list[int]:
     head_cfg.heads.heads = tuple(h for h in cfg.heads.heads if h not in streamed)
     backbone = name_for(cfg.backbone.backbone)
     # read the cache once for all points, and only if some point has heads to fit
-    load = functools.cache(lambda: load_features(cache_path(cfg.artifacts, cfg.dataset_name, backbone), backbone))
+    load = functools.cache(lambda: load_features(extract.cache_path(cfg), backbone))
     ft_cfg = copy.deepcopy(cfg)
     ft_cfg.finetune.resume = True  # an interrupted point continues from its last epoch (same inputs only)
     eta = _Eta()
@@ -94,7 +93,8 @@ def run(cfg: Config) -> list[int]:
                 finetune.run(ft_cfg, ds, n_subset=n if n < n_full else None)
         eta.left = {"heads": [m for m in points[k + 1 :]], "finetune": [m for m in ft_points if m > n]}
     table = results.read_results(results.results_path(cfg.artifacts, cfg.dataset_name))
-    mine = table[(table["backbone"] == name_for(cfg.backbone.backbone)) & table["n_train"].isin(points)]
+    base = table["backbone"].astype(str).str.split("@").str[0]  # the fine-tune's and its heads' variant
+    mine = table[(base == name_for(cfg.backbone.backbone)) & table["n_train"].isin(points)]
     mine = mine[mine["features"] == "image"].sort_values(["method", "layers", "n_train"])
     print("\nlearning curve (test accuracy by training images):")
     wide = mine.pivot_table(index=["method", "layers"], columns="n_train", values="test_accuracy")

@@ -13,6 +13,7 @@ passes over the training images (the fine-tune's own augmentation layers), for h
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from pipeline import taps as taps_mod
 from pipeline.artifacts import library_versions, run_record, writable_dir, write_json_atomic
 from pipeline.augment import AUGMENT_SEEDS, augmentation
 from pipeline.cache import key as cache_keys
+from pipeline.cache import variants
 from pipeline.cache.key import VIEWS
 from pipeline.cache.writer import CacheWriter, complete_contents
 from pipeline.config import Config
@@ -45,7 +47,26 @@ class ExtractResult:
 
 
 def cache_path(cfg: Config) -> Path:
-    return cache_keys.cache_path(cfg.artifacts, cfg.dataset_name, backbones.name_for(cfg.backbone.backbone))
+    """The cache the configuration reads (``cache.variants.select``): the variant its settings describe, or
+    the one existing variant that agrees with the settings it names."""
+    name = backbones.name_for(cfg.backbone.backbone)
+    folder = cache_keys.cache_path(cfg.artifacts, cfg.dataset_name, name).parent
+    return variants.select(folder, name, *request(cfg))
+
+
+def request(cfg: Config) -> tuple[dict, set[str]]:
+    """The extraction settings the configuration describes, and the ones it names."""
+    native = cfg.backbone.input_size or backbones.from_config(cfg.backbone).input_size
+    return variants.request(cfg.backbone, cfg.extract, cfg.explicit, native)
+
+
+def _adopt(cfg: Config, key: dict) -> Config:
+    """``cfg`` with the extraction settings of an existing variant (which it does not contradict)."""
+    s = variants.settings(key)
+    out = copy.deepcopy(cfg)
+    out.backbone.input_size = s["input_size"]
+    out.extract.taps, out.extract.tap_grid, out.extract.views = s["taps"], s["tap_grid"], s["views"]
+    return out
 
 
 def cache_key(spec: backbones.BackboneSpec, weights: backbones.Weights, size: int, ds: Dataset, cfg: Config) -> dict:
@@ -76,8 +97,17 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
     spec = backbones.from_config(cfg.backbone)
     size = cfg.backbone.input_size or spec.input_size
     weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
+    name = backbones.name_for(cfg.backbone.backbone)
+    folder = cache_keys.cache_path(cfg.artifacts, cfg.dataset_name, name).parent
+    want, named = request(cfg)
+    want["precision"] = backbones.compute_precision(cfg.backbone.mixed_precision)  # a GPU's cache is another file
+    chosen = variants.pick(want, named | {"precision"}, variants.existing(folder, name))
+    if chosen is not None and any(variants.settings(chosen.key)[s] != want[s] for s in variants.SETTINGS):
+        cfg = _adopt(cfg, chosen.key)  # the one variant there is: its settings, never a replacement for it
+        size = cfg.backbone.input_size
+        weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
     key = cache_key(spec, weights, size, ds, cfg)
-    out = cache_path(cfg)
+    out = chosen.path if chosen is not None else variants.variant_path(folder, name, key)
     writable_dir(out.parent)
     with lock.exclusive(out):  # one writer per cache; a second run waits, then usually finds it done
         hit = complete_contents(out, key)

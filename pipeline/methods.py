@@ -92,9 +92,15 @@ def choice_path(artifacts: Path, dataset: str) -> Path:
 
 
 def locate(cfg, method: str | None) -> tuple[str, str]:
-    """(backbone name, method name): as given, or the verdict's recorded choice."""
+    """(what its artifacts are filed under, method name): as given, or the verdict's recorded choice. A head
+    is filed under its cache's label (backbone@variant, the cache the configuration selects), a fine-tune
+    under the backbone."""
     if method:
-        return backbones.name_for(cfg.backbone.backbone), method
+        if method.split("-n")[0] in FINETUNED_FILES:
+            return backbones.name_for(cfg.backbone.backbone), method
+        from pipeline import extract
+
+        return extract.cache_path(cfg).stem, method
     path = choice_path(cfg.artifacts, cfg.dataset_name)
     if not path.exists():
         raise PipelineError(
@@ -110,7 +116,7 @@ def load(cfg, method: str | None, portable: bool = False) -> Method:
     backbone, name = locate(cfg, method)
     base = name.split("-n")[0]
     if base in FINETUNED_FILES:
-        return _load_finetuned(cfg, backbone, name, base)
+        return _load_finetuned(cfg, backbone.split("@")[0], name, base)
     return _load_head(cfg, backbone, name, portable)
 
 

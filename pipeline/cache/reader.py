@@ -52,6 +52,12 @@ class _CacheAttrs:
         return str(self.attrs["backbone"])
 
     @property
+    def label(self) -> str:
+        """What the heads on this cache are filed and reported under: the file's stem, the backbone and its
+        extraction variant (``efficientnet_lite0@112px-grid2``; a cache from before variants: the backbone)."""
+        return Path(self.path).stem
+
+    @property
     def extract_seconds(self) -> float:
         return float(self.attrs.get("extract_seconds", 0.0))
 

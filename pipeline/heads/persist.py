@@ -28,11 +28,12 @@ def save_staged(stem: Path, ext: str, write_model, ids, y_true, y_pred, class_na
 
 
 def result_row(cfg: Config, fs, r: HeadResult, n_train: int, n_test: int, pred_path: Path, share: float = 1.0):
-    """The head's results row (``fs``: anything with backbone, extract_seconds and attrs); ``n_train`` is
+    """The head's results row (``fs``: anything with a label, extract_seconds and attrs), filed under the
+    cache's label (backbone@variant), so variants of one backbone are rows of their own; ``n_train`` is
     the training images it was given (``r.n_train``: those it was fitted on, after any subsample or refit)."""
     return results.row(
         dataset=cfg.dataset_name,
-        backbone=fs.backbone,
+        backbone=fs.label,
         method=r.head,
         features=r.features,
         layers=r.layers,

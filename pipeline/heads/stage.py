@@ -21,10 +21,10 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-from pipeline import layer_select, results, tuning, uptodate
+from pipeline import extract, layer_select, results, tuning, uptodate
 from pipeline.artifacts import run_record, writable_dir, write_json_atomic
 from pipeline.backbones.model_file import name_for
-from pipeline.cache.key import cache_path, inputs_part
+from pipeline.cache.key import inputs_part
 from pipeline.cache.reader import CacheInfo, FeatureSet, SplitData, check_cache, load_features, train_labels
 from pipeline.config import Config
 from pipeline.data import nested_subset
@@ -97,7 +97,7 @@ def run(cfg: Config, n_subset: int | None = None, load: Callable[[], FeatureSet]
         raise PipelineError(f"unknown feature set(s) {', '.join(unknown)} (known: {', '.join(FEATURE_SETS)})")
     registry.check(cfg.heads.heads)
     backbone = name_for(cfg.backbone.backbone)
-    path = cache_path(cfg.artifacts, cfg.dataset_name, backbone)
+    path = extract.cache_path(cfg)
     attrs = check_cache(path, backbone)
     info = CacheInfo(path, attrs)
     keep = None  # the training rows of a learning-curve point, drawn once
@@ -106,7 +106,7 @@ def run(cfg: Config, n_subset: int | None = None, load: Callable[[], FeatureSet]
         keep = nested_subset(labels, n_subset, cfg.data.seed) if n_subset < len(labels) else None
         n_subset = None if keep is None else len(keep)
     res_path = results.results_path(cfg.artifacts, cfg.dataset_name)
-    out_dir = writable_dir(Path(cfg.artifacts) / "heads" / cfg.dataset_name / info.backbone)
+    out_dir = writable_dir(Path(cfg.artifacts) / "heads" / cfg.dataset_name / info.label)
     out: list[HeadResult] = []
     todo: list[_Planned] = []
     for p in _plan(cfg, attrs, info.layer_names(), n_subset):
@@ -129,7 +129,7 @@ def run(cfg: Config, n_subset: int | None = None, load: Callable[[], FeatureSet]
     streaming = [p for p in todo if registry.get(p.head).streaming]
     if streaming:
         out += _run_streaming(cfg, streaming, info, res_path, out_dir)
-    print_table(out, info.backbone, res_path)
+    print_table(out, info.label, res_path)
     return out
 
 
@@ -186,7 +186,7 @@ def _fit_one(cfg: Config, p, fs: FeatureSet, splits, encoding, layers, select_se
     log.info(
         "fitting %s on %s [%s] (%d train, %d-dim)",
         p.name,
-        fs.backbone,
+        fs.label,
         ", ".join(fs.layer_labels().get(n, n) for n in layers),
         len(splits["train"].y),
         splits["train"].X.shape[1],
@@ -229,7 +229,7 @@ def _run_streaming(
     for p in plan:
         layers = p.layers
         names = ", ".join(info.layer_labels().get(n, n) for n in layers)
-        log.info("fitting %s on %s [%s], streamed from %s", p.name, info.backbone, names, info.path.name)
+        log.info("fitting %s on %s [%s], streamed from %s", p.name, info.label, names, info.path.name)
         res, streams = probe.fit_probe(
             info.path,
             layers,

@@ -27,6 +27,7 @@ from pipeline.report.plots import gradcam, plot_accuracy_vs_time, plot_confusion
 from pipeline.report.render import Verdict, render
 from pipeline.report.stats import with_uncertainty
 from pipeline.report.tables import (
+    beside_their_finetune,
     best_head,
     best_per_backbone,
     comparison_table,
@@ -106,6 +107,7 @@ def run(cfg: Config) -> Path:
         ds = from_config(cfg)
         meta = load_metadata(cfg.metadata_path, ds.all_ids(), cfg.data.id_column, ds.name)
 
+    res = beside_their_finetune(res)
     spread = seed_spread(res)
     res = res[~extra_seed(res)]  # the extra seeds are a spread of the fine-tune, not methods of their own
     table, preds = _scored_table(res, art, dataset, meta is not None)

@@ -48,6 +48,28 @@ def largest_runs(results: pd.DataFrame) -> pd.DataFrame:
     return df[keep]
 
 
+def beside_their_finetune(results: pd.DataFrame) -> pd.DataFrame:
+    """Heads are filed under their cache's label, ``backbone@variant``; each variant is compared with its
+    backbone's fine-tune as a backbone is: the fine-tune's rows are repeated under every variant label
+    without fine-tune rows of its own, and a backbone whose heads all sit in variants is shown through them."""
+    label = results["backbone"].astype(str)
+    tuned = results["method"].isin(FINETUNED)
+    variant_labels = sorted(set(label[label.str.contains("@") & ~tuned]))
+    extra = []
+    for lab in variant_labels:
+        if (tuned & (label == lab)).any():
+            continue
+        rows = results[tuned & (label == lab.split("@")[0])]
+        if len(rows):
+            extra.append(rows.assign(backbone=lab))
+    if not extra:
+        return results
+    plain_heads = set(label[~tuned])
+    shown_through = {lab.split("@")[0] for lab in variant_labels} - plain_heads
+    keep = ~(tuned & label.isin(shown_through))
+    return pd.concat([results[keep], *extra], ignore_index=True)
+
+
 SPREAD_COLUMNS = ["backbone", "n_train", "seeds", "mean", "sd", "min", "max", "accuracies"]
 
 
