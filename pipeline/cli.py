@@ -22,7 +22,7 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
         "pipeline.prepare:run",
     ),
     "extract": (
-        "frozen backbone -> HDF5 embedding cache (artifacts/features/<dataset>/<backbone>.h5); "
+        "frozen backbone -> HDF5 embedding cache (artifacts/features/<dataset>/<backbone>@<variant>.h5); "
         "reuses the cache when nothing changed, resumes an interrupted run",
         ["data", "backbone", "extract"],
         "pipeline.extract:run",

@@ -1,7 +1,7 @@
 """Report section for layer sets: validation and test accuracy of each cached layer alone
 (the scores ``--layers auto`` chose from) and the set it chose, per backbone.
 
-Reads ``artifacts/heads/<dataset>/<backbone>/layers.json``, written by the heads stage.
+Reads ``artifacts/heads/<dataset>/<backbone>@<variant>/layers.json``, written by the heads stage.
 """
 
 from __future__ import annotations
