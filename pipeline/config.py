@@ -197,6 +197,10 @@ class FinetuneConfig:
         None, "images are decoded once, kept in memory up to this (8G, 512M, a RAM fraction; default 0.5), else on disk"
     )
     steps_per_epoch: int | None = _opt(None, "cap on steps per epoch, for smoke runs (default: the whole training set)")
+    devices: str = _opt(
+        "auto", "auto: every GPU if several (MirroredStrategy), else one; one; all (CPU devices too); batch per device",
+        choices=("auto", "one", "all"),
+    )
     seeds: int = _opt(
         1,
         "train this many times, training seeds seed, seed+1, ... on the same data (one results row each; the report "
@@ -317,20 +321,15 @@ def _section_types() -> dict[str, type]:
 def _base_type(tp):
     """Strip ``Optional`` so argparse gets the callable that parses the value."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
+        return next(a for a in typing.get_args(tp) if a is not type(None))
     return tp
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -> None:
     """Add one flag per field of the named sections (plus --artifacts and --config)."""
     parser.add_argument("--config", metavar="TOML", help="TOML file with [section] tables overriding defaults")
-    parser.add_argument(
-        "--artifacts",
-        default=None,
-        metavar="DIR",
-        help="folder for every artifact the pipeline writes (default: artifacts)",
-    )
+    help_ = "folder for every artifact the pipeline writes (default: artifacts)"
+    parser.add_argument("--artifacts", default=None, metavar="DIR", help=help_)
     types_ = _section_types()
     for section in sections:
         cls = types_[section]

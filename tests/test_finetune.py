@@ -285,3 +285,38 @@ def test_a_fine_tune_that_hits_its_cap_is_flagged_in_its_row_and_the_verdict(ft_
     text = (report.run(ft_cfg).parent / "report.md").read_text()
     line = next(x for x in text.splitlines() if "Best frozen head" in x)
     assert "The fine-tune was still improving when its epoch cap stopped it" in line
+
+
+def test_two_devices_under_mirrored_strategy_train_like_one_at_the_same_global_batch(tmp_path):
+    """Two logical CPU devices (`--devices all`, 4 images each) against one device with 8: the same global
+    batch and shuffle, no augmentation or dropout, one short slow epoch per phase so validation is far from
+    saturated; the same validation accuracy within 2 of the 30 images (Adam turns float-order noise in
+    near-zero gradients into whole steps, so weights differ by ~0.03); the row records the replicas, the
+    strategy and the global batch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import write_images
+
+    data = tmp_path / "data" / "toy"
+    for k, (split, n) in enumerate((("train", 20), ("val", 10), ("test", 4))):
+        write_images(data / split, n, seed=k)
+    script = Path(__file__).parent / "mirrored_run.py"
+    out = {}
+    for devices, batch in (("one", 8), ("all", 4)):
+        run = subprocess.run(
+            [sys.executable, str(script), str(data), str(tmp_path / devices), devices, str(batch)],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        out[devices] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["one"]["devices"] == {"replicas": 1, "strategy": "one device", "global_batch": 8}
+    assert out["all"]["devices"] == {
+        "replicas": 2,
+        "strategy": "MirroredStrategy over 2 CPU devices",
+        "global_batch": 8,
+    }
+    assert out["one"]["val"] < 0.9  # not saturated: a difference could show
+    assert abs(out["all"]["val"] - out["one"]["val"]) <= 2 / 30 + 1e-9

@@ -19,7 +19,7 @@ from unittest import mock
 
 from pipeline.artifacts import atomic_path
 from pipeline.backbones import efficientnet_lite, model_file
-from pipeline.backbones.device import compute_precision, device_policy, gpu_visible  # noqa: F401 (re-exported)
+from pipeline.backbones.device import compute_precision, device_policy, gpu_visible, strategy  # noqa: F401 (re-exported)
 from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)

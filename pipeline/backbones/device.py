@@ -43,3 +43,18 @@ def device_policy(mixed_precision: bool = True):
         yield gpu
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def strategy(devices: str = "auto"):
+    """(``tf.distribute`` strategy, replicas, what it is): ``MirroredStrategy`` over every GPU when there are
+    several (``auto``) or over every visible device, CPU devices included (``all``); otherwise the default
+    one-device strategy, today's path. Keras distributes ``fit``'s input by the strategy in scope."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    names = [d.name for d in gpus] if gpus else [d.name for d in tf.config.list_logical_devices("CPU")]
+    if devices == "one" or len(names) < 2 or (devices == "auto" and len(gpus) < 2):
+        return tf.distribute.get_strategy(), 1, "one device"
+    mirrored = tf.distribute.MirroredStrategy(names)
+    kind = "GPUs" if gpus else "CPU devices"
+    return mirrored, mirrored.num_replicas_in_sync, f"MirroredStrategy over {len(names)} {kind}"

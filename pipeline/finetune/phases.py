@@ -64,8 +64,9 @@ def fit_phase(model, phase: int, epochs: int, train, val, ft, work: Path, *, tag
     return seconds, len(history.epoch), initial + best + 1, float(accs[best])
 
 
-def splits(job: _Job, work: Path):
-    """Training (shuffled afresh each epoch by the job's seed) and validation batches, decoded once."""
+def splits(job: _Job, work: Path, batch: int):
+    """Training (shuffled afresh each epoch by the job's seed) and validation batches of ``batch`` images (the
+    global batch: per device x devices), decoded once."""
     ft = job.cfg.finetune
     budget = resources.parse(ft.memory_budget, default_fraction=0.5)
     out = []
@@ -76,9 +77,9 @@ def splits(job: _Job, work: Path):
         budget -= 0 if dec.spilled else need
         if len(dec) < len(part):
             log.warning("warning: %d unreadable %s images left out", len(part) - len(dec), name)
-        out.append(inputs.batches(dec, ft.batch_size, job.seed if name == "train" else None))
+        out.append(inputs.batches(dec, batch, job.seed if name == "train" else None))
         if name == "train":
-            steps = ft.steps_per_epoch or -(-len(dec) // ft.batch_size)
+            steps = ft.steps_per_epoch or -(-len(dec) // batch)
     return out, steps
 
 
@@ -88,23 +89,28 @@ def train(job: _Job, work: Path, state: dict):
     import keras
 
     cfg, ft = job.cfg, job.cfg.finetune
-    with backbones.device_policy(cfg.backbone.mixed_precision) as gpu:
+    strategy, replicas, how = backbones.strategy(ft.devices)
+    with backbones.device_policy(cfg.backbone.mixed_precision) as gpu, strategy.scope():
         base = backbones.build_backbone(job.spec, job.weights, job.size, job.seed)
         keras.utils.set_random_seed(job.seed)
         model = build_model(base, job.spec, len(job.ds.class_names), ft.augment, job.seed, ft.dropout)
+    state["devices"] = {"replicas": replicas, "strategy": how, "global_batch": ft.batch_size * replicas}
     log.info(
-        "fine-tuning %s on %s (%s, %dpx) on %s: %d epochs (head), then up to %d (all of it)",
+        "fine-tuning %s on %s (%s, %dpx) on %s (%s, global batch %d): %d epochs (head), then up to %d (all of it)",
         job.spec.name,
         job.ds.summary(),
         job.weights.describe(),
         job.size,
         "GPU" if gpu else "CPU",
+        how,
+        ft.batch_size * replicas,
         ft.epochs_head,
         ft.epochs_finetune,
     )
-    data, steps = splits(job, work)
-    _phase_one(job, model, base, data, work, state)
-    _phase_two(job, model, base, data, steps, work, state)
+    data, steps = splits(job, work, ft.batch_size * replicas)
+    with strategy.scope():  # the optimizers (compiled per phase and per searched rate) are built under it too
+        _phase_one(job, model, base, data, work, state)
+        _phase_two(job, model, base, data, steps, work, state)
     return model, gpu
 
 

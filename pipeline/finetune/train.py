@@ -237,10 +237,11 @@ def _finetune_row(job: _Job, res: FinetuneResult, state: dict, n_test: int) -> d
         "unfreeze_layers": ft.unfreeze_layers,
         "learning_rate": ft.learning_rate,
         "learning_rate_finetune": state.get("learning_rate_finetune"),
-        "lr_search": state.get("search", {}),
+        "lr_search": {lr: round(acc, 4) for lr, acc in state.get("search", {}).items()},
         "search_epochs": ft.search_epochs if len(ft.lr_grid) > 1 else 0,
         "search_seconds": round(res.search_seconds, 1),
         "schedule": ft.schedule,
+        "devices": state.get("devices"),  # replicas, strategy and global batch: what the seconds bought
         "phase_seconds": [round(s, 1) for s in res.phase_seconds],
     }
     return _row(
