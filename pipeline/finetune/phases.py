@@ -8,8 +8,8 @@ import contextlib
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,9 +17,6 @@ from pipeline import backbones, resources
 from pipeline.artifacts import write_json_atomic
 from pipeline.finetune import inputs, search
 from pipeline.finetune.model import _optimizer, build_model, set_trainable
-
-if TYPE_CHECKING:
-    from pipeline.finetune.train import _Job
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +61,7 @@ def fit_phase(model, phase: int, epochs: int, train, val, ft, work: Path, *, tag
     return seconds, len(history.epoch), initial + best + 1, float(accs[best])
 
 
-def splits(job: _Job, work: Path, batch: int):
+def splits(job, work: Path, batch: int):
     """Training (shuffled afresh each epoch by the job's seed) and validation batches of ``batch`` images (the
     global batch: per device x devices), decoded once."""
     ft = job.cfg.finetune
@@ -83,9 +80,10 @@ def splits(job: _Job, work: Path, batch: int):
     return out, steps
 
 
-def train(job: _Job, work: Path, state: dict):
-    """Both phases; phase 1's model is scored and saved as ``frozen_dense`` by ``on_phase_one``. A finished
-    phase's weights are reloaded, an interrupted one continues from its last epoch. Returns (model, gpu)."""
+def train(job, work: Path, state: dict, after_phase_one: Callable):
+    """Both phases of ``job`` (``train._Job``); ``after_phase_one(job, model, work, state)`` scores and saves
+    phase 1's model as ``frozen_dense``. A finished phase's weights are reloaded, an interrupted one continues
+    from its last epoch. Returns (model, gpu)."""
     import keras
 
     cfg, ft = job.cfg, job.cfg.finetune
@@ -109,7 +107,7 @@ def train(job: _Job, work: Path, state: dict):
     )
     data, steps = splits(job, work, ft.batch_size * replicas)
     with strategy.scope():  # the optimizers (compiled per phase and per searched rate) are built under it too
-        _phase_one(job, model, base, data, work, state)
+        _phase_one(job, model, base, data, work, state, after_phase_one)
         _phase_two(job, model, base, data, steps, work, state)
     return model, gpu
 
@@ -134,7 +132,7 @@ def _record(state: dict, work: Path, seconds: float, ran: int, best_epoch: int, 
     write_json_atomic(work / "state.json", state)
 
 
-def _phase_one(job: _Job, model, base, data, work: Path, state: dict) -> None:
+def _phase_one(job, model, base, data, work: Path, state: dict, after: Callable) -> None:
     ft = job.cfg.finetune
     set_trainable(base, 1, ft.unfreeze_layers)
     model.compile(_optimizer(ft.optimizer, ft.learning_rate), "sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -144,12 +142,10 @@ def _phase_one(job: _Job, model, base, data, work: Path, state: dict) -> None:
         _record(state, work, *fit_phase(model, 1, ft.epochs_head, *data, ft, work))
         model.save_weights(done)
     if ft.epochs_head > 0 and "frozen" not in state:
-        from pipeline.finetune.train import score_frozen_dense
-
-        score_frozen_dense(job, model, work, state)
+        after(job, model, work, state)
 
 
-def _phase_two(job: _Job, model, base, data, steps: int, work: Path, state: dict) -> None:
+def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> None:
     """The learning-rate search from the phase-1 weights, then the best value trained on to early stopping.
     ``steps``: training steps per epoch, over which each search run anneals its rate."""
     ft = job.cfg.finetune

@@ -152,7 +152,7 @@ def _run_one(job: _Job) -> FinetuneResult:
         shutil.rmtree(work)
         work.mkdir()
         state = _fresh_state(key)
-    model, gpu = phases.train(job, work, state)
+    model, gpu = phases.train(job, work, state, score_frozen_dense)
     val_acc = state["best_val"][-1] if state["best_val"] else float("nan")
     ids, y_true, y_pred = _predict(model, job.ds, "test", job.size, ft.batch_size)
     scores = results.scores(y_true, y_pred)
