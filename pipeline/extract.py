@@ -56,7 +56,12 @@ def cache_path(cfg: Config) -> Path:
 
 def request(cfg: Config) -> tuple[dict, set[str]]:
     """The extraction settings the configuration describes, and the ones it names."""
-    native = cfg.backbone.input_size or backbones.from_config(cfg.backbone).input_size
+    native = cfg.backbone.input_size
+    if native is None:
+        try:
+            native = backbones.from_config(cfg.backbone).input_size
+        except PipelineError:  # not a backbone this process knows (a cache made elsewhere): only names count
+            native = None
     return variants.request(cfg.backbone, cfg.extract, cfg.explicit, native)
 
 

@@ -64,7 +64,7 @@ def test_unknown_toml_key_is_a_one_line_error(tmp_path, capsys):
 def test_cli_extract_end_to_end_and_cache_hit(presplit, tmp_path, capsys):
     argv = extract_argv(presplit, tmp_path / "a", "none", "--batch-size", "8")
     assert main(argv) == 0
-    sidecar = json.loads((tmp_path / "a" / "features" / "toy" / f"{TINY}.json").read_text())
+    sidecar = json.loads((tmp_path / "a" / "features" / "toy" / f"{TINY}@16px-notaps.json").read_text())
     assert sidecar["config"]["extract"]["batch_size"] == 8 and "numpy" in sidecar["versions"]
     assert main(argv) == 0
     assert "cache hit" in capsys.readouterr().err

@@ -18,7 +18,7 @@ def _read(path):
 
 def test_extract_writes_the_documented_layout(cfg):
     res = extract.run(cfg)
-    assert not res.cache_hit and res.path.name == f"{TINY}.h5"
+    assert not res.cache_hit and res.path.name == f"{TINY}@16px.h5"
     data, attrs = _read(res.path)
     assert [data[s]["embeddings"].shape for s in ("train", "val", "test")] == [(18, 16), (9, 16), (9, 16)]
     emb = data["train"]["embeddings"]
@@ -71,7 +71,7 @@ def test_interrupted_extraction_resumes_to_the_same_cache(cfg, tmp_path, monkeyp
     monkeypatch.setattr(CacheWriter, "append", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         extract.run(cfg)
-    partial = extract.cache_path(cfg).with_name(f"{TINY}.h5.partial")
+    partial = extract.cache_path(cfg).with_name(f"{TINY}@16px.h5.partial")
     assert partial.exists() and not extract.cache_path(cfg).exists()
     with h5py.File(partial) as f:
         assert f["train"].attrs["rows"] == 12  # three batches of four

@@ -187,7 +187,7 @@ def test_layers_read_as_taps_with_their_shape_and_tapk_names_the_same_set_as_the
     assert tap_label(4, "_blocks__11___bn0__relu6", [7, 7, 672]) == "tap 4: block 11 (672 ch, 7×7)"
     cfg.heads.heads, cfg.heads.layers = ("ridge",), ("tap1", "auto")
     heads.run(cfg)
-    sel = json.loads((Path(cfg.artifacts) / "heads" / "toy" / TINY / "layers.json").read_text())
+    sel = json.loads((Path(cfg.artifacts) / "heads" / "toy" / f"{TINY}@16px" / "layers.json").read_text())
     assert {r["label"] for r in sel["per_layer"]} == {"final embedding", labels[raw]}
     table = results.read_results(results.results_path(cfg.artifacts, "toy"))
     assert raw in set(table["layers"])  # keyed by the raw name: `--layers <raw name>` finds this row again

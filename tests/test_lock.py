@@ -27,7 +27,7 @@ class _Said(logging.Handler):
 
 
 def test_a_second_extraction_of_the_same_cache_waits_and_nothing_is_lost(cfg, monkeypatch):
-    waiting = _Said("waiting: tiny_cnn.h5 is being written by pid")
+    waiting = _Said("waiting: tiny_cnn@16px.h5 is being written by pid")
     logging.getLogger("pipeline.lock").addHandler(waiting)
     holding = threading.Event()
     real = extract._extract

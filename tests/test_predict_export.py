@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def test_predict_with_the_recorded_choice_reproduces_the_test_predictions(fitted
     fitted.predict.images = str(fitted.dataset_dir / "test")
     out = predict.run(fitted)
     got = pd.read_csv(out)
-    saved = pd.read_csv(Path(fitted.artifacts) / "heads" / "toy" / "tiny_cnn" / f"{choice['name']}.predictions.csv")
+    saved = pd.read_csv(Path(fitted.artifacts) / "heads" / "toy" / "tiny_cnn@16px" / f"{choice['name']}.predictions.csv")
     saved["id"] = saved["id"].str.removeprefix("test/")
     merged = got.merge(saved, on="id")
     assert len(merged) == len(saved) == 9 and (merged["predicted"] == merged["pred"]).all()
@@ -78,13 +79,15 @@ def test_an_unreadable_image_is_listed_not_dropped(fitted, tmp_path, caplog):
 def test_missing_or_stale_artifacts_are_one_line_errors_naming_the_command(fitted, tmp_path):
     fitted.predict.images = str(fitted.dataset_dir / "test")
     fitted.predict.method = "knn@all"
-    with pytest.raises(PipelineError, match=r"no method 'knn@all' for tiny_cnn on toy: run `make svm`"):
+    with pytest.raises(PipelineError, match=r"no method 'knn@all' for tiny_cnn@16px on toy: run `make svm`"):
         predict.run(fitted)
     fitted.predict.method = "finetune"
     with pytest.raises(PipelineError, match=r"no finetune model for tiny_cnn on toy .*: run `make finetune`"):
         predict.run(fitted)
     fitted.predict.method = "ridge"
-    fitted.extract.taps = ("conv1",)  # the cache is re-extracted with other taps: its key changes
+    img = next((fitted.dataset_dir / "train").rglob("*.png"))
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a touched image: the same variant re-extracted
     extract.run(fitted)
     with pytest.raises(PipelineError, match=r"ridge was fitted on features the cache no longer holds.*`make svm`"):
         predict.run(fitted)
@@ -133,7 +136,7 @@ def test_exported_files_run_without_this_package_on_images_as_decoded(fitted, tm
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"][0]["shape"] == [None, None, None, 3] and len(manifest["usage"]) >= 3
     fs = load_features(extract.cache_path(fitted))
-    saved = pd.read_csv(Path(fitted.artifacts) / "heads" / "toy" / "tiny_cnn" / "logreg@all.predictions.csv")
+    saved = pd.read_csv(Path(fitted.artifacts) / "heads" / "toy" / "tiny_cnn@16px" / "logreg@all.predictions.csv")
     files = [str(fitted.dataset_dir / i) for i in saved["id"]]
     assert all(Image.open(f).size == (20, 20) for f in files)
     np.save(tmp_path / "images.npy", _test_images(fitted, fs, list(saved["id"])))
@@ -189,7 +192,7 @@ def test_predict_with_a_metadata_head_encodes_new_rows_as_training_did(cfg, tmp_
     cfg.predict.method = "logreg+meta_norm"
     cfg.predict.image_metadata = str(tmp_path / "new_meta.csv")
     got = pd.read_csv(predict.run(cfg))
-    saved = pd.read_csv(Path(cfg.artifacts) / "heads" / "toy" / "tiny_cnn" / "logreg+meta_norm.predictions.csv")
+    saved = pd.read_csv(Path(cfg.artifacts) / "heads" / "toy" / "tiny_cnn@16px" / "logreg+meta_norm.predictions.csv")
     saved["id"] = saved["id"].str.removeprefix("test/")
     merged = got.merge(saved, on="id")
     assert len(merged) == 9 and (merged["predicted"] == merged["pred"]).all()

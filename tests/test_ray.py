@@ -83,10 +83,10 @@ def test_an_interrupted_ray_run_resumes_to_the_same_result(cfg, tmp_path, ray_cl
     with pytest.raises(KeyboardInterrupt):
         extract.run(cfg)
     monkeypatch.setattr(CacheWriter, "append", real)
-    partial = extract.cache_path(cfg).with_name("tiny_cnn.h5.partial")
+    partial = extract.cache_path(cfg).with_name("tiny_cnn@16px.h5.partial")
     assert partial.exists() and not extract.cache_path(cfg).exists()
     extract.run(cfg)
-    assert "resuming tiny_cnn.h5.partial" in caplog.text
+    assert "resuming tiny_cnn@16px.h5.partial" in caplog.text
     _same(ref, _read(extract.cache_path(cfg)))
 
 

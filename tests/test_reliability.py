@@ -93,7 +93,7 @@ def _head_outputs(cfg, fs, order):
     out = {}
     for r in heads.run(cfg, load=lambda: fs):
         name = results.head_name(r.head, r.features, r.layers)
-        model = joblib.load(Path(cfg.artifacts) / "heads" / "toy" / "tiny_cnn" / f"{name}.joblib")
+        model = joblib.load(Path(cfg.artifacts) / "heads" / "toy" / "tiny_cnn@16px" / f"{name}.joblib")
         val = fs.with_layers(r.layer_names).splits["val"].X
         out[name] = (r.val_accuracy, model.predict(val).tolist(), r.test_pred.tolist())
     return out
@@ -293,7 +293,7 @@ def test_sigterm_during_heads_leaves_no_half_written_artifact_and_a_rerun_finish
     )
     assert run.returncode == 143, run.stderr[-3000:]
     assert run.stderr.strip().splitlines()[-1].startswith("terminated; nothing half-written was kept")
-    out = Path(cfg.artifacts) / "heads" / "toy" / "tiny_cnn"
+    out = Path(cfg.artifacts) / "heads" / "toy" / "tiny_cnn@16px"
     assert not list(out.glob("*.tmp*"))
     sidecars = sorted(out.glob("*.json"))
     models = [p.with_suffix(".joblib") for p in sidecars if p.name != "layers.json"]
@@ -330,8 +330,8 @@ def test_a_full_disk_while_saving_a_head_keeps_the_previous_result_whole(cfg, mo
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "no space left writing" in err[0] and "free on the disk of" in err[0], err
     after = {p: p.read_bytes() for p in art.rglob("*") if p.is_file() and "heads" in p.parts or p.suffix == ".csv"}
-    after.pop(art / "heads" / "toy" / "tiny_cnn" / "layers.json")  # per-layer scores, rewritten whole each run
-    before.pop(art / "heads" / "toy" / "tiny_cnn" / "layers.json")
+    after.pop(art / "heads" / "toy" / "tiny_cnn@16px" / "layers.json")  # per-layer scores, rewritten whole each run
+    before.pop(art / "heads" / "toy" / "tiny_cnn@16px" / "layers.json")
     assert after == before  # model, predictions, sidecar and the results table as they were; no temporary files
 
 

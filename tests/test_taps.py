@@ -48,18 +48,19 @@ def test_tap_grid_flattens_a_2x2_average(cfg):
     np.testing.assert_allclose(got[:, 9:], bottom_right, rtol=1e-6)
 
 
-def test_tap_cache_hit_needs_no_forward_pass_and_changing_taps_reextracts(cfg, monkeypatch, caplog):
+def test_tap_cache_hit_needs_no_forward_pass_and_other_taps_are_another_variant(cfg, monkeypatch, caplog):
     first = extract.run(cfg)
     with monkeypatch.context() as m:
         m.setattr(backbones, "build_backbone", lambda *a, **k: pytest.fail("built a model on a cache hit"))
         assert extract.run(cfg).cache_hit
     cfg.extract.taps = ("conv1",)
     second = extract.run(cfg)
-    assert not second.cache_hit and "taps changed" in caplog.text
+    assert not second.cache_hit and second.path != first.path and "re-extracting" not in caplog.text
     assert set(_taps(second.path)["train"]) == {"conv1"}
     cfg.extract.taps = ("none",)
     third = extract.run(cfg)
-    assert not third.cache_hit and _taps(third.path) == {} and first.path == third.path
+    assert not third.cache_hit and _taps(third.path) == {} and len({first.path, second.path, third.path}) == 3
+    assert set(_taps(first.path)["train"]) and set(_taps(second.path)["train"]) == {"conv1"}  # both kept
 
 
 def test_unknown_tap_is_one_line_naming_the_listing_command(cfg):

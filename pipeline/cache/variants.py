@@ -36,7 +36,7 @@ def settings(key: dict) -> dict:
     taps = json.loads(key["taps"]) if key.get("taps") else {"taps": ["none"], "grid": 1}
     views = json.loads(key["views"]).get("views", 0) if key.get("views") else 0
     return {
-        "input_size": int(key["input_size"]),
+        "input_size": int(key["input_size"]) if key.get("input_size") is not None else None,
         "taps": tuple(taps["taps"]),
         "tap_grid": int(taps.get("grid", 1)),
         "views": int(views),
@@ -47,8 +47,11 @@ def settings(key: dict) -> dict:
 def tag(key: dict) -> str:
     """``112px``, ``112px-grid2``, ``224px-notaps``, ``112px-views1``, ``112px-taps3f2a1c`` (named taps),
     ``-mixed_float16`` when not computed in float32."""
-    s = settings(key)
-    parts = [f"{s['input_size']}px"]  # every setting of SETTINGS (and precision) appears, or is at its default
+    return _tag(settings(key))
+
+
+def _tag(s: dict) -> str:
+    parts = [f"{s['input_size'] or 'any'}px"]  # every setting of SETTINGS (and precision) appears, or is at its default
     if s["taps"] == ("none",):
         parts.append("notaps")
     elif s["taps"] != ("stages",):
@@ -57,7 +60,7 @@ def tag(key: dict) -> str:
         parts.append(f"grid{s['tap_grid']}")
     if s["views"]:
         parts.append(f"views{s['views']}")
-    if s["precision"] and not s["precision"].startswith("float32"):
+    if s.get("precision") and not s["precision"].startswith("float32"):
         parts.append(s["precision"].split()[0])
     return "-".join(parts)
 
@@ -78,7 +81,7 @@ def select(folder: Path, backbone: str, want: dict, named: set[str]) -> Path:
             f"{' '.join(want['taps'])}, grid {want['tap_grid']}, views {want['views']}); there are: "
             f"{'; '.join(v.describe() for v in found)}: run `make extract` with the same settings, or name one"
         )
-    return Path(folder) / f"{backbone}.h5"  # none at all: the reader's own error names `make extract`
+    return Path(folder) / f"{backbone}@{_tag(want)}.h5"  # none yet: where extract writes it (the reader says so)
 
 
 @dataclass
@@ -111,8 +114,7 @@ def existing(folder: Path, backbone: str) -> list[Variant]:
         except (OSError, KeyError) as e:
             log.warning("warning: %s is unreadable (%s); not a variant to choose from", path.name, first_line(e))
             continue
-        if "input_size" in key:
-            out.append(Variant(path, key))
+        out.append(Variant(path, key))
     return out
 
 
@@ -124,11 +126,13 @@ _FIELDS = {  # setting: (section, field) of the configuration
 }
 
 
-def request(backbone_cfg, extract_cfg, explicit: tuple[str, ...], native_size: int) -> tuple[dict, set[str]]:
+def request(backbone_cfg, extract_cfg, explicit: tuple[str, ...], native_size: int | None) -> tuple[dict, set[str]]:
     """(the settings the configuration describes, the ones it names): named = given in CONFIG or on the
-    command line (``explicit``), or away from its default (a Config built in code)."""
+    command line (``explicit``), or away from its default (a Config built in code). ``native_size``: the
+    backbone's own input size (None: not known here, as for a cache imported from elsewhere)."""
+    size = backbone_cfg.input_size or native_size
     want = {
-        "input_size": int(backbone_cfg.input_size or native_size),
+        "input_size": int(size) if size else None,
         "taps": tuple(extract_cfg.taps),
         "tap_grid": int(extract_cfg.tap_grid) if tuple(extract_cfg.taps) != ("none",) else 1,
         "views": int(extract_cfg.views),
