@@ -97,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         add_config_arguments(p, sections)
-        if name in TRAINING:
-            p.add_argument(
-                "--force", action="store_true", help="redo results whose inputs match a saved one (default: reuse them)"
-            )
+        if name in TRAINING or name == "extract":
+            what = "re-extract the selected cache" if name == "extract" else "redo results"
+            help_ = f"{what} even when its inputs match a saved one (default: reuse it; replaced once complete)"
+            p.add_argument("--force", action="store_true", help=help_)
     bb = sub.add_parser("backbones", help="list the registered backbones", description="list the registered backbones")
     bb.add_argument("--taps", metavar="BACKBONE", help="list BACKBONE's layers that extract --taps can pool")
     bb.add_argument("--input-size", type=int, default=None, help="input side for --taps (default: native)")

@@ -115,7 +115,7 @@ def run(cfg: Config, dataset: Dataset | None = None) -> ExtractResult:
     out = chosen.path if chosen is not None else variants.variant_path(folder, name, key)
     writable_dir(out.parent)
     with lock.exclusive(out):  # one writer per cache; a second run waits, then usually finds it done
-        hit = complete_contents(out, key)
+        hit = None if cfg.force else complete_contents(out, key)
         if hit is not None:
             log.info("cache hit: %s (%d embeddings, no forward pass needed)", out, hit.n)
             return ExtractResult(out, True, hit.n, hit.seconds, hit.skipped)

@@ -68,6 +68,10 @@ def test_cli_extract_end_to_end_and_cache_hit(presplit, tmp_path, capsys):
     assert sidecar["config"]["extract"]["batch_size"] == 8 and "numpy" in sidecar["versions"]
     assert main(argv) == 0
     assert "cache hit" in capsys.readouterr().err
+    cache = tmp_path / "a" / "features" / "toy" / f"{TINY}@16px-notaps.h5"
+    before = cache.stat().st_mtime_ns
+    assert main(argv + ["--force"]) == 0  # extracted again, the file replaced once complete
+    assert "cache hit" not in capsys.readouterr().err and cache.stat().st_mtime_ns > before
 
 
 def test_bad_inputs_are_one_line_errors_without_traceback(presplit, tmp_path, capsys):

@@ -27,7 +27,8 @@ def _baseline(ft: pd.Series) -> str:
     p = _params(ft)
     ran, best = p.get("epochs_run", []), p.get("best_epochs", [])
     planned = p.get("epochs")
-    parts = [f"{ft['backbone']} fine-tuned on {ft['n_train']:,.0f} images" if np.isfinite(ft["n_train"]) else ""]
+    name = str(ft["backbone"]).split("@")[0]  # a variant's rows carry the backbone's own fine-tune
+    parts = [f"{name} fine-tuned on {ft['n_train']:,.0f} images" if np.isfinite(ft["n_train"]) else ""]
     if ran:
         layers = p.get("unfreeze_layers", "?")
         which = "every backbone layer" if layers == -1 else f"top {layers} backbone layers"
