@@ -64,11 +64,11 @@ def test_unknown_toml_key_is_a_one_line_error(tmp_path, capsys):
 def test_cli_extract_end_to_end_and_cache_hit(presplit, tmp_path, capsys):
     argv = extract_argv(presplit, tmp_path / "a", "none", "--batch-size", "8")
     assert main(argv) == 0
-    sidecar = json.loads((tmp_path / "a" / "features" / "toy" / f"{TINY}@16px-notaps.json").read_text())
+    sidecar = json.loads((tmp_path / "a" / "features" / "toy" / f"{TINY}@16px.json").read_text())
     assert sidecar["config"]["extract"]["batch_size"] == 8 and "numpy" in sidecar["versions"]
     assert main(argv) == 0
     assert "cache hit" in capsys.readouterr().err
-    cache = tmp_path / "a" / "features" / "toy" / f"{TINY}@16px-notaps.h5"
+    cache = tmp_path / "a" / "features" / "toy" / f"{TINY}@16px.h5"
     before = cache.stat().st_mtime_ns
     assert main(argv + ["--force"]) == 0  # extracted again, the file replaced once complete
     assert "cache hit" not in capsys.readouterr().err and cache.stat().st_mtime_ns > before
