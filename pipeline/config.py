@@ -180,7 +180,7 @@ class FinetuneConfig:
         "phase-1 weights, the best continues to early stopping; a best value on an edge extends the grid a log "
         "step at a time; the search's seconds are charged to the fine-tune. One value: no search",
     )
-    search_epochs: int = _opt(1, "phase 2 epochs each learning rate of --lr-grid trains before the best is chosen")
+    search_epochs: float = _opt(1.0, "phase 2 epochs each rate of --lr-grid trains (below 1: that share of an epoch)")
     schedule: str = _opt(
         "plateau",
         "phase 2 rate: plateau (x0.3 when val stalls an epoch), cosine (to 0 over the cap), constant",

@@ -320,3 +320,22 @@ def test_two_devices_under_mirrored_strategy_train_like_one_at_the_same_global_b
     }
     assert out["one"]["val"] < 0.9  # not saturated: a difference could show
     assert abs(out["all"]["val"] - out["one"]["val"]) <= 2 / 30 + 1e-9
+
+
+def test_a_search_of_a_fraction_of_an_epoch_trains_that_share_of_the_batches(ft_cfg, monkeypatch):
+    """`--search-epochs 0.34` (the demo's search budget): each rate sees a third of an epoch's batches
+    (18 images, batch 6: 1 of 3), the winner then trains whole epochs."""
+    seen = []
+    real = finetune.phases.fit_phase
+
+    def spy(model, phase, epochs, *a, **k):
+        seen.append((k.get("tag", ""), epochs, k.get("steps")))
+        return real(model, phase, epochs, *a, **k)
+
+    monkeypatch.setattr(finetune.phases, "fit_phase", spy)
+    ft_cfg.finetune.steps_per_epoch = None
+    ft_cfg.finetune.lr_grid, ft_cfg.finetune.search_epochs, ft_cfg.finetune.epochs_finetune = (1e-3, 1e-2), 0.34, 2
+    finetune.run(ft_cfg)
+    searches = [s for s in seen if s[0].startswith("search")]
+    assert len(searches) >= 2 and all(s[1:] == (1, 1) for s in searches)
+    assert [s for s in seen if not s[0]][-1][2] is None  # the continuation: every batch

@@ -29,9 +29,12 @@ def quiet_end_of_data():
         yield
 
 
-def fit_phase(model, phase: int, epochs: int, train, val, ft, work: Path, *, tag: str = "", extra=(), initial=0):
-    """One compiled model.fit with the phase's callbacks (``extra``: the schedule), from epoch ``initial``;
-    returns (seconds, epochs run in this fit, the epoch kept (1-based, counted from 0), its val accuracy)."""
+def fit_phase(
+    model, phase: int, epochs: int, train, val, ft, work: Path, *, tag: str = "", extra=(), initial=0, steps=None
+):
+    """One compiled model.fit with the phase's callbacks (``extra``: the schedule), from epoch ``initial``,
+    ``steps`` batches an epoch (default: ``--steps-per-epoch``, else all); returns (seconds, epochs run in
+    this fit, the epoch kept (1-based, counted from 0), its val accuracy)."""
     import keras
 
     name = tag or f"phase{phase}"
@@ -50,7 +53,7 @@ def fit_phase(model, phase: int, epochs: int, train, val, ft, work: Path, *, tag
             validation_data=val,
             epochs=epochs,
             initial_epoch=initial,
-            steps_per_epoch=ft.steps_per_epoch,
+            steps_per_epoch=steps or ft.steps_per_epoch,
             callbacks=callbacks,
             verbose=2,
             shuffle=False,  # the tf.data pipeline shuffles; this only silences Keras' warning
@@ -158,16 +161,20 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     start = work / "phase2.start.weights.h5"
     if not start.exists():
         model.save_weights(start)
-    search_epochs = min(ft.search_epochs, ft.epochs_finetune)
+    # below one epoch: that share of an epoch's (shuffled) batches, a demo-sized search on fewer images
+    search_epochs = max(1, min(round(ft.search_epochs), ft.epochs_finetune))
+    search_steps = max(1, round(ft.search_epochs * steps)) if ft.search_epochs < 1 else None
 
     def compile_at(lr: float) -> None:
         model.compile(_optimizer(ft.optimizer, lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
 
     def try_lr(lr: float) -> tuple[float, float]:
         _load(model, start)
-        compile_at(search.annealed(lr, search_epochs * steps))
-        log.info("phase 2 search: learning rate %g, %d epoch(s)", lr, search_epochs)
-        seconds, _, _, best_val = fit_phase(model, 2, search_epochs, *data, ft, work, tag=f"search-lr{lr:g}")
+        compile_at(search.annealed(lr, search_epochs * (search_steps or steps)))
+        log.info("phase 2 search: learning rate %g, %g epoch(s)", lr, ft.search_epochs)
+        seconds, _, _, best_val = fit_phase(
+            model, 2, search_epochs, *data, ft, work, tag=f"search-lr{lr:g}", steps=search_steps
+        )
         model.save_weights(search.weights_file(work, lr))  # its best epoch's weights (EarlyStopping restores them)
         return best_val, seconds
 
