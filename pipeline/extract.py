@@ -137,6 +137,9 @@ class _Models:
 
 
 def _models(cfg: Config, spec, size: int, weights, key: dict) -> _Models:
+    lean = _converted_only(cfg, key)
+    if lean is not None:
+        return lean
     with backbones.device_policy(cfg.backbone.mixed_precision) as gpu:
         base = backbones.build_backbone(spec, weights, size, cfg.data.seed)
         taps = taps_mod.resolve(base, cfg.extract.taps, cfg.extract.tap_grid, spec.name)
@@ -152,7 +155,29 @@ def _models(cfg: Config, spec, size: int, weights, key: dict) -> _Models:
     )
     onnx = runtimes.converted_path(folder, model_key, "onnx") if runtime == "onnx" else None
     augmented = _augmented(model, augment, size) if augment is not None else None
-    return _Models(model, forward, runtime, onnx, augmented, taps, int(base.output_shape[-1]), gpu)
+    dim = int(base.output_shape[-1])
+    if runtime != "tf":  # what the converted model outputs, so that the next run need not build this one
+        runtimes.write_outputs(runtimes.converted_path(folder, model_key, runtime), taps, dim)
+    return _Models(model, forward, runtime, onnx, augmented, taps, dim, gpu)
+
+
+def _converted_only(cfg: Config, key: dict) -> _Models | None:
+    """The lean path: a local CPU pass (no views) whose feature model is already converted runs it alone,
+    without building the Keras model (measured: the build cost most of the command's own time and memory
+    around the loop). None: build as usual."""
+    ex = cfg.extract
+    if ex.engine != "local" or ex.views or backbones.gpu_visible():
+        return None
+    runtime = runtimes.resolve(ex.runtime, False)
+    if runtime == "tf":
+        return None
+    path = runtimes.converted_path(Path(cfg.artifacts) / "runtimes", runtimes.model_key(key), runtime)
+    outputs = runtimes.read_outputs(path)
+    if outputs is None:
+        return None
+    taps = [taps_mod.Tap(layer, tuple(shape), grid) for layer, shape, grid in outputs["taps"]]
+    forward = runtimes.onnx_forward(path) if runtime == "onnx" else runtimes.openvino_forward(path)
+    return _Models(None, forward, runtime, path if runtime == "onnx" else None, None, taps, outputs["dim"], False)
 
 
 def _augmented(model, augment, size: int):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import atomic_path
+from pipeline.artifacts import atomic_path, write_json_atomic
 from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,25 @@ def _convert_child(saved: str, path: str, runtime: str, log_path: str) -> None:
     import keras
 
     convert(keras.models.load_model(saved), Path(path), runtime)
+
+
+def write_outputs(path: Path, taps: list, dim: int) -> None:
+    """Beside a converted model: its taps (layer, shape, grid) and embedding width, what extraction needs to
+    run it without building the Keras model again."""
+    if path.exists():
+        outputs = {"taps": [[t.layer, list(t.shape), t.grid] for t in taps], "dim": dim}
+        write_json_atomic(path.with_suffix(".outputs.json"), outputs)
+
+
+def read_outputs(path: Path) -> dict | None:
+    """What ``write_outputs`` recorded, when the converted model and the record both exist."""
+    record = path.with_suffix(".outputs.json")
+    if not (path.exists() and record.exists()):
+        return None
+    try:
+        return json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def onnx_session(model: Path | bytes, n_threads: int = 0):

@@ -49,7 +49,8 @@ def test_predict_with_the_recorded_choice_reproduces_the_test_predictions(fitted
     fitted.predict.images = str(fitted.dataset_dir / "test")
     out = predict.run(fitted)
     got = pd.read_csv(out)
-    saved = pd.read_csv(Path(fitted.artifacts) / "heads" / "toy" / "tiny_cnn@16px" / f"{choice['name']}.predictions.csv")
+    heads_dir = Path(fitted.artifacts) / "heads" / "toy" / "tiny_cnn@16px"
+    saved = pd.read_csv(heads_dir / f"{choice['name']}.predictions.csv")
     saved["id"] = saved["id"].str.removeprefix("test/")
     merged = got.merge(saved, on="id")
     assert len(merged) == len(saved) == 9 and (merged["predicted"] == merged["pred"]).all()
