@@ -42,7 +42,7 @@ def test_a_keras_file_is_a_backbone_pooled_at_its_last_spatial_layer(model_cfg):
     cfg, model = model_cfg
     extract.run(cfg)
     path, attrs, emb = _cache(cfg)
-    assert path.name == "my_model.h5" and attrs["backbone"] == "my_model"
+    assert path.name == "my_model@16px-notaps.h5" and attrs["backbone"] == "my_model"
     assert emb.shape[1] == 12  # c2 (the last spatial output) average-pooled
     assert attrs["weights_sha256"] and "model file" in attrs["weights"]
     # the same numbers as the user's own model up to its c2 layer, on raw pixels (--preprocessing none)
@@ -53,11 +53,11 @@ def test_a_keras_file_is_a_backbone_pooled_at_its_last_spatial_layer(model_cfg):
     inner = keras.Model(model.inputs, model.get_layer("gap").output)
     np.testing.assert_allclose(emb, inner.predict(images, verbose=0), rtol=1e-4, atol=1e-5)
     cfg.heads.heads, cfg.heads.layers, cfg.heads.c_grid = ("logreg",), ("last",), (1.0,)
-    r = heads.run(cfg)[0]  # the heads find the cache by the model's name and file their results under it
+    r = heads.run(cfg)[0]  # the heads find the cache by the model's name and file their results under its label
     assert (r.head, r.n_train, len(r.test_pred)) == ("logreg", 18, 9)
     table = pd.read_csv(Path(cfg.artifacts) / "results" / "toy.csv")
-    assert table["backbone"].tolist() == ["my_model"]
-    assert (Path(cfg.artifacts) / "heads" / "toy" / "my_model" / "logreg.json").exists()
+    assert table["backbone"].tolist() == ["my_model@16px-notaps"]
+    assert (Path(cfg.artifacts) / "heads" / "toy" / "my_model@16px-notaps" / "logreg.json").exists()
 
 
 def test_layer_and_preprocessing_are_part_of_the_cache_key(model_cfg, caplog):
