@@ -58,7 +58,7 @@ def test_celeba_headline_comparison_end_to_end_with_the_39_other_attributes_as_m
     cfg.heads.c_grid, cfg.heads.meta_weights = (0.1, 1.0), (1.0,)
     out = heads.run(cfg)
     assert {r.features for r in out} == {"image", "image+meta", "image+meta_norm"}
-    side = Path(art) / "heads" / "img_align_celeba" / TINY / "logreg+meta.json"
+    side = Path(art) / "heads" / "img_align_celeba" / f"{TINY}@16px" / "logreg+meta.json"
     columns = pd.read_json(side, typ="series")["metadata_columns"]
     assert len(columns) == 39 and "Male" not in columns  # the class column is never a feature
     table_ = results.read_results(results.results_path(art, "img_align_celeba"))
