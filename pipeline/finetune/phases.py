@@ -91,11 +91,12 @@ def train(job, work: Path, state: dict, after_phase_one: Callable):
 
     cfg, ft = job.cfg, job.cfg.finetune
     strategy, replicas, how = backbones.strategy(ft.devices)
+    batch = ft.batch_size * replicas  # the global batch: per device x devices
     with backbones.device_policy(cfg.backbone.mixed_precision) as gpu, strategy.scope():
         base = backbones.build_backbone(job.spec, job.weights, job.size, job.seed)
         keras.utils.set_random_seed(job.seed)
         model = build_model(base, job.spec, len(job.ds.class_names), ft.augment, job.seed, ft.dropout)
-    state["devices"] = {"replicas": replicas, "strategy": how, "global_batch": ft.batch_size * replicas}
+    state["devices"] = {"replicas": replicas, "strategy": how, "global_batch": batch}
     log.info(
         "fine-tuning %s on %s (%s, %dpx) on %s (%s, global batch %d): %d epochs (head), then up to %d (all of it)",
         job.spec.name,
@@ -104,11 +105,11 @@ def train(job, work: Path, state: dict, after_phase_one: Callable):
         job.size,
         "GPU" if gpu else "CPU",
         how,
-        ft.batch_size * replicas,
+        batch,
         ft.epochs_head,
         ft.epochs_finetune,
     )
-    data, steps = splits(job, work, ft.batch_size * replicas)
+    data, steps = splits(job, work, batch)
     with strategy.scope():  # the optimizers (compiled per phase and per searched rate) are built under it too
         _phase_one(job, model, base, data, work, state, after_phase_one)
         _phase_two(job, model, base, data, steps, work, state)
@@ -129,6 +130,11 @@ def _done(model, path: Path, phase: int) -> bool:
     return True
 
 
+def _compile(model, ft, lr) -> None:
+    """A fresh optimizer at ``lr`` (a number or a schedule): each phase and each searched rate starts clean."""
+    model.compile(_optimizer(ft.optimizer, lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
 def _record(state: dict, work: Path, seconds: float, ran: int, best_epoch: int, best_val: float) -> None:
     for k, v in zip(("phase_seconds", "epochs_run", "best_epochs", "best_val"), (seconds, ran, best_epoch, best_val)):
         state[k].append(v)
@@ -138,7 +144,7 @@ def _record(state: dict, work: Path, seconds: float, ran: int, best_epoch: int, 
 def _phase_one(job, model, base, data, work: Path, state: dict, after: Callable) -> None:
     ft = job.cfg.finetune
     set_trainable(base, 1, ft.unfreeze_layers)
-    model.compile(_optimizer(ft.optimizer, ft.learning_rate), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    _compile(model, ft, ft.learning_rate)
     done = work / "phase1.done.weights.h5"
     if not _done(model, done, 1) and ft.epochs_head > 0:
         log.info("phase 1: backbone frozen, learning rate %g", ft.learning_rate)
@@ -165,12 +171,9 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     search_epochs = max(1, min(round(ft.search_epochs), ft.epochs_finetune))
     search_steps = max(1, round(ft.search_epochs * steps)) if ft.search_epochs < 1 else None
 
-    def compile_at(lr: float) -> None:
-        model.compile(_optimizer(ft.optimizer, lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
-
     def try_lr(lr: float) -> tuple[float, float]:
         _load(model, start)
-        compile_at(search.annealed(lr, search_epochs * (search_steps or steps)))
+        _compile(model, ft, search.annealed(lr, search_epochs * (search_steps or steps)))
         log.info("phase 2 search: learning rate %g, %g epoch(s)", lr, ft.search_epochs)
         seconds, _, _, best_val = fit_phase(
             model, 2, search_epochs, *data, ft, work, tag=f"search-lr{lr:g}", steps=search_steps
@@ -181,7 +184,7 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     lr = search.choose_lr(try_lr, ft.lr_grid, state, work)
     searched = len(ft.lr_grid) > 1
     _load(model, search.weights_file(work, lr) if searched else start)
-    compile_at(lr)
+    _compile(model, ft, lr)
     initial = search_epochs if searched else 0
     log.info("phase 2: learning rate %g (%s schedule), up to %d epochs", lr, ft.schedule, ft.epochs_finetune)
     seconds, ran, best_epoch, best_val = fit_phase(
