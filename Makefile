@@ -29,7 +29,7 @@ COMMON := --dataset $(DATA) --artifacts $(ARTIFACTS) $(CFG)
 STAMP  := $(VENV)/.installed-$(TF)$(if $(EXTRAS),-$(subst $(space),-,$(EXTRAS)))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data extract svm finetune report demo curve sweep predict export test lint bench clean
+.PHONY: help setup data extract svm finetune report demo curve sweep predict export test lint docs bench clean
 
 help: ## list targets and variables
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -96,6 +96,10 @@ bench: data ## extraction ratios (ENGINE=ray: ray vs local too), fine-tune input
 
 lint: setup ## ruff
 	$(BIN)/ruff check pipeline tests benchmarks
+
+docs: setup ## build the documentation site into site/ (MkDocs + Material, the `docs` extra; --strict)
+	@$(BIN)/python -c "import mkdocs, material" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[$(TF),test,docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 clean: ## remove generated artifacts (keeps data/ and .venv)
 	rm -rf $(ARTIFACTS)/features $(ARTIFACTS)/heads $(ARTIFACTS)/models $(ARTIFACTS)/results $(ARTIFACTS)/reports

@@ -53,10 +53,10 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from pipeline import export, methods
-    from pipeline.cache.reader import load_features
+    from pipeline.apply import export, methods
     from pipeline.config import Config
     from pipeline.data import image_dataset
+    from pipeline.extract.cache.reader import load_features
 
     cfg = Config()
     cfg.artifacts, cfg.data.dataset = args.artifacts, args.dataset

@@ -73,7 +73,8 @@ def raw_forward(model, size: int, batch: int, n: int) -> float:
 
 def raw_forward_runtime(spec, base, runtime: str, size: int, batch: int, n: int, folder: Path) -> float:
     """(a) in ONNX Runtime / OpenVINO: the portable twin of the same model, converted as extract does it."""
-    from pipeline import runtimes, taps
+    from pipeline.backbones import taps
+    from pipeline.extract import runtimes
 
     model = taps.feature_model(spec, base, [])
     forward, used = runtimes.forward_for(
@@ -115,7 +116,7 @@ class _FirstRows(logging.Handler):
     """Keeps the Ray engine's time to first rows, which it logs once per pass."""
 
     def __init__(self):
-        from pipeline.engines.ray_data import FIRST_ROWS
+        from pipeline.extract.engines.ray_data import FIRST_ROWS
 
         super().__init__(logging.INFO)
         self.message = FIRST_ROWS
@@ -137,8 +138,8 @@ def pipeline_extract(
     runtime: str = "auto",
 ) -> tuple[float, float]:
     """Runs the real stage; returns (images/s over its whole run, images/s over its extraction loop)."""
-    from pipeline import extract
     from pipeline.config import Config
+    from pipeline.extract import stage as extract
 
     cfg = Config()
     cfg.artifacts = str(artifacts)
@@ -220,7 +221,9 @@ def main() -> None:
     ap.add_argument("--artifacts", default="artifacts")
     args = ap.parse_args()
 
-    from pipeline import backbones, runtimes, taps
+    from pipeline import backbones
+    from pipeline.backbones import taps
+    from pipeline.extract import runtimes
 
     spec = backbones.get(args.backbone)
     size = spec.input_size
@@ -238,8 +241,8 @@ def main() -> None:
             import ray
 
             ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-            logging.getLogger("pipeline.engines.ray_data").setLevel(logging.INFO)
-            logging.getLogger("pipeline.engines.ray_data").addHandler(first_rows)
+            logging.getLogger("pipeline.extract.engines.ray_data").setLevel(logging.INFO)
+            logging.getLogger("pipeline.extract.engines.ray_data").addHandler(first_rows)
         for r in range(args.repeats):  # interleaved, so drift in machine speed hits all of them alike
             bw, bl = pipeline_extract(folder, tmp / f"art-{r}", args.backbone, args.batch_size, None)
             runs["b_wall"].append(bw)

@@ -33,7 +33,7 @@ CLASSES = [f"c{i}" for i in range(10)]
 def write_cache(path: Path, n_train: int, width: int, seed: int = 0) -> None:
     """A complete synthetic cache, written through the pipeline's cache writer chunk by chunk (never held
     whole in memory)."""
-    from pipeline.cache.writer import CacheWriter
+    from pipeline.extract.cache.writer import CacheWriter
 
     if path.exists():
         return

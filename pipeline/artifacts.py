@@ -5,6 +5,7 @@ library versions) every stage stores beside what it made."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -14,6 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+
+
+def sha256_file(path: Path) -> str:
+    """A file's content hash, read in 1 MiB blocks (weights files are tens of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

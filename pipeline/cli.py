@@ -19,13 +19,13 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
     "data": (
         "prepare the embedded dataset (or check a user's folder) under data/",
         ["data", "prepare"],
-        "pipeline.prepare:run",
+        "pipeline.data.prepare:run",
     ),
     "extract": (
         "frozen backbone -> HDF5 embedding cache (artifacts/features/<dataset>/<backbone>@<variant>.h5); "
         "reuses the cache when nothing changed, resumes an interrupted run",
         ["data", "backbone", "extract"],
-        "pipeline.extract:run",
+        "pipeline.extract.stage:run",
     ),
     "heads": (
         "fit tuned, timed heads (ridge, logistic regression, linear and RBF SVM; opt-in MLP, cosine k-NN and the "
@@ -35,8 +35,10 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
         "pipeline.heads:run",
     ),
     "finetune": (
-        "fine-tune BACKBONE end to end (phase 1: head only; phase 2: top layers unfrozen), timed; "
-        "defaults take ~4 min on 2 CPU cores for the demo (3,000 images at 112 px): scale epochs and data up",
+        "fine-tune BACKBONE end to end, timed: phase 1 trains the new head on the frozen backbone; phase 2 "
+        "unfreezes every layer (--unfreeze-layers), picks its learning rate from --lr-grid on the validation "
+        "split (the search is charged to the fine-tune) and trains until early stopping (--patience; "
+        "--epochs-finetune is only a cap, named in the verdict when it stops the run)",
         ["data", "backbone", "finetune"],
         "pipeline.finetune:run",
     ),
@@ -55,13 +57,13 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
         "apply the verdict's method (or --method: any head, finetune, frozen_dense) to new images: a CSV of "
         "predicted classes and per-class scores, and the accuracy when the images carry labels",
         ["data", "backbone", "predict"],
-        "pipeline.predict:run",
+        "pipeline.apply.predict:run",
     ),
     "export": (
         "export the verdict's method (or --method) as one self-contained model (raw RGB in, per-class scores "
         "out) in Keras, SavedModel, ONNX or LiteRT format, with labels.txt and a manifest",
         ["data", "backbone", "export"],
-        "pipeline.export:run",
+        "pipeline.apply.export:run",
     ),
 }
 
@@ -73,7 +75,7 @@ def _list_backbones(args) -> None:
     from pipeline import backbones
 
     if args.taps:
-        from pipeline import taps
+        from pipeline.backbones import taps
 
         spec = backbones.get(args.taps)
         size = args.input_size or spec.input_size

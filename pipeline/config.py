@@ -30,9 +30,7 @@ class DataConfig:
     test_fraction: float = _opt(0.15, "fraction carved out for test when the dataset has no test/ folder")
     seed: int = _opt(0, "seed for splits, subsets and weight initialisation")
     metadata: str | None = _opt(None, "metadata CSV, one row per image (default: <dataset>/metadata.csv when present)")
-    id_column: str | None = _opt(
-        None, "metadata column holding the image id (default: image_id, id, filename or the first column)"
-    )
+    id_column: str | None = _opt(None, "metadata column of the image id (default: image_id, id, filename or the first)")
     labels: str | None = _opt(
         None,
         "a table (CSV, or CelebA's list_attr_celeba.txt layout) giving each image's class, for a flat folder of "
@@ -46,9 +44,7 @@ class PrepareConfig:
     n_train: int = _opt(3000, "training images to take from an embedded dataset (0 = all)")
     n_val: int = _opt(1000, "validation images (0 = all the rest of the training set)")
     n_test: int = _opt(2000, "test images (0 = all)")
-    elpv_classes: int = _opt(
-        2, "elpv: 2 (defective if probability >= 0.5, else functional) or 4 (the probability levels)"
-    )
+    elpv_classes: int = _opt(2, "elpv: 2 (defective if probability >= 0.5, else functional) or 4 (the levels)")
 
 
 @dataclass
@@ -140,10 +136,7 @@ class HeadsConfig:
         "warm-started C path; above it every C at once on float32 minibatches",
     )
     batch_size: int = _opt(512, "minibatch size of the large-data logreg / linear_svm solver and of linear_probe")
-    probe_decays: tuple[float, ...] = _opt(
-        (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
-        "linear_probe: L2 weight decays tried on the validation split (all at once)",
-    )
+    probe_decays: tuple[float, ...] = _opt((1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), "linear_probe: L2 decays, all at once")
     probe_epochs: int = _opt(
         12, "linear_probe: epochs (the step decays to zero over them; it stops early when no decay improved val for 3)"
     )
@@ -201,6 +194,13 @@ class FinetuneConfig:
         "auto", "auto: every GPU if several (MirroredStrategy), else one; one; all (CPU devices too); batch per device",
         choices=("auto", "one", "all"),
     )
+    engine: str = _opt(
+        "local",
+        "local (this process, its devices) or ray: --workers processes placed by Ray (RAY_ADDRESS joins a cluster) "
+        "training data-parallel under MultiWorkerMirroredStrategy, each on its shard of the images",
+        choices=("local", "ray"),
+    )
+    workers: int = _opt(2, "--engine ray: training workers (a GPU each when the cluster has one per worker)")
     seeds: int = _opt(
         1,
         "train this many times, training seeds seed, seed+1, ... on the same data (one results row each; the report "

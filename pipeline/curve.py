@@ -17,12 +17,13 @@ import time
 
 import numpy as np
 
-from pipeline import extract, finetune, heads, results
+from pipeline import finetune, heads, results
 from pipeline.backbones.model_file import name_for
-from pipeline.cache.reader import load_features
 from pipeline.config import Config
 from pipeline.data import from_config, nested_subset
 from pipeline.errors import PipelineError
+from pipeline.extract import stage as extract
+from pipeline.extract.cache.reader import load_features
 from pipeline.heads import registry
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import library_versions, sha256_file
+
 log = logging.getLogger(__name__)
 
 _VERSIONED = ("python", "numpy", "scikit-learn", "tensorflow", "tensorflow-cpu", "keras", "h5py", "pandas")
@@ -22,8 +24,6 @@ _VERSIONED = ("python", "numpy", "scikit-learn", "tensorflow", "tensorflow-cpu",
 
 def code_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
-
-    from pipeline.artifacts import library_versions
 
     out = {k: v for k, v in library_versions().items() if k in _VERSIONED}
     try:
@@ -41,8 +41,6 @@ def inputs_key(**parts: Any) -> str:
 
 def file_digest(path: Path | None) -> str | None:
     """Content hash of an input file (the metadata table)."""
-    from pipeline.backbones import sha256_file
-
     return None if path is None else sha256_file(path)
 
 

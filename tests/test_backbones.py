@@ -4,8 +4,9 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline import backbones, taps
-from pipeline.backbones import efficientnet_lite, pth
+from pipeline import backbones
+from pipeline.artifacts import sha256_file
+from pipeline.backbones import efficientnet_lite, pth, taps
 from pipeline.errors import PipelineError
 
 
@@ -140,7 +141,7 @@ def test_imagenet_weights_in_the_keras_cache_are_used_without_a_download(tmp_pat
         legacy_h5_format.save_weights_to_hdf5_group(f, source)
     w = backbones.resolve_weights(spec, "imagenet", tmp_path, 96)
     assert len(calls) == 1  # the cache hit did not try to download
-    assert w.path == wanted and w.sha256 == backbones.sha256_file(wanted) and "Keras cache" in w.source
+    assert w.path == wanted and w.sha256 == sha256_file(wanted) and "Keras cache" in w.source
     loaded = backbones.build_backbone(spec, w, 96)
     np.testing.assert_array_equal(loaded.get_weights()[0], source.get_weights()[0])
 

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 from conftest import CELEBA_ATTRIBUTES, TINY, make_celeba_like
 
-from pipeline import cli, extract, heads, results
+from pipeline import cli, heads, results
 from pipeline.config import Config
 from pipeline.data import load_labelled
+from pipeline.extract import stage as extract
 
 
 def test_labels_come_from_the_table_and_extra_rows_are_ignored_with_a_warning(tmp_path, caplog):

@@ -4,9 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import curve, extract, results
-from pipeline.cache.reader import load_features
+from pipeline import curve, results
 from pipeline.data import nested_subset
+from pipeline.extract import stage as extract
+from pipeline.extract.cache.reader import load_features
 from pipeline.report.curve import curve_points
 
 

@@ -159,8 +159,8 @@ def test_a_class_too_small_for_every_split_is_named_with_what_it_means(tmp_path,
 def test_a_single_class_validation_split_is_said_before_tuning(tmp_path, caplog):
     import numpy as np
 
-    from pipeline.cache.reader import SplitData
     from pipeline.config import Config
+    from pipeline.extract.cache.reader import SplitData
     from pipeline.heads import fit_head
 
     rng = np.random.default_rng(0)

@@ -4,8 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import prepare
-from pipeline.data import load_dataset, load_metadata
+from pipeline.data import load_dataset, load_metadata, prepare
 
 
 @pytest.fixture
@@ -52,8 +51,8 @@ def test_elpv_four_class_option_keeps_the_probability_levels(fake_elpv, tmp_path
 
 
 def test_elpv_metadata_feeds_the_heads_with_type_only(fake_elpv, tmp_path):
-    from pipeline.cache.reader import FeatureSet, SplitData
-    from pipeline.features import metadata_table
+    from pipeline.extract.cache.reader import FeatureSet, SplitData
+    from pipeline.heads.features import metadata_table
 
     target = tmp_path / "elpv"
     prepare.prepare_elpv(target, 2, 0.25, 0.25, seed=0)

@@ -11,10 +11,12 @@ import pytest
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.estimators import CosineKNN, KerasMLP, KernelSVC
+from pipeline.estimators.knn import CosineKNN
+from pipeline.estimators.linear import LinearHead, RidgeHead
+from pipeline.estimators.mlp import KerasMLP
+from pipeline.estimators.nystroem import NystroemHead
+from pipeline.estimators.svm import KernelSVC
 from pipeline.heads import BlockWeight
-from pipeline.linear import LinearHead, RidgeHead
-from pipeline.nystroem import NystroemHead
 
 ESTIMATORS = [
     RidgeHead(),

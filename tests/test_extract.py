@@ -3,9 +3,11 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from pipeline import backbones, extract
-from pipeline.cache.writer import CacheWriter
+from pipeline import backbones
+from pipeline.artifacts import sha256_file
 from pipeline.errors import PipelineError
+from pipeline.extract import stage as extract
+from pipeline.extract.cache.writer import CacheWriter
 
 
 def _read(path):
@@ -116,4 +118,4 @@ def test_weights_from_a_file_are_hashed_into_the_cache(cfg, tmp_path):
     res = extract.run(cfg)
     _, attrs = _read(res.path)
     assert attrs["weights"] == "file (tiny.weights.h5)"
-    assert attrs["weights_sha256"] == backbones.sha256_file(path)
+    assert attrs["weights_sha256"] == sha256_file(path)

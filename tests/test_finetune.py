@@ -158,7 +158,8 @@ def test_unchanged_inputs_reuse_the_fine_tune_and_a_changed_setting_redoes_it(ft
 
 
 def test_seeds_train_one_model_and_row_each_and_the_report_gives_mean_and_sd(ft_cfg):
-    from pipeline import extract, heads, report
+    from pipeline import heads, report
+    from pipeline.extract import stage as extract
 
     ft_cfg.finetune.seeds = 3
     first = finetune.run(ft_cfg)
@@ -274,7 +275,8 @@ def test_a_searched_fine_tune_continues_the_best_rate_and_is_charged_its_search(
 
 
 def test_a_fine_tune_that_hits_its_cap_is_flagged_in_its_row_and_the_verdict(ft_cfg):
-    from pipeline import extract, heads, report
+    from pipeline import heads, report
+    from pipeline.extract import stage as extract
 
     finetune.run(ft_cfg)  # one phase-2 epoch of at most one: the cap ended it
     extract.run(ft_cfg)
@@ -312,11 +314,12 @@ def test_two_devices_under_mirrored_strategy_train_like_one_at_the_same_global_b
         )
         assert run.returncode == 0, run.stderr[-3000:]
         out[devices] = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["one"]["devices"] == {"replicas": 1, "strategy": "one device", "global_batch": 8}
+    assert out["one"]["devices"] == {"replicas": 1, "strategy": "one device", "global_batch": 8, "workers": 1}
     assert out["all"]["devices"] == {
         "replicas": 2,
         "strategy": "MirroredStrategy over 2 CPU devices",
         "global_batch": 8,
+        "workers": 1,
     }
     assert out["one"]["val"] < 0.9  # not saturated: a difference could show
     assert abs(out["all"]["val"] - out["one"]["val"]) <= 2 / 30 + 1e-9

@@ -14,12 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import extract, heads, results
-from pipeline.cache.reader import load_features
-from pipeline.cache.writer import write_cache
+from pipeline import heads, results
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.features import fuse, metadata_table
+from pipeline.extract import stage as extract
+from pipeline.extract.cache.reader import load_features
+from pipeline.extract.cache.writer import write_cache
+from pipeline.heads.features import fuse, metadata_table
 
 N = {"train": 240, "val": 90, "test": 150}
 CLASSES = ["a", "b", "c"]

@@ -13,11 +13,13 @@ import pandas as pd
 import pytest
 from conftest import TINY
 
-from pipeline import extract, heads, layer_select, results
-from pipeline.cache.reader import load_features
-from pipeline.cache.writer import write_cache
+from pipeline import heads, results
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.extract import stage as extract
+from pipeline.extract.cache.reader import load_features
+from pipeline.extract.cache.writer import write_cache
+from pipeline.heads import layer_select
 
 N = {"train": 150, "val": 60, "test": 90}
 CLASSES = ["a", "b", "c"]
@@ -118,7 +120,7 @@ def test_mlp_and_knn_heads_are_tuned_saved_and_recorded(tapped):
 
 
 def test_knn_tuning_scores_every_k_from_one_search():
-    from pipeline.estimators import CosineKNN
+    from pipeline.estimators.knn import CosineKNN
 
     rng = np.random.default_rng(0)
     X = rng.normal(0, 1, (200, 4))
@@ -182,7 +184,7 @@ def test_layers_read_as_taps_with_their_shape_and_tapk_names_the_same_set_as_the
     assert labels["last"] == "final embedding" and labels[raw] == f"tap 1: {raw} (8 ch, 7×7)"
     assert layer_select.variants(("tap1",), fs.layer_names()) == [(raw, [raw])]
     assert layer_select.variants((raw,), fs.layer_names()) == [(raw, [raw])]
-    from pipeline.cache.reader import tap_label
+    from pipeline.extract.cache.reader import tap_label
 
     assert tap_label(4, "_blocks__11___bn0__relu6", [7, 7, 672]) == "tap 4: block 11 (672 ch, 7×7)"
     cfg.heads.heads, cfg.heads.layers = ("ridge",), ("tap1", "auto")

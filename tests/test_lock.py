@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pipeline import extract, lock
-from pipeline.cache.reader import load_features
+from pipeline import lock
+from pipeline.extract import stage as extract
+from pipeline.extract.cache.reader import load_features
 
 HANG_GUARD = 300  # seconds: only a broken lock gets near it; the test never waits on time otherwise
 

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import extract, finetune, heads
+from pipeline import finetune, heads
 from pipeline.errors import PipelineError
+from pipeline.extract import stage as extract
 
 
 def _user_model():

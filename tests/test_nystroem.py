@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from pipeline.estimators import KernelSVC, rbf_kernel32
-from pipeline.linear import LinearHead
-from pipeline.nystroem import NystroemHead
+from pipeline.estimators.linear import LinearHead
+from pipeline.estimators.nystroem import NystroemHead
+from pipeline.estimators.svm import KernelSVC, rbf_kernel32
 
 
 def _rings(n, seed):
@@ -36,8 +36,8 @@ def test_it_separates_rings_that_a_linear_head_cannot_and_tunes_every_c_at_once(
 
 
 def test_the_heads_stage_builds_it_from_the_registry_with_its_settings():
-    from pipeline.cache.reader import SplitData
     from pipeline.config import Config
+    from pipeline.extract.cache.reader import SplitData
     from pipeline.heads import fit_head
 
     splits = {

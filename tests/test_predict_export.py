@@ -13,10 +13,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import export, extract, heads, methods, predict, report
-from pipeline.cache.reader import load_features
+from pipeline import heads, report
+from pipeline.apply import export, methods, predict
 from pipeline.data import image_dataset
 from pipeline.errors import PipelineError
+from pipeline.extract import stage as extract
+from pipeline.extract.cache.reader import load_features
 
 ROOT = Path(__file__).parent.parent
 LINEAR = ["ridge@all", "logreg@all", "linear_svm@all"]
@@ -199,7 +201,7 @@ def test_predict_with_a_metadata_head_encodes_new_rows_as_training_did(cfg, tmp_
     assert len(merged) == 9 and (merged["predicted"] == merged["pred"]).all()
     method = methods.load(cfg, "logreg+meta_norm")
     fs = load_features(extract.cache_path(cfg))
-    from pipeline.features import fuse, metadata_table
+    from pipeline.heads.features import fuse, metadata_table
 
     splits, _ = fuse(fs, metadata_table(cfg.metadata_path, fs), "error")
     ref = method.head.predict_proba(splits["test"].X)
@@ -258,7 +260,7 @@ def test_a_metadata_head_exports_as_a_two_input_model(cfg):
     assert manifest["inputs"][1]["shape"] == [None, len(names)] and "site=a" in names
     import keras
 
-    from pipeline.features import fuse, metadata_table
+    from pipeline.heads.features import fuse, metadata_table
 
     model = keras.models.load_model(out / "model.keras")
     method = methods.load(cfg, cfg.export.method)
@@ -297,3 +299,27 @@ def test_the_streaming_probe_exports_with_its_keras_head_named_in_the_manifest(c
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["head_file"] == "head.keras" and (out / "head.keras").exists()
     assert not manifest["self_contained"] and not (out / "head.joblib").exists()
+
+
+def test_a_head_pickled_under_the_modules_of_the_flat_layout_still_loads(tmp_path, monkeypatch):
+    """Heads saved before the package was grouped by stage name ``pipeline.linear``; predict must load them."""
+    import joblib
+
+    from pipeline.estimators import linear
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 5)).astype(np.float32), np.repeat([0, 1, 2], 20)
+    head = linear.RidgeHead().fit(X, y)
+    for old in methods._MOVED:  # as in a process that has loaded no old head yet
+        monkeypatch.delitem(sys.modules, old, raising=False)
+    with monkeypatch.context() as m:  # pickle it as the old layout did
+        m.setitem(sys.modules, "pipeline.linear", linear)
+        m.setattr(linear.RidgeHead, "__module__", "pipeline.linear")
+        joblib.dump(head, tmp_path / "old.joblib")
+    assert b"pipeline.linear" in (tmp_path / "old.joblib").read_bytes() and "pipeline.linear" not in sys.modules
+    try:
+        loaded = methods._load_joblib(tmp_path / "old.joblib")
+    finally:
+        for old in methods._MOVED:
+            sys.modules.pop(old, None)
+    np.testing.assert_array_equal(loaded.predict(X), head.predict(X))

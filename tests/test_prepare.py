@@ -4,8 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import prepare
-from pipeline.data import load_dataset
+from pipeline.data import load_dataset, prepare
 from pipeline.errors import PipelineError
 
 

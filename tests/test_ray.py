@@ -6,10 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import extract
-from pipeline.cache.key import read_key
-from pipeline.cache.writer import CacheWriter
 from pipeline.errors import PipelineError
+from pipeline.extract import stage as extract
+from pipeline.extract.cache.key import read_key
+from pipeline.extract.cache.writer import CacheWriter
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_without_ray_the_engine_is_a_one_line_error(cfg, monkeypatch):
 )
 def test_the_pool_fits_the_cluster(nodes, actors, decoders, expected):
     from pipeline.config import ExtractConfig
-    from pipeline.engines.ray_data import plan_pool
+    from pipeline.extract.engines.ray_data import plan_pool
 
     plan = plan_pool(nodes, ExtractConfig(ray_actors=actors, ray_decoders=decoders))
     assert (plan.actors, plan.actor_cpus, plan.threads, plan.decoders, plan.gpus) == expected

@@ -103,9 +103,9 @@ def test_heads_leave_the_shared_arrays_bit_identical_and_do_not_depend_on_their_
     """The scalers used to be applied to the shared float32 arrays and undone after (not the identity)."""
     import shutil
 
-    from pipeline import extract
-    from pipeline.cache.reader import load_features
     from pipeline.config import HeadsConfig
+    from pipeline.extract import stage as extract
+    from pipeline.extract.cache.reader import load_features
 
     cfg.heads.layers = ("last", "all")
     path = extract.run(cfg).path
@@ -134,7 +134,7 @@ def test_augmentation_layers_draw_from_independent_seeds():
 def test_a_cache_of_another_precision_is_reextracted_with_the_reason(cfg, caplog):
     import h5py
 
-    from pipeline import extract
+    from pipeline.extract import stage as extract
 
     first = extract.run(cfg)
     with h5py.File(first.path, "r") as f:
@@ -173,8 +173,8 @@ def test_a_disk_filling_up_mid_extraction_stops_in_one_line_and_resumes(cfg, tmp
     needs, the partial file whole (three batches), and a rerun resumes to the uninterrupted cache."""
     import shutil
 
-    from pipeline import extract
-    from pipeline.cache import writer
+    from pipeline.extract import stage as extract
+    from pipeline.extract.cache import writer
 
     real_usage = shutil.disk_usage
 
@@ -218,7 +218,7 @@ def test_a_real_file_size_limit_fails_cleanly_and_the_rerun_completes(cfg, tmp_p
     traceback, and the rerun without the limit ends with the same cache as an uninterrupted run."""
     from pathlib import Path
 
-    from pipeline import extract
+    from pipeline.extract import stage as extract
 
     reference = extract.run(cfg)
     limit = reference.path.stat().st_size // 2
@@ -235,8 +235,9 @@ def test_a_real_file_size_limit_fails_cleanly_and_the_rerun_completes(cfg, tmp_p
 
 
 def test_a_truncated_cache_is_named_with_the_rebuild_command_and_extract_rebuilds_it(cfg, caplog, capsys):
-    from pipeline import extract, heads
+    from pipeline import heads
     from pipeline.cli import main
+    from pipeline.extract import stage as extract
 
     path = extract.run(cfg).path
     data = path.read_bytes()
@@ -284,7 +285,8 @@ def test_sigterm_during_heads_leaves_no_half_written_artifact_and_a_rerun_finish
 
     import joblib
 
-    from pipeline import extract, heads
+    from pipeline import heads
+    from pipeline.extract import stage as extract
 
     extract.run(cfg)
     argv = ["heads", "--dataset", cfg.data.dataset, "--backbone", "tiny_cnn", "--artifacts", cfg.artifacts]
@@ -310,8 +312,8 @@ def test_a_full_disk_while_saving_a_head_keeps_the_previous_result_whole(cfg, mo
     import errno
     from pathlib import Path
 
-    from pipeline import extract
     from pipeline.cli import main
+    from pipeline.extract import stage as extract
 
     extract.run(cfg)
     argv = ["heads", "--dataset", cfg.data.dataset, "--backbone", "tiny_cnn", "--artifacts", cfg.artifacts]

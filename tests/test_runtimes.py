@@ -9,7 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import extract, heads, runtimes
+from pipeline import heads
+from pipeline.extract import runtimes
+from pipeline.extract import stage as extract
 
 
 def _arrays(path):
@@ -114,7 +116,8 @@ def test_auto_is_onnx_on_a_cpu_and_tensorflow_on_a_gpu():
 
 def test_lite0_taps_in_onnx_equal_tensorflow(tmp_path):
     """The real default backbone at a small input (the conversion and the numbers do not depend on size)."""
-    from pipeline import backbones, taps
+    from pipeline import backbones
+    from pipeline.backbones import taps
 
     spec = backbones.get("efficientnet_lite0")
     weights = backbones.resolve_weights(spec, "default", tmp_path, 64)
@@ -138,7 +141,8 @@ def test_lite0_taps_in_onnx_equal_tensorflow(tmp_path):
 def test_lite0s_portable_model_passes_savedmodels_name_rules(tmp_path):
     """The Lite builder's layer names start with '_' (PyTorch's state-dict names), which SavedModel and so
     LiteRT refuse; the portable copy renames them and keeps the weights."""
-    from pipeline import backbones, taps
+    from pipeline import backbones
+    from pipeline.backbones import taps
 
     spec = backbones.get("efficientnet_lite0")
     base = backbones.build_backbone(spec, backbones.resolve_weights(spec, "default", tmp_path, 64), 64)

@@ -9,14 +9,15 @@ import pytest
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.svm import SVC, LinearSVC
 
-from pipeline import heads, probe, results, tuning
-from pipeline.cache import stream
-from pipeline.cache.writer import write_cache
+from pipeline import heads, results
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.estimators import KernelSVC
-from pipeline.heads import budget
-from pipeline.linear import LinearHead, RidgeHead
+from pipeline.estimators import tuning
+from pipeline.estimators.linear import LinearHead, RidgeHead
+from pipeline.estimators.svm import KernelSVC
+from pipeline.extract.cache import stream
+from pipeline.extract.cache.writer import write_cache
+from pipeline.heads import budget, probe
 
 CLASSES = ["a", "b", "c"]
 N = {"train": 1200, "val": 300, "test": 300}

@@ -1,8 +1,12 @@
-"""The shape of the package, read from its imports with ``ast`` (nothing is imported or run): no import
-cycle among ``pipeline/`` modules, only ``pipeline/cache/`` opens HDF5, engines produce and never import
-the stage that writes their batches, and no module outgrows a screenful of screens."""
+"""The shape of the package, read from its imports with ``ast`` (nothing is imported but in one subprocess):
+no import cycle among ``pipeline/`` modules; folders by stage, each importing only earlier stages, the
+shared plumbing at the top and the estimators as a library under every stage; only
+``pipeline/extract/cache/`` opens HDF5; engines produce and never import the stage that writes their
+batches; the estimators import without TensorFlow; and no module outgrows a screenful of screens."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,13 +85,13 @@ def test_no_import_cycle_among_pipeline_modules():
 
 
 def test_the_cycle_finder_finds_a_planted_cycle():
-    planted = {**GRAPH, "pipeline.errors": GRAPH["pipeline.errors"] | {"pipeline.extract"}}
+    planted = {**GRAPH, "pipeline.errors": GRAPH["pipeline.errors"] | {"pipeline.extract.stage"}}
     assert _cycle(planted) is not None  # errors <- ... <- extract: closing it must be seen
 
 
 def test_only_the_cache_package_opens_hdf5():
     users = {n for n, p in _modules().items() if "h5py" in _imports_raw(p)}
-    assert users and all(n.startswith("pipeline.cache.") for n in users), sorted(users)
+    assert users and all(n.startswith("pipeline.extract.cache.") for n in users), sorted(users)
 
 
 def _imports_raw(path: Path) -> set[str]:
@@ -100,9 +104,9 @@ def _imports_raw(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("engine", [n for n in GRAPH if n.startswith("pipeline.engines")])
+@pytest.mark.parametrize("engine", [n for n in GRAPH if n.startswith("pipeline.extract.engines")])
 def test_engines_produce_and_never_import_the_stage_that_writes(engine):
-    assert not GRAPH[engine] & {"pipeline.extract", "pipeline.cache.writer"}, GRAPH[engine]
+    assert not GRAPH[engine] & {"pipeline.extract.stage", "pipeline.extract.cache.writer"}, GRAPH[engine]
 
 
 def test_no_module_over_400_lines():
@@ -113,3 +117,77 @@ def test_no_module_over_400_lines():
 def test_every_module_says_why_it_exists():
     missing = [n for n, p in _modules().items() if p.stat().st_size and not ast.get_docstring(ast.parse(p.read_text()))]
     assert missing == []
+
+
+# The flow of data, one folder a stage: a stage imports only the stages before it (heads and fine-tune are
+# two sides of one comparison: neither imports the other), the estimators (a library under every stage)
+# and the plumbing at the top, which imports no stage at all. ``curve`` and ``cli`` drive stages.
+FLOW = {"data": 0, "backbones": 1, "extract": 2, "heads": 3, "finetune": 3, "report": 4, "apply": 5}
+PLUMBING = {"artifacts", "config", "errors", "lock", "resources", "results", "uptodate"}
+DRIVERS = {"__main__", "cli", "curve"}
+
+
+def _top(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def _wrong_way(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that runs against the flow, as "importer -> imported"."""
+    bad = []
+    for name, targets in graph.items():
+        here = _top(name)
+        for target in targets:
+            there = _top(target)
+            if there == here or there in PLUMBING or here in DRIVERS or target == "pipeline":
+                continue
+            if here in PLUMBING or (here == "estimators") or there in DRIVERS:
+                ok = False
+            elif there == "estimators":
+                ok = True
+            else:
+                ok = FLOW[there] < FLOW[here]
+            if not ok:
+                bad.append(f"{name} -> {target}")
+    return sorted(bad)
+
+
+def test_the_top_holds_the_plumbing_and_one_folder_per_stage():
+    top = {
+        p.stem if p.is_file() else p.name for p in ROOT.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()
+    }
+    assert top == PLUMBING | DRIVERS | set(FLOW) | {"estimators", "__init__"}, sorted(top)
+
+
+def test_every_import_follows_the_flow_of_data():
+    assert _wrong_way(GRAPH) == []
+
+
+@pytest.mark.parametrize(
+    ("importer", "imported"),
+    [
+        ("pipeline.data", "pipeline.heads.stage"),  # an early stage reaching forward
+        ("pipeline.heads.fit", "pipeline.finetune.train"),  # one side of the comparison using the other
+        ("pipeline.estimators.linear", "pipeline.extract.cache.reader"),  # the library depending on a stage
+        ("pipeline.results", "pipeline.report"),  # plumbing depending on a stage
+    ],
+)
+def test_the_flow_check_sees_a_planted_wrong_way_import(importer, imported):
+    planted = {**GRAPH, importer: GRAPH[importer] | {imported}}
+    assert _wrong_way(planted) == [f"{importer} -> {imported}"]
+
+
+def test_the_estimators_and_what_reads_a_cache_import_without_tensorflow():
+    light = [n for n in GRAPH if n.startswith("pipeline.estimators")] + [
+        "pipeline.heads.registry",
+        "pipeline.heads.compose",
+        "pipeline.heads.fit",
+        "pipeline.extract.cache.reader",
+        "pipeline.report.stats",
+    ]
+    code = (
+        "import sys\n"
+        + "".join(f"import {n}\n" for n in light)
+        + ("print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

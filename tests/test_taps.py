@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from pipeline import backbones, extract, taps
+from pipeline import backbones
+from pipeline.backbones import taps
 from pipeline.errors import PipelineError
+from pipeline.extract import stage as extract
 
 
 def _taps(path):

@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 from conftest import TINY
 
-from pipeline import extract, heads, report, results
-from pipeline.cache import variants
+from pipeline import heads, report, results
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.extract import stage as extract
+from pipeline.extract.cache import variants
 
 
 def _features(cfg) -> Path:

@@ -8,7 +8,6 @@ may be downloaded at run time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-from pipeline.artifacts import atomic_path
+from pipeline.artifacts import atomic_path, sha256_file
 from pipeline.backbones import efficientnet_lite, model_file
 from pipeline.backbones.device import compute_precision, device_policy, gpu_visible, strategy  # noqa: F401 (re-exported)
 from pipeline.errors import PipelineError, first_line
@@ -87,7 +86,8 @@ def from_config(bc) -> BackboneSpec:
     name = model_file.name_for(bc.backbone)
 
     def build(weights: str | None, input_size: int):
-        return model_file.embedding_model(model, bc.layer, input_size, name)
+        # loaded afresh: its variables must be made under the caller's distribution strategy, if any
+        return model_file.embedding_model(model_file.load(path), bc.layer, input_size, name)
 
     what = f"{pre} ({path.name}, layer {bc.layer or 'last spatial'})"
     return BackboneSpec(name, size, what, model_file.PREPROCESSING[pre], build, "file", path)
@@ -95,14 +95,6 @@ def from_config(bc) -> BackboneSpec:
 
 def name_for(backbone: str) -> str:
     return model_file.name_for(backbone)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- EfficientNet-Lite ---------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The preprocessing layer, kept in the graph so saved fine-tuned models carry it.
 
-For exported models (``pipeline.export``) the same preprocessing is also available as a plain Keras
+For exported models (``pipeline.apply.export``) the same preprocessing is also available as a plain Keras
 ``Dense`` on the channel axis: every preprocessing here is a per-pixel affine map of RGB (scaling,
 mean/std, a channel swap), so an exported model loads with Keras alone.
 """

@@ -43,7 +43,7 @@ def name_for(backbone: str) -> str:
 
 def digest(path: Path) -> str:
     """Content hash of the file, or of every file of a SavedModel folder (names included)."""
-    from pipeline.backbones import sha256_file  # the package imports this module first
+    from pipeline.artifacts import sha256_file
 
     if not path.is_dir():
         return sha256_file(path)

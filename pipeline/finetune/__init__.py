@@ -7,7 +7,7 @@ the learning-rate search and schedule; ``phases``: the two fits; ``train``: scor
 rows). Same backbone, weights, input size, preprocessing and splits as ``extract``.
 """
 
-from pipeline.augment import AUGMENT_SEEDS, augmentation_layers
+from pipeline.data.augment import AUGMENT_SEEDS, augmentation_layers
 from pipeline.finetune import phases
 from pipeline.finetune.model import build_model, set_trainable
 from pipeline.finetune.train import FinetuneResult, model_path, run

@@ -62,22 +62,27 @@ def decode(paths: list[str], labels: np.ndarray, size: int, budget: int, spill: 
     return Decoded(images[:k], labels, index, spilled)
 
 
-def batches(dec: Decoded, batch_size: int, shuffle_seed: int | None = None):
+def batches(dec: Decoded, batch_size: int, shuffle_seed: int | None = None, pad_to: int | None = None):
     """``(images, labels)`` batches of decoded images; with ``shuffle_seed`` a new order every epoch (the
-    same orders as ``data.image_dataset`` gives under that seed when every file is readable)."""
+    same orders as ``data.image_dataset`` gives under that seed when every file is readable). ``pad_to``
+    (a worker's shard, padded so that every worker runs as many steps as the others): ``(images, labels,
+    weights)``, the padding repeating real images with weight 0, so no loss or accuracy counts them."""
     import tensorflow as tf
 
     n = len(dec)
     size = dec.images.shape[1]
-    ds = tf.data.Dataset.range(n)
+    ds = tf.data.Dataset.range(max(n, pad_to or 0))
     if shuffle_seed is not None:
-        ds = ds.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(max(n, pad_to or 0), seed=shuffle_seed, reshuffle_each_iteration=True)
 
     def gather(idx):
-        return np.asarray(dec.images[idx]), dec.labels[idx]
+        real = idx % max(n, 1)
+        return np.asarray(dec.images[real]), dec.labels[real], (idx < n).astype(np.float32)
 
     def load(idx):
-        images, labels = tf.numpy_function(gather, [idx], (tf.float32, tf.int64), stateful=False)
-        return tf.ensure_shape(images, (None, size, size, 3)), tf.ensure_shape(labels, (None,))
+        images, labels, weights = tf.numpy_function(gather, [idx], (tf.float32, tf.int64, tf.float32), stateful=False)
+        images = tf.ensure_shape(images, (None, size, size, 3))
+        labels, weights = tf.ensure_shape(labels, (None,)), tf.ensure_shape(weights, (None,))
+        return (images, labels, weights) if pad_to is not None else (images, labels)
 
     return ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -9,7 +9,7 @@ BatchNorm layers must stay in inference mode when unfrozen: in Keras 3 ``fit`` o
 from __future__ import annotations
 
 from pipeline import backbones
-from pipeline.augment import augmentation_layers
+from pipeline.data.augment import augmentation_layers
 from pipeline.errors import PipelineError
 
 

@@ -9,6 +9,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,39 +65,70 @@ def fit_phase(
     return seconds, len(history.epoch), initial + best + 1, float(accs[best])
 
 
-def splits(job, work: Path, batch: int):
+def splits(job, work: Path, batch: int, dist: Workers | None = None):
     """Training (shuffled afresh each epoch by the job's seed) and validation batches of ``batch`` images (the
-    global batch: per device x devices), decoded once."""
+    global batch: per device x devices), decoded once. Under ``dist`` each worker decodes only its shard of
+    each split (every ``workers``-th image from its index), padded with weight-0 repeats to the largest
+    shard, so that all run the same steps; the strategy hands each worker's batches to its replica."""
     ft = job.cfg.finetune
     budget = resources.parse(ft.memory_budget, default_fraction=0.5)
     out = []
     for name in ("train", "val"):
         part = job.ds.splits[name]
-        need = inputs.nbytes(len(part), job.size)
-        dec = inputs.decode(job.ds.paths(name), part.labels, job.size, budget, work / f"{name}.decoded.npy")
-        budget -= 0 if dec.spilled else need
-        if len(dec) < len(part):
-            log.warning("warning: %d unreadable %s images left out", len(part) - len(dec), name)
-        out.append(inputs.batches(dec, batch, job.seed if name == "train" else None))
+        pick = np.arange(dist.index, len(part), dist.workers) if dist else np.arange(len(part))
+        paths = [job.ds.paths(name)[i] for i in pick]
+        dec = inputs.decode(paths, part.labels[pick], job.size, budget, work / f"{name}.decoded.npy")
+        budget -= 0 if dec.spilled else inputs.nbytes(len(pick), job.size)
+        if len(dec) < len(pick):
+            log.warning("warning: %d unreadable %s images left out", len(pick) - len(dec), name)
+        seed = (job.seed + (dist.index if dist else 0)) if name == "train" else None
+        if dist:
+            longest = -(-len(part) // dist.workers)
+            local = inputs.batches(dec, ft.batch_size, seed, pad_to=longest)
+            out.append(dist.strategy.distribute_datasets_from_function(lambda _, ds=local: ds))
+            dist.example = dist.example or next(iter(local))
+            n = longest
+        else:
+            out.append(inputs.batches(dec, batch, seed))
+            n = len(dec)
         if name == "train":
-            steps = ft.steps_per_epoch or -(-len(dec) // batch)
+            steps = ft.steps_per_epoch or -(-n // (ft.batch_size if dist else batch))
     return out, steps
 
 
-def train(job, work: Path, state: dict, after_phase_one: Callable):
+@dataclass
+class Workers:
+    """This process's place among the ``finetune --engine ray`` workers (``workers.py``)."""
+
+    strategy: object  # tf.distribute.MultiWorkerMirroredStrategy, made before any other TensorFlow op
+    index: int
+    workers: int
+    example: tuple | None = None  # one local batch, to build the model from (``workers.patch_keras``)
+
+
+def train(job, work: Path, state: dict, after_phase_one: Callable, dist: Workers | None = None):
     """Both phases of ``job`` (``train._Job``); ``after_phase_one(job, model, work, state)`` scores and saves
     phase 1's model as ``frozen_dense``. A finished phase's weights are reloaded, an interrupted one continues
-    from its last epoch. Returns (model, gpu)."""
+    from its last epoch. ``dist``: this process is one of several workers. Returns (model, gpu)."""
     import keras
 
     cfg, ft = job.cfg, job.cfg.finetune
-    strategy, replicas, how = backbones.strategy(ft.devices)
+    if dist:
+        strategy, replicas = dist.strategy, dist.strategy.num_replicas_in_sync
+        how = f"MultiWorkerMirroredStrategy over {dist.workers} Ray workers"
+    else:
+        strategy, replicas, how = backbones.strategy(ft.devices)
     batch = ft.batch_size * replicas  # the global batch: per device x devices
     with backbones.device_policy(cfg.backbone.mixed_precision) as gpu, strategy.scope():
         base = backbones.build_backbone(job.spec, job.weights, job.size, job.seed)
         keras.utils.set_random_seed(job.seed)
         model = build_model(base, job.spec, len(job.ds.class_names), ft.augment, job.seed, ft.dropout)
-    state["devices"] = {"replicas": replicas, "strategy": how, "global_batch": batch}
+    state["devices"] = {
+        "replicas": replicas,
+        "strategy": how,
+        "global_batch": batch,
+        "workers": dist.workers if dist else 1,
+    }
     log.info(
         "fine-tuning %s on %s (%s, %dpx) on %s (%s, global batch %d): %d epochs (head), then up to %d (all of it)",
         job.spec.name,
@@ -109,7 +141,11 @@ def train(job, work: Path, state: dict, after_phase_one: Callable):
         ft.epochs_head,
         ft.epochs_finetune,
     )
-    data, steps = splits(job, work, batch)
+    data, steps = splits(job, work, batch, dist)
+    if dist:
+        from pipeline.finetune.workers import patch_keras
+
+        patch_keras(model, dist.example)
     with strategy.scope():  # the optimizers (compiled per phase and per searched rate) are built under it too
         _phase_one(job, model, base, data, work, state, after_phase_one)
         _phase_two(job, model, base, data, steps, work, state)

@@ -19,8 +19,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import tuning
 from pipeline.artifacts import write_json_atomic
+from pipeline.estimators import tuning
 
 log = logging.getLogger(__name__)
 

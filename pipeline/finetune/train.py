@@ -14,9 +14,9 @@ import numpy as np
 
 from pipeline import backbones, results, uptodate
 from pipeline.artifacts import atomic_path, run_record, writable_dir, write_json_atomic
-from pipeline.augment import AUGMENT_SEEDS
 from pipeline.config import Config
 from pipeline.data import Dataset, from_config, image_dataset, nested_subset
+from pipeline.data.augment import AUGMENT_SEEDS
 from pipeline.finetune import phases
 
 log = logging.getLogger(__name__)
@@ -114,35 +114,78 @@ def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None
     ``--seeds N``, N-1 more times with training seeds seed+1, ... (same data), each its own rows.
 
     ``n_subset``: train on a nested stratified subset of that many training images (learning curve);
-    its artifacts get a ``-n<N>`` suffix. A result whose inputs match a saved one is reused."""
+    its artifacts get a ``-n<N>`` suffix. A result whose inputs match a saved one is reused. With
+    ``--engine ray`` the training runs on ``--workers`` Ray workers (``workers.py``)."""
     job = _job(cfg, dataset, n_subset)
-    first = _run_one(job)
-    for k in range(1, max(cfg.finetune.seeds, 1)):
-        log.info("fine-tune seed %d of %d: training seed %d", k + 1, cfg.finetune.seeds, cfg.data.seed + k)
-        _run_one(job.with_seed(cfg.data.seed + k))
-    return first
+    seeds = [None] + [cfg.data.seed + k for k in range(1, max(cfg.finetune.seeds, 1))]
+    results_ = []
+    for k, seed in enumerate(seeds):
+        one = job if seed is None else job.with_seed(seed)
+        if k:
+            log.info("fine-tune seed %d of %d: training seed %d", k + 1, len(seeds), seed)
+        reused = _reused(one)
+        if reused is not None:
+            results_.append(reused)
+        elif cfg.finetune.engine == "ray" and cfg.finetune.workers > 1:
+            from pipeline.finetune import workers
+
+            results_.append(workers.run(cfg, n_subset, seed, _work(one)))
+        else:
+            results_.append(_train_and_save(one))
+    return results_[0]
 
 
-def _run_one(job: _Job) -> FinetuneResult:
+def run_as_worker(cfg: Config, n_subset: int | None, seed: int | None, strategy, index: int, n: int):
+    """One Ray worker's share of a fine-tune. Every worker runs every step the chief runs, scoring and saving
+    included (reading a variable the strategy reduces is a collective: all must take part), the others into
+    their own work folders; the chief (index 0) alone writes the model, the predictions, the record and the
+    results rows. Returns the chief's ``FinetuneResult`` (None on the others)."""
+    job = _job(cfg, None, n_subset)
+    job = job if seed is None else job.with_seed(seed)
+    from pipeline.finetune.workers import worker_dir
+
+    dist = phases.Workers(strategy, index, n)
+    return _train_and_save(job, dist, worker_dir(_work(job), index))
+
+
+def _work(job: _Job) -> Path:
+    return job.out.with_name(job.out.stem + ".work")
+
+
+def _reused(job: _Job) -> FinetuneResult | None:
+    """The saved result when its inputs match this job's and its files are all there (rows re-filed)."""
+    cfg = job.cfg
+    saved = uptodate.reusable(job.stem.with_suffix(".json"), _key(job), *_files(job), force=cfg.force)
+    if saved is None:
+        return None
+    for row in saved["rows"]:
+        results.upsert(results.results_path(cfg.artifacts, cfg.dataset_name), row)
+    print(f"\nfinetune {job.spec.name} ({job.ds.summary()}): up to date, reused {job.out} (--force to redo)")
+    return FinetuneResult(
+        job.out,
+        saved["val_accuracy"],
+        saved["scores"],
+        saved["phase_seconds"],
+        saved["epochs_run"],
+        saved.get("search_seconds", 0.0),
+    )
+
+
+def _key(job: _Job) -> str:
+    return _inputs_key(job.cfg, job.ds, job.spec, job.weights, job.size, job.extra_seed)
+
+
+def _files(job: _Job) -> list[Path]:
+    frozen = [_pred(job.frozen_stem), job.frozen_stem.with_suffix(".keras")] if job.cfg.finetune.epochs_head > 0 else []
+    return [job.out, _pred(job.stem)] + frozen
+
+
+def _train_and_save(job: _Job, dist: phases.Workers | None = None, work: Path | None = None) -> FinetuneResult:
     cfg = job.cfg
     ft = cfg.finetune
     frozen_model = job.frozen_stem.with_suffix(".keras")
-    files = [job.out, _pred(job.stem)] + ([_pred(job.frozen_stem), frozen_model] if ft.epochs_head > 0 else [])
-    key = _inputs_key(cfg, job.ds, job.spec, job.weights, job.size, job.extra_seed)
-    saved = uptodate.reusable(job.stem.with_suffix(".json"), key, *files, force=cfg.force)
-    if saved is not None:
-        for row in saved["rows"]:
-            results.upsert(results.results_path(cfg.artifacts, cfg.dataset_name), row)
-        print(f"\nfinetune {job.spec.name} ({job.ds.summary()}): up to date, reused {job.out} (--force to redo)")
-        return FinetuneResult(
-            job.out,
-            saved["val_accuracy"],
-            saved["scores"],
-            saved["phase_seconds"],
-            saved["epochs_run"],
-            saved.get("search_seconds", 0.0),
-        )
-    work = writable_dir(job.out.with_name(job.out.stem + ".work"))
+    key = _key(job)
+    work = writable_dir(work or _work(job))
     state = _fresh_state(key)
     if (work / "state.json").exists():
         state.update(json.loads((work / "state.json").read_text()))
@@ -152,9 +195,12 @@ def _run_one(job: _Job) -> FinetuneResult:
         shutil.rmtree(work)
         work.mkdir()
         state = _fresh_state(key)
-    model, gpu = phases.train(job, work, state, score_frozen_dense)
+    model, gpu = phases.train(job, work, state, score_frozen_dense, dist)
     val_acc = state["best_val"][-1] if state["best_val"] else float("nan")
     ids, y_true, y_pred = _predict(model, job.ds, "test", job.size, ft.batch_size)
+    if dist and dist.index:  # every worker runs what the chief runs (the strategy's reductions need them all)
+        model.save(work / "model.keras")  # but into its own folder, which the driver removes
+        return None
     scores = results.scores(y_true, y_pred)
     uptodate.invalidate(job.stem.with_suffix(".json"))
     with atomic_path(job.out, ".keras") as tmp:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cache.reader import cache_shape
 from pipeline.errors import PipelineError
+from pipeline.extract.cache.reader import cache_shape
 from pipeline.heads import registry
 from pipeline.resources import parse
 

@@ -16,10 +16,11 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
-from pipeline import results, tuning
-from pipeline.cache.reader import SplitData
+from pipeline import results
 from pipeline.data import stratified_split
 from pipeline.errors import PipelineError
+from pipeline.estimators import tuning
+from pipeline.extract.cache.reader import SplitData
 from pipeline.heads import registry
 from pipeline.heads.compose import make_pipeline
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from pipeline import results, uptodate
 from pipeline.artifacts import atomic_path, run_record, write_json_atomic
-from pipeline.cache.key import recorded
 from pipeline.config import Config
-from pipeline.features import MetaEncoding
+from pipeline.extract.cache.key import recorded
+from pipeline.heads.features import MetaEncoding
 from pipeline.heads.fit import HeadResult
 from pipeline.results import head_name
 

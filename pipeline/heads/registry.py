@@ -36,7 +36,7 @@ def _large(h, n: int, d: int) -> bool:
 
 
 def _ridge(h, seed, n, d):
-    from pipeline.linear import RidgeHead
+    from pipeline.estimators.linear import RidgeHead
 
     return RidgeHead()
 
@@ -44,7 +44,7 @@ def _ridge(h, seed, n, d):
 def _linear_svm(h, seed, n, d):
     from sklearn.svm import LinearSVC
 
-    from pipeline.linear import LinearHead
+    from pipeline.estimators.linear import LinearHead
 
     if _large(h, n, d):
         return LinearHead("squared_hinge", batch_size=h.batch_size, seed=seed)
@@ -55,7 +55,7 @@ def _linear_svm(h, seed, n, d):
 def _logreg(h, seed, n, d):
     from sklearn.linear_model import LogisticRegression
 
-    from pipeline.linear import LinearHead
+    from pipeline.estimators.linear import LinearHead
 
     if _large(h, n, d):
         return LinearHead("log", batch_size=h.batch_size, seed=seed)
@@ -63,13 +63,13 @@ def _logreg(h, seed, n, d):
 
 
 def _rbf_svm(h, seed, n, d):
-    from pipeline.estimators import KernelSVC
+    from pipeline.estimators.svm import KernelSVC
 
     return KernelSVC()
 
 
 def _nystroem(h, seed, n, d):
-    from pipeline.nystroem import NystroemHead
+    from pipeline.estimators.nystroem import NystroemHead
 
     return NystroemHead(n_components=h.nystroem_components, batch_size=h.batch_size, seed=seed)
 
@@ -80,13 +80,13 @@ def _nystroem_bytes(n, n_val, width, h):
 
 
 def _knn(h, seed, n, d):
-    from pipeline.estimators import CosineKNN
+    from pipeline.estimators.knn import CosineKNN
 
     return CosineKNN()
 
 
 def _mlp(h, seed, n, d):
-    from pipeline.estimators import KerasMLP
+    from pipeline.estimators.mlp import KerasMLP
 
     return KerasMLP(hidden=h.mlp_hidden, seed=seed)
 

@@ -4,9 +4,9 @@ Linear-probe protocol: standardise, tune C (alpha, k, ...) on the validation spl
 train when there is none), evaluate once on test. Tuning and the final fit are timed; the cache's
 extraction time is carried along so the report can charge it.
 
-Each head (``heads.registry``) runs per layer set (``--layers``, see ``pipeline.layer_select``) and
+Each head (``heads.registry``) runs per layer set (``--layers``, see ``pipeline.heads.layer_select``) and
 feature set; a head whose inputs key matches a saved result is reused. The in-memory heads check the
-memory budget (``heads.budget``) and load the cache once; ``linear_probe`` (``pipeline.probe``) streams it.
+memory budget (``heads.budget``) and load the cache once; ``linear_probe`` (``pipeline.heads.probe``) streams it.
 """
 
 from __future__ import annotations
@@ -21,17 +21,19 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-from pipeline import extract, layer_select, results, tuning, uptodate
+from pipeline import results, uptodate
 from pipeline.artifacts import run_record, writable_dir, write_json_atomic
 from pipeline.backbones.model_file import name_for
-from pipeline.cache.key import inputs_part
-from pipeline.cache.reader import CacheInfo, FeatureSet, SplitData, check_cache, load_features, train_labels
 from pipeline.config import Config
 from pipeline.data import nested_subset
 from pipeline.errors import PipelineError
-from pipeline.features import fuse, metadata_table
-from pipeline.heads import budget, registry
+from pipeline.estimators import tuning
+from pipeline.extract import stage as extract
+from pipeline.extract.cache.key import inputs_part
+from pipeline.extract.cache.reader import CacheInfo, FeatureSet, SplitData, check_cache, load_features, train_labels
+from pipeline.heads import budget, layer_select, registry
 from pipeline.heads.compose import FEATURE_SETS
+from pipeline.heads.features import fuse, metadata_table
 from pipeline.heads.fit import HeadResult, fit_head
 from pipeline.heads.persist import from_record, params_text, print_table, result_row, save_staged, write_record
 from pipeline.results import head_name
@@ -219,7 +221,7 @@ def _run_streaming(
     cfg: Config, plan: list[_Planned], info: CacheInfo, res_path: Path, out_dir: Path
 ) -> list[HeadResult]:
     """``linear_probe`` per layer set, image features only, nothing loaded whole."""
-    from pipeline import probe
+    from pipeline.heads import probe
 
     if any(f != "image" for f in cfg.heads.features) and cfg.metadata_path is not None:
         log.info("linear_probe fits image features only; the metadata feature sets are the in-memory heads'")

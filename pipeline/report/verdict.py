@@ -52,6 +52,21 @@ def _baseline(ft: pd.Series) -> str:
     return "Baseline: " + ", ".join(x for x in parts if x) + "."
 
 
+def device_time(head: pd.Series, ft: pd.Series) -> str:
+    """When the fine-tune ran on several devices, its cost in device-seconds too: its wall seconds bought
+    more hardware than the heads' one process had, so the wall-clock ratio alone flatters it."""
+    devices = _params(ft).get("devices") or {}
+    n = int(devices.get("replicas") or 1)
+    if n <= 1 or not head["total_seconds"] > 0:
+        return ""
+    spent = ft["total_seconds"] * n
+    how = devices.get("strategy", f"{n} devices")
+    return (
+        f" In device time (the fine-tune on {n} devices: {how}; the head on one): {spent:,.0f} device-s vs "
+        f"{head['total_seconds']:,.0f}, {spent / head['total_seconds']:,.1f}× the head's."
+    )
+
+
 def capped(ft: pd.Series) -> bool:
     """The fine-tune's phase 2 ran to its epoch cap: by the stopping rule it was still improving."""
     return _params(ft).get("stop") == "epoch_cap"
@@ -101,7 +116,7 @@ def verdict(table: pd.DataFrame, spread: pd.DataFrame | None = None) -> list[str
         ratio = head["time_ratio"]
         cost = ratio_text(ratio).replace("faster", "cheaper").replace("slower", "dearer")
         text += f", {cost} ({head['total_seconds']:,.0f} s vs {f['total_seconds']:,.0f} s)." if cost else "."
-        lines.append(text + (CAPPED if capped(f) else ""))
+        lines.append(text + device_time(head, f) + (CAPPED if capped(f) else ""))
         if head["features"] != "image":
             lines.extend(_image_only(table, b, head))
         lines.append(_baseline(f))

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import methods, runtimes
+from pipeline.apply import methods
+from pipeline.apply.feature_model import rebuild
 from pipeline.artifacts import atomic_path
 from pipeline.config import Config
 from pipeline.data import IMAGE_EXTENSIONS, image_dataset, load_metadata
 from pipeline.errors import PipelineError
-from pipeline.feature_model import rebuild
-from pipeline.features import apply_missing
+from pipeline.extract import runtimes
+from pipeline.heads.features import apply_missing
 
 log = logging.getLogger(__name__)
 

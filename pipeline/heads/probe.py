@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.stream import CacheStream
 from pipeline.errors import PipelineError
+from pipeline.extract.cache.stream import CacheStream
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def fit_probe(
     """Train every decay at once on the streamed train split; keep each one's best epoch by val accuracy."""
     import keras
 
-    from pipeline.tuning import progress_bar
+    from pipeline.estimators.tuning import progress_bar
 
     t0 = time.perf_counter()
     streams = {s: CacheStream(path, s, layers) for s in ("train", "val", "test")}

@@ -20,9 +20,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.cache.key import VIEWS, differences, read_key
 from pipeline.data import SPLITS
 from pipeline.errors import DISK_FULL, PipelineError, first_line
+from pipeline.extract.cache.key import VIEWS, differences, read_key
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import tuning
-from pipeline.cache.reader import LAST
 from pipeline.data import SPLITS
 from pipeline.errors import PipelineError
+from pipeline.estimators import tuning
+from pipeline.extract.cache.reader import LAST
 
 log = logging.getLogger(__name__)
 

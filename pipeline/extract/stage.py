@@ -1,12 +1,12 @@
 """`make extract`: frozen backbone -> HDF5 embedding cache (cached, resumable, content-keyed).
 
-A hit (``pipeline.cache.key``: same backbone, weights hash, input size, preprocessing, file list,
+A hit (``pipeline.extract.cache.key``: same backbone, weights hash, input size, preprocessing, file list,
 taps, views, precision) does no forward pass; a miss never reuses stale features. An engine
-(``pipeline.engines``) runs the feature model in the chosen runtime (``pipeline.runtimes``) and yields
-batches; this stage alone writes them through the cache writer (``pipeline.cache.writer``), which makes
+(``pipeline.extract.engines``) runs the feature model in the chosen runtime (``pipeline.extract.runtimes``) and yields
+batches; this stage alone writes them through the cache writer (``pipeline.extract.cache.writer``), which makes
 an interrupted run resume from its last complete batch.
 
-Taps (``pipeline.taps``) add one dataset per tapped layer under each split's ``taps/`` group, written
+Taps (``pipeline.backbones.taps``) add one dataset per tapped layer under each split's ``taps/`` group, written
 with the final embedding from the same forward pass. ``--views K`` adds a ``views`` group: K augmented
 passes over the training images (the fine-tune's own augmentation layers), for heads' ``--train-views``.
 """
@@ -22,17 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import backbones, engines, lock, runtimes
-from pipeline import taps as taps_mod
+from pipeline import backbones, lock
 from pipeline.artifacts import library_versions, run_record, writable_dir, write_json_atomic
-from pipeline.augment import AUGMENT_SEEDS, augmentation
-from pipeline.cache import key as cache_keys
-from pipeline.cache import variants
-from pipeline.cache.key import VIEWS
-from pipeline.cache.writer import CacheWriter, complete_contents
+from pipeline.backbones import taps as taps_mod
 from pipeline.config import Config
 from pipeline.data import SPLITS, Dataset, from_config
+from pipeline.data.augment import AUGMENT_SEEDS, augmentation
 from pipeline.errors import PipelineError
+from pipeline.extract import engines, runtimes
+from pipeline.extract.cache import key as cache_keys
+from pipeline.extract.cache import variants
+from pipeline.extract.cache.key import VIEWS
+from pipeline.extract.cache.reader import tap_label
+from pipeline.extract.cache.writer import CacheWriter, complete_contents
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ def _adopt(cfg: Config, key: dict) -> Config:
 
 
 def cache_key(spec: backbones.BackboneSpec, weights: backbones.Weights, size: int, ds: Dataset, cfg: Config) -> dict:
-    """The cache key of this configuration (see ``pipeline.cache.key``)."""
+    """The cache key of this configuration (see ``pipeline.extract.cache.key``)."""
     views = None
     if cfg.extract.views:
         views = {"views": cfg.extract.views, "augment": list(cfg.finetune.augment), "seed": cfg.data.seed}
@@ -203,7 +205,7 @@ def _extract(cfg: Config, ds: Dataset, spec, size: int, weights, key: dict, out:
         spec.preprocessing,
         "GPU" if m.gpu else "CPU",
         runtimes.NAMES[m.runtime],
-        f"; taps: {', '.join(f'{t.layer} ({t.width})' for t in m.taps)}" if m.taps else "",
+        f"; taps: {', '.join(tap_label(k, t.layer, list(t.shape)) for k, t in enumerate(m.taps, 1))}" if m.taps else "",
         f"; {cfg.extract.views} augmented views of train" if cfg.extract.views else "",
     )
     if weights.is_random:
@@ -244,7 +246,7 @@ def _passes(writer: CacheWriter, ds: Dataset, m: _Models, size: int, cfg: Config
     train = ds.splits["train"]
     try:
         if ex.engine == "ray":
-            from pipeline.engines import ray_data
+            from pipeline.extract.engines import ray_data
 
             ray = lambda p: ray_data.batches(p, size, ex, m.model, m.onnx)  # noqa: E731
             _write_pass(writer, ds.root, sources, ray, ex.strict, "extract (ray)")
@@ -262,7 +264,7 @@ def _passes(writer: CacheWriter, ds: Dataset, m: _Models, size: int, cfg: Config
 
 
 def _local(size: int, batch_size: int, forward):
-    from pipeline.engines import local
+    from pipeline.extract.engines import local
 
     return lambda paths: local.batches(paths, size, batch_size, forward)
 

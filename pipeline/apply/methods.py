@@ -1,7 +1,7 @@
 """Any method the report compares, loaded so that it applies to new images: `predict` and `export` start here.
 
 A head is its fitted scikit-learn pipeline (or the streaming probe's Keras layer) *plus* the feature
-model that filled its cache, rebuilt from the cache's key (``pipeline.feature_model``), the layer order
+model that filled its cache, rebuilt from the cache's key (``pipeline.apply.feature_model``), the layer order
 and the metadata encoding from its record. The fine-tune and ``frozen_dense`` are whole Keras models.
 Which method is "the answer" is never decided here: without ``--method`` it is the one the report's
 verdict recorded in ``artifacts/reports/<dataset>/choice.json``.
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import backbones, results
-from pipeline.cache.reader import LAST
 from pipeline.errors import PipelineError
-from pipeline.features import MetaEncoding
+from pipeline.extract.cache.reader import LAST
+from pipeline.heads.features import MetaEncoding
 
 FINETUNED_FILES = {"finetune": "finetuned", "frozen_dense": "frozen_dense"}
 
@@ -98,7 +98,7 @@ def locate(cfg, method: str | None) -> tuple[str, str]:
     if method:
         if method.split("-n")[0] in FINETUNED_FILES:
             return backbones.name_for(cfg.backbone.backbone), method
-        from pipeline import extract
+        from pipeline.extract import stage as extract
 
         return extract.cache_path(cfg).stem, method
     path = choice_path(cfg.artifacts, cfg.dataset_name)
@@ -137,10 +137,30 @@ def _load_finetuned(cfg, backbone: str, name: str, base: str) -> Method:
     return Method(name, base, backbone, record["class_names"], size, model, None, [], None, record)
 
 
-def _load_head(cfg, backbone: str, name: str, portable: bool = False) -> Method:
+# Heads saved before the package was grouped by stage name their classes' old modules; the classes live on
+# (``pipeline.estimators`` itself re-exports every estimator, so that old name needs no entry).
+_MOVED = {
+    "pipeline.linear": "pipeline.estimators.linear",
+    "pipeline.nystroem": "pipeline.estimators.nystroem",
+    "pipeline.contract": "pipeline.estimators.contract",
+    "pipeline.tuning": "pipeline.estimators.tuning",
+}
+
+
+def _load_joblib(path: Path):
+    """A saved head, whichever layout of this package pickled it."""
+    import importlib
+    import sys
+
     import joblib
 
-    from pipeline.feature_model import rebuild
+    for old, new in _MOVED.items():
+        sys.modules.setdefault(old, importlib.import_module(new))
+    return joblib.load(path)
+
+
+def _load_head(cfg, backbone: str, name: str, portable: bool = False) -> Method:
+    from pipeline.apply.feature_model import rebuild
 
     folder = Path(cfg.artifacts) / "heads" / cfg.dataset_name / backbone
     record_path = folder / f"{name}.json"
@@ -161,7 +181,7 @@ def _load_head(cfg, backbone: str, name: str, portable: bool = False) -> Method:
 
         head = keras.models.load_model(model_path)
     else:
-        head = joblib.load(model_path)
+        head = _load_joblib(model_path)
     order = [LAST] + json.loads(attrs.get("tap_layers", "[]"))
     blocks = [order.index(n) for n in record["layer_names"]]
     enc = record.get("metadata_encoding")

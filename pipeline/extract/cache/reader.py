@@ -15,9 +15,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.cache.key import VIEWS
 from pipeline.data import SPLITS
 from pipeline.errors import PipelineError, first_line
+from pipeline.extract.cache.key import VIEWS
 
 LAST = "last"  # the final embedding, as a layer name
 

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import methods, runtimes, tuning
+from pipeline.apply import methods
 from pipeline.artifacts import library_versions, write_json_atomic
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.estimators import tuning
+from pipeline.extract import runtimes
 from pipeline.heads import registry
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ def _finetuned(model, size: int):
     import keras
 
     from pipeline.backbones.layers import portable_preprocess
-    from pipeline.taps import portable_base
+    from pipeline.backbones.taps import portable_base
 
     base = portable_base(next(layer for layer in model.layers if isinstance(layer, keras.Model)))[0]
     image, x = _image_input(size)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import h5py
 
-from pipeline.cache.key import read_key
 from pipeline.errors import PipelineError, first_line
+from pipeline.extract.cache.key import read_key
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.metaestimators import available_if
 
-from pipeline.contract import binary_scores, fit_data, predict_data
-from pipeline.tuning import edge_values, gram_products, progress_bar, row_chunks
+from pipeline.estimators.contract import binary_scores, fit_data, predict_data
+from pipeline.estimators.tuning import edge_values, gram_products, progress_bar, row_chunks
 
 LOSSES = ("log", "squared_hinge")
 _CHUNK = 8192

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.cache.reader import FeatureSet, SplitData
 from pipeline.data import SPLITS, load_metadata
 from pipeline.errors import PipelineError
+from pipeline.extract.cache.reader import FeatureSet, SplitData
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from pipeline.data import image_dataset
-from pipeline.engines import Batch
+from pipeline.extract.engines import Batch
 
 
 def batches(paths: list[str], size: int, batch_size: int, forward: Callable) -> Iterator[Batch]:

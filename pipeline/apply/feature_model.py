@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 
 from pipeline import backbones
-from pipeline import taps as taps_mod
-from pipeline.cache.reader import check_cache
+from pipeline.backbones import taps as taps_mod
 from pipeline.config import BackboneConfig
 from pipeline.errors import PipelineError
+from pipeline.extract.cache.reader import check_cache
 
 
 def rebuild(cache: Path, artifacts: Path, portable: bool = False):

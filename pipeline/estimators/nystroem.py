@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from pipeline.contract import binary_scores, fit_data, predict_data
-from pipeline.estimators import KernelSVC, rbf_kernel32
-from pipeline.linear import LinearHead
-from pipeline.tuning import column_stats
+from pipeline.estimators.contract import binary_scores, fit_data, predict_data
+from pipeline.estimators.linear import LinearHead
+from pipeline.estimators.svm import KernelSVC, rbf_kernel32
+from pipeline.estimators.tuning import column_stats
 
 CHUNK = 4096  # rows per kernel block
 

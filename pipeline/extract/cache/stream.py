@@ -9,8 +9,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.cache.reader import LAST
-from pipeline.tuning import column_stats
+from pipeline.estimators.tuning import column_stats
+from pipeline.extract.cache.reader import LAST
 
 UNIT_ROWS = 256  # rows per read, rounded to whole storage chunks (the writer makes 256-row chunks)
 POOL_UNITS = 32  # units drawn from all over the file and shuffled together: caches are often sorted by class

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.engines import Batch
+from pipeline.extract.engines import Batch
 
 log = logging.getLogger(__name__)
 # logged once per pass; benchmarks/extract_throughput.py reads its argument to split start-up from steady state
@@ -112,8 +112,8 @@ class Embed:
         import keras
         import tensorflow as tf
 
-        from pipeline import taps
         from pipeline.backbones import layers as _registered  # noqa: F401  (Preprocess deserialises)
+        from pipeline.backbones import taps
 
         taps.pool_class()  # registers AdaptivePool before the config is read
 
@@ -136,7 +136,7 @@ class Embed:
         self.widths = [int(o.shape[-1]) for o in self.model.outputs]
 
     def _onnx(self, data: bytes, threads: int) -> None:
-        from pipeline import runtimes
+        from pipeline.extract import runtimes
 
         session = runtimes.onnx_session(data, threads or 0)
         self.widths = [int(o.shape[-1]) for o in session.get_outputs()]

@@ -1,0 +1,149 @@
+"""`finetune --engine ray --workers N`: the fine-tune data-parallel across machines, with TensorFlow's own
+``MultiWorkerMirroredStrategy`` (its collectives exchange the gradients), the workers started and placed
+by Ray.
+
+Ray Train's ``TensorflowTrainer`` needs ``ray.train.v2``'s extra dependencies and ray-project/ray#47464
+reports its stock TensorFlow example failing, so the workers are plain Ray actors that each write
+``TF_CONFIG`` (the cluster's addresses, their index) before TensorFlow starts, exactly what the trainer
+would do. Every worker runs the same two phases on its own shard of the images (it decodes only those) in
+its own work folder, and every step the chief runs after them (a read of a variable the strategy reduces
+is a collective op that needs every worker); worker 0, the chief, alone writes the model, the
+predictions, the record and the results rows. ``--resume`` continues from the chief's checkpoint: the
+other workers start from a copy of its work folder, so all of them take up the same epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def worker_dir(work: Path, index: int) -> Path:
+    """Worker ``index``'s work folder: the chief's is the single-device one, so a local run can resume it."""
+    return work if index == 0 else work.with_name(f"{work.name}-worker{index}")
+
+
+def prepare_folders(work: Path, workers: int, resume: bool) -> None:
+    """Before any worker starts: on ``resume`` every other worker's folder becomes a copy of the chief's
+    (its decoded-image spill files excepted: each worker decodes its own shard), else they are removed."""
+    for index in range(1, workers):
+        mine = worker_dir(work, index)
+        shutil.rmtree(mine, ignore_errors=True)
+        if resume and work.exists():
+            shutil.copytree(work, mine, ignore=shutil.ignore_patterns("*.decoded.npy"))
+
+
+def patch_keras(model, example) -> None:
+    """Keras 3.15 cannot ``fit`` under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585,
+    tensorflow/tensorflow#72388): its symbolic build all-reduces a whole nested batch, which the collective
+    strategy refuses, and it averages each step's scalar logs along an axis they do not have. Two narrow
+    fixes, only in a worker's process: the model is built from ``example``, one batch of this worker's own
+    data, and scalars are averaged across the workers as scalars. The epoch's metrics (what early stopping
+    and the schedule read) come from the metric variables, which the strategy sums over every worker."""
+    import types
+
+    from keras.src.backend.tensorflow import trainer
+
+    def symbolic_build(self, iterator=None, data_batch=None):
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=example)
+
+    model._maybe_symbolic_build = types.MethodType(symbolic_build, model)
+    if getattr(trainer.reduce_per_replica, "_multi_worker_fix", False):
+        return
+    original = trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and trainer._collective_all_reduce_multi_worker(strategy):
+            return trainer.tree.map_structure(
+                lambda v: strategy.reduce("MEAN", v, axis=None) if trainer._is_per_replica_instance(v) else v, values
+            )
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._multi_worker_fix = True
+    trainer.reduce_per_replica = reduce_per_replica
+
+
+def tf_config(addresses: list[str], index: int) -> str:
+    return json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
+
+
+def _free_address() -> str:
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return f"{ray.util.get_node_ip_address()}:{port}"
+
+
+def _train_in_worker(cfg, n_subset, seed, addresses: list[str], index: int):
+    """One worker: ``TF_CONFIG`` first, the strategy before any other TensorFlow op, then the fine-tune.
+    Only the chief talks: the others' Keras progress lines would repeat its own."""
+    import sys
+
+    os.environ["TF_CONFIG"] = tf_config(addresses, index)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO if index == 0 else logging.WARNING, format="%(message)s", force=True)
+    if index:
+        sys.stdout = open(os.devnull, "w")  # for the life of this worker process
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # the collectives' per-step INFO lines and retracing notices, twice over
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    from pipeline.finetune import train
+
+    return train.run_as_worker(cfg, n_subset, seed, strategy, index, len(addresses))
+
+
+def _connect():
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or None, include_dashboard=False, logging_level="ERROR")
+        log.info("ray: %s", "joined " + address if address else f"local cluster, {ray.cluster_resources()}")
+    return ray
+
+
+def run(cfg, n_subset: int | None, seed: int | None, work: Path):
+    """The fine-tune on ``cfg.finetune.workers`` Ray workers; returns the chief's ``FinetuneResult``."""
+    from pipeline.extract.engines import check
+
+    check("ray")
+    ray = _connect()
+    n = cfg.finetune.workers
+    resources = ray.cluster_resources()
+    cpus = max(1.0, float(resources.get("CPU", n) // n))
+    gpus = 1 if resources.get("GPU", 0) >= n else 0
+    prepare_folders(work, n, cfg.finetune.resume)
+    actor = ray.remote(num_cpus=cpus, num_gpus=gpus)(_Worker)
+    actors = [actor.remote() for _ in range(n)]
+    addresses = ray.get([a.address.remote() for a in actors])
+    log.info(
+        "fine-tune on %d Ray workers, %g CPU%s each: %s", n, cpus, " + 1 GPU" if gpus else "", ", ".join(addresses)
+    )
+    try:
+        results = ray.get([a.train.remote(cfg, n_subset, seed, addresses, i) for i, a in enumerate(actors)])
+    finally:
+        for a in actors:
+            ray.kill(a)
+    for index in range(1, n):
+        shutil.rmtree(worker_dir(work, index), ignore_errors=True)
+    return results[0]
+
+
+class _Worker:
+    """A Ray actor: one process, one worker of the strategy."""
+
+    def address(self) -> str:
+        return _free_address()
+
+    def train(self, cfg, n_subset, seed, addresses: list[str], index: int):
+        return _train_in_worker(cfg, n_subset, seed, addresses, index)

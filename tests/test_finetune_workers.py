@@ -1,0 +1,111 @@
+"""`finetune --engine ray --workers 2` on a local Ray cluster: two worker processes train data-parallel under
+MultiWorkerMirroredStrategy, the chief alone writes one model and one row, and an interrupted run resumes
+from the chief's checkpoint. The tiny backbone goes as a model file, which every Ray process can load."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.finetune import workers
+
+pytest.importorskip("ray")
+
+FLAGS = ["--epochs-head", "1", "--lr-grid", "0.001", "0.01", "--batch-size", "4", "--augment", "flip"]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    from conftest import _build_tiny, write_images
+
+    data = tmp_path / "data" / "toy"
+    for k, (split, n) in enumerate((("train", 9), ("val", 5), ("test", 3))):
+        write_images(data / split, n, seed=k)
+    model = tmp_path / "tiny.keras"
+    _build_tiny(None, 16).save(model)
+    return data, tmp_path / "artifacts", model
+
+
+def _command(data, artifacts, model, *extra):
+    return [sys.executable, "-m", "pipeline", "finetune", "--dataset", str(data), "--artifacts", str(artifacts)] + [
+        "--backbone",
+        str(model),
+        "--engine",
+        "ray",
+        "--workers",
+        "2",
+        *FLAGS,
+        *extra,
+    ]
+
+
+def _rows(artifacts: Path):
+    import pandas as pd
+
+    return pd.read_csv(artifacts / "results" / "toy.csv")
+
+
+def test_two_workers_train_one_model_and_write_one_row(setup):
+    data, artifacts, model = setup
+    run = subprocess.run(_command(data, artifacts, model, "--epochs-finetune", "2"), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = _rows(artifacts)
+    assert sorted(rows["method"]) == ["finetune", "frozen_dense"]
+    devices = json.loads(rows.set_index("method").loc["finetune", "params"])["devices"]
+    assert devices == {
+        "replicas": 2,
+        "strategy": "MultiWorkerMirroredStrategy over 2 Ray workers",
+        "global_batch": 8,
+        "workers": 2,
+    }
+    models = artifacts / "models" / "toy"
+    assert (models / "tiny-finetuned.keras").exists()
+    assert sorted(p.name for p in models.iterdir() if "work" in p.name) == []  # every worker's folder removed
+
+
+def test_an_interrupted_two_worker_run_resumes_from_the_chiefs_checkpoint(setup):
+    data, artifacts, model = setup
+    work = artifacts / "models" / "toy" / "tiny-finetuned.work"
+    long = ("--epochs-finetune", "6", "--patience", "6", "--lr-grid", "0.01")  # a phase 2 to interrupt
+    first = subprocess.Popen(
+        _command(data, artifacts, model, *long), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not (work / "phase1.done.weights.h5").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    assert not (artifacts / "models" / "toy" / "tiny-finetuned.json").exists()  # it really was cut short
+    phase_one = json.loads((work / "state.json").read_text())["phase_seconds"][0]
+
+    second = subprocess.run(_command(data, artifacts, model, *long, "--resume"), capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "phase 1 already done" in second.stdout + second.stderr
+    record = json.loads((artifacts / "models" / "toy" / "tiny-finetuned.json").read_text())
+    assert record["phase_seconds"][0] == phase_one  # phase 1 not trained again: taken up from the checkpoint
+    assert len(_rows(artifacts)) == 2
+
+
+def test_the_other_workers_start_from_a_copy_of_the_chiefs_folder(tmp_path):
+    work = tmp_path / "m.work"
+    work.mkdir()
+    (work / "state.json").write_text("{}")
+    (work / "train.decoded.npy").write_bytes(b"x")
+    stale = workers.worker_dir(work, 1)
+    stale.mkdir()
+    (stale / "old").write_text("")
+    workers.prepare_folders(work, 3, resume=True)
+    for index in (1, 2):
+        assert sorted(p.name for p in workers.worker_dir(work, index).iterdir()) == ["state.json"]
+    workers.prepare_folders(work, 3, resume=False)
+    assert not workers.worker_dir(work, 1).exists() and (work / "state.json").exists()
+    assert json.loads(workers.tf_config(["a:1", "b:2"], 1)) == {
+        "cluster": {"worker": ["a:1", "b:2"]},
+        "task": {"type": "worker", "index": 1},
+    }
+    assert os.path.basename(workers.worker_dir(work, 0)) == "m.work"
