@@ -418,3 +418,17 @@ def test_a_head_scored_on_fewer_test_images_is_compared_on_the_common_ones(tmp_p
     _, lo, hi = paired_delta_ci(head[kept], ft[kept])
     assert (row["delta_ci_low"], row["delta_ci_high"]) == pytest.approx((lo * 100, hi * 100))
     assert f"{paired_delta:+.2f} (on 360 paired)" in text.split("## Comparison")[1]
+
+
+@pytest.mark.parametrize("replicas", [1, 4])
+def test_a_fine_tune_on_several_devices_is_also_charged_device_seconds(replicas):
+    from pipeline.report.verdict import device_time
+
+    head = pd.Series({"total_seconds": 40.0})
+    devices = {"replicas": replicas, "strategy": "MultiWorkerMirroredStrategy over 4 Ray workers", "workers": 4}
+    ft = pd.Series({"total_seconds": 400.0, "params": json.dumps({"devices": devices})})
+    text = device_time(head, ft)
+    if replicas == 1:
+        assert text == ""  # one device: the wall-clock ratio is the whole story
+    else:
+        assert "1,600 device-s vs 40" in text and "40.0× the head's" in text and "4 Ray workers" in text

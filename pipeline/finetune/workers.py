@@ -125,7 +125,7 @@ def run(cfg, n_subset: int | None, seed: int | None, work: Path):
     prepare_folders(work, n, cfg.finetune.resume)
     actor = ray.remote(num_cpus=cpus, num_gpus=gpus)(_Worker)
     actors = [actor.remote() for _ in range(n)]
-    addresses = ray.get([a.address.remote() for a in actors])
+    addresses = _distinct_addresses(ray, actors)
     log.info(
         "fine-tune on %d Ray workers, %g CPU%s each: %s", n, cpus, " + 1 GPU" if gpus else "", ", ".join(addresses)
     )
@@ -137,6 +137,18 @@ def run(cfg, n_subset: int | None, seed: int | None, work: Path):
     for index in range(1, n):
         shutil.rmtree(worker_dir(work, index), ignore_errors=True)
     return results[0]
+
+
+def _distinct_addresses(ray, actors) -> list[str]:
+    """One free port per worker, asked for one worker at a time: two workers on one node that each find a
+    free port at the same moment can be handed the same one, and the second gRPC server could not start."""
+    addresses: list[str] = []
+    for actor in actors:
+        address = ray.get(actor.address.remote())
+        while address in addresses:
+            address = ray.get(actor.address.remote())
+        addresses.append(address)
+    return addresses
 
 
 class _Worker:
