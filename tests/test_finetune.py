@@ -342,3 +342,24 @@ def test_a_search_of_a_fraction_of_an_epoch_trains_that_share_of_the_batches(ft_
     searches = [s for s in seen if s[0].startswith("search")]
     assert len(searches) >= 2 and all(s[1:] == (1, 1) for s in searches)
     assert [s for s in seen if not s[0]][-1][2] is None  # the continuation: every batch
+
+
+def test_a_kill_while_saving_a_phases_weights_leaves_no_file_that_says_done(tmp_path):
+    """`phase1.done.weights.h5` present means phase 1 is done; half of it (a kill while writing) must never
+    be there, or the resumed run fails reading it (seen on an interrupted two-worker run)."""
+    from pipeline.finetune import phases
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    done = tmp_path / "phase1.done.weights.h5"
+
+    def dies_half_way(path):
+        open(path, "wb").write(b"\x89HDF\r\n")  # the first bytes, then the process is gone
+        raise KeyboardInterrupt
+
+    model.save_weights = dies_half_way
+    with pytest.raises(KeyboardInterrupt):
+        phases._save(model, done)
+    assert list(tmp_path.iterdir()) == []
+    del model.save_weights
+    phases._save(model, done)
+    assert phases._done(model, done, 1)

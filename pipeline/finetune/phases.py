@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import backbones, resources
-from pipeline.artifacts import write_json_atomic
+from pipeline.artifacts import atomic_path, write_json_atomic
 from pipeline.finetune import inputs, search
 from pipeline.finetune.model import _optimizer, build_model, set_trainable
 
@@ -42,7 +42,7 @@ def fit_phase(
     callbacks = [
         keras.callbacks.EarlyStopping("val_accuracy", patience=ft.patience, restore_best_weights=True, mode="max"),
         keras.callbacks.CSVLogger(work / "training_log.csv", append=True),
-        keras.callbacks.BackupAndRestore(work / f"backup-{name}"),
+        keras.callbacks.BackupAndRestore(work / f"backup-{name}", double_checkpoint=True),  # a kill mid-write
         *[c for c in extra if c is not None],
     ]
     if ft.tensorboard:
@@ -158,6 +158,13 @@ def _load(model, path: Path) -> None:
         model.load_weights(path)
 
 
+def _save(model, path: Path) -> None:
+    """Weights whose presence says a step is done: written whole or not at all, so a run killed while
+    writing resumes from the step before instead of failing on half a file."""
+    with atomic_path(path, ".weights.h5") as tmp:
+        model.save_weights(tmp)
+
+
 def _done(model, path: Path, phase: int) -> bool:
     if not path.exists():
         return False
@@ -185,7 +192,7 @@ def _phase_one(job, model, base, data, work: Path, state: dict, after: Callable)
     if not _done(model, done, 1) and ft.epochs_head > 0:
         log.info("phase 1: backbone frozen, learning rate %g", ft.learning_rate)
         _record(state, work, *fit_phase(model, 1, ft.epochs_head, *data, ft, work))
-        model.save_weights(done)
+        _save(model, done)
     if ft.epochs_head > 0 and "frozen" not in state:
         after(job, model, work, state)
 
@@ -202,7 +209,7 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     log.info("phase 2: %s backbone layer with weights trainable (%d), BatchNorm in inference mode", what, n)
     start = work / "phase2.start.weights.h5"
     if not start.exists():
-        model.save_weights(start)
+        _save(model, start)
     # below one epoch: that share of an epoch's (shuffled) batches, a demo-sized search on fewer images
     search_epochs = max(1, min(round(ft.search_epochs), ft.epochs_finetune))
     search_steps = max(1, round(ft.search_epochs * steps)) if ft.search_epochs < 1 else None
@@ -214,7 +221,7 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
         seconds, _, _, best_val = fit_phase(
             model, 2, search_epochs, *data, ft, work, tag=f"search-lr{lr:g}", steps=search_steps
         )
-        model.save_weights(search.weights_file(work, lr))  # its best epoch's weights (EarlyStopping restores them)
+        _save(model, search.weights_file(work, lr))  # its best epoch's weights (EarlyStopping restores them)
         return best_val, seconds
 
     lr = search.choose_lr(try_lr, ft.lr_grid, state, work)
@@ -239,4 +246,4 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     state["learning_rate_finetune"] = lr
     state["stop"] = search.stop_reason(initial + ran, ft.epochs_finetune)
     _record(state, work, seconds, initial + ran, best_epoch, best_val)
-    model.save_weights(done)
+    _save(model, done)

@@ -129,7 +129,7 @@ def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None
         elif cfg.finetune.engine == "ray" and cfg.finetune.workers > 1:
             from pipeline.finetune import workers
 
-            results_.append(workers.run(cfg, n_subset, seed, _work(one)))
+            results_.append(workers.run(cfg, _work(one), run_as_worker, cfg, n_subset, seed))
         else:
             results_.append(_train_and_save(one))
     return results_[0]

@@ -83,25 +83,6 @@ def _free_address() -> str:
     return f"{ray.util.get_node_ip_address()}:{port}"
 
 
-def _train_in_worker(cfg, n_subset, seed, addresses: list[str], index: int):
-    """One worker: ``TF_CONFIG`` first, the strategy before any other TensorFlow op, then the fine-tune.
-    Only the chief talks: the others' Keras progress lines would repeat its own."""
-    import sys
-
-    os.environ["TF_CONFIG"] = tf_config(addresses, index)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.INFO if index == 0 else logging.WARNING, format="%(message)s", force=True)
-    if index:
-        sys.stdout = open(os.devnull, "w")  # for the life of this worker process
-    import tensorflow as tf
-
-    tf.get_logger().setLevel("ERROR")  # the collectives' per-step INFO lines and retracing notices, twice over
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    from pipeline.finetune import train
-
-    return train.run_as_worker(cfg, n_subset, seed, strategy, index, len(addresses))
-
-
 def _connect():
     import ray
 
@@ -112,8 +93,9 @@ def _connect():
     return ray
 
 
-def run(cfg, n_subset: int | None, seed: int | None, work: Path):
-    """The fine-tune on ``cfg.finetune.workers`` Ray workers; returns the chief's ``FinetuneResult``."""
+def run(cfg, work: Path, entry, *args):
+    """``entry(*args, strategy, index, workers)`` (``train.run_as_worker``) on ``cfg.finetune.workers`` Ray
+    workers; returns the chief's result. Passed in, so this module needs nothing of the training code."""
     from pipeline.extract.engines import check
 
     check("ray")
@@ -130,7 +112,8 @@ def run(cfg, n_subset: int | None, seed: int | None, work: Path):
         "fine-tune on %d Ray workers, %g CPU%s each: %s", n, cpus, " + 1 GPU" if gpus else "", ", ".join(addresses)
     )
     try:
-        results = ray.get([a.train.remote(cfg, n_subset, seed, addresses, i) for i, a in enumerate(actors)])
+        ray.get([a.join.remote(addresses, i) for i, a in enumerate(actors)])
+        results = ray.get([a.train.remote(entry, *args) for a in actors])
     finally:
         for a in actors:
             ray.kill(a)
@@ -152,10 +135,26 @@ def _distinct_addresses(ray, actors) -> list[str]:
 
 
 class _Worker:
-    """A Ray actor: one process, one worker of the strategy."""
+    """A Ray actor: one process, one worker of the strategy. ``join`` runs before ``train`` receives the
+    training code, so ``TF_CONFIG`` is set and the strategy made before TensorFlow does anything else."""
 
     def address(self) -> str:
         return _free_address()
 
-    def train(self, cfg, n_subset, seed, addresses: list[str], index: int):
-        return _train_in_worker(cfg, n_subset, seed, addresses, index)
+    def join(self, addresses: list[str], index: int) -> None:
+        """Only the chief talks: the others' Keras progress lines would repeat its own."""
+        import sys
+
+        os.environ["TF_CONFIG"] = tf_config(addresses, index)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        logging.basicConfig(level=logging.INFO if index == 0 else logging.WARNING, format="%(message)s", force=True)
+        if index:
+            sys.stdout = open(os.devnull, "w")  # for the life of this worker process
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")  # the collectives' per-step INFO lines and retracing notices, twice over
+        self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        self.index, self.workers = index, len(addresses)
+
+    def train(self, entry, *args):
+        return entry(*args, self.strategy, self.index, self.workers)

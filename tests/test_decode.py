@@ -1,0 +1,68 @@
+"""Lossless images decoded without TensorFlow give exactly TensorFlow's pixels, and an extraction whose
+model is already converted then never imports TensorFlow."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import decode, load_image
+
+
+@pytest.mark.parametrize(
+    ("mode", "shape", "size", "ext"),
+    [
+        ("L", (28, 28), 112, "png"),  # Fashion-MNIST: gray, upsampled 4x
+        ("RGB", (300, 200), 112, "png"),  # downsampled, not square
+        ("RGBA", (57, 91), 224, "png"),
+        ("P", (40, 30), 64, "png"),
+        ("RGB", (33, 47), 96, "bmp"),
+    ],
+)
+def test_pillow_and_numpy_give_tensorflows_pixels_bit_for_bit(tmp_path, mode, shape, size, ext):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (*shape, 4), dtype=np.uint8)
+    img = Image.fromarray(pixels, "RGBA") if mode == "RGBA" else Image.fromarray(pixels[..., :3]).convert(mode)
+    path = str(tmp_path / f"x.{ext}")
+    img.save(path)
+    assert np.array_equal(decode.load(path, size), load_image(path, size).numpy())
+
+
+def test_a_16_bit_image_goes_to_tensorflows_decoder_and_a_broken_one_is_left_out(tmp_path):
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    assert np.array_equal(decode.load(str(deep), 32), load_image(str(deep), 32).numpy())
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:40])
+    batches = list(decode.batches([str(good), str(broken), str(good)], 16, batch_size=2))
+    assert [list(index) for _, index in batches] == [[0], [2]]  # the gap says which was unreadable
+    assert decode.lossless(["a.PNG", "b.bmp"]) and not decode.lossless(["a.png", "b.jpg"])
+
+
+LEAN = """
+import sys
+sys.path.insert(0, {tests!r})
+import conftest  # the tiny backbone
+from pipeline.cli import main
+main(["extract", "--dataset", {data!r}, "--artifacts", {art!r}, "--backbone", conftest.TINY, "--weights", "none",
+      "--runtime", "onnx", "--input-size", "16"] + {extra!r})
+print("tensorflow imported:", "tensorflow" in sys.modules)
+"""
+
+
+def test_an_extraction_with_its_model_already_converted_never_imports_tensorflow(tmp_path, presplit):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    seen = []
+    for extra in ([], ["--force"]):
+        code = LEAN.format(tests=str(Path(__file__).parent), data=str(presplit), art=str(tmp_path / "a"), extra=extra)
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        seen.append(run.stdout.strip().splitlines()[-1])
+    assert seen == ["tensorflow imported: True", "tensorflow imported: False"]  # the first run converts
