@@ -363,3 +363,16 @@ def test_a_kill_while_saving_a_phases_weights_leaves_no_file_that_says_done(tmp_
     del model.save_weights
     phases._save(model, done)
     assert phases._done(model, done, 1)
+
+
+def test_the_workers_enter_the_fine_tunes_key_only_when_they_train(cfg):
+    """Results fine-tuned before `--engine ray` existed keep their keys (a second `make demo` reuses them);
+    several Ray workers change the global batch, so they make a key of their own."""
+    from pipeline.finetune import train
+
+    job = train._job(cfg, None, None)
+    before = train._key(job)
+    cfg.finetune.workers = 4  # the local engine ignores it
+    assert train._key(job) == before
+    cfg.finetune.engine = "ray"
+    assert train._key(job) != before

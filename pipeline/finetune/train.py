@@ -58,8 +58,10 @@ def _predict(model, ds: Dataset, split: str, size: int, batch_size: int):
 
 
 def _inputs_key(cfg: Config, ds: Dataset, spec, weights, size: int, extra_seed: int | None = None) -> str:
-    skip = ("resume", "tensorboard", "seeds", "memory_budget")  # how a run is driven, not what it computes
+    skip = ("resume", "tensorboard", "seeds", "memory_budget", "engine", "workers")  # how a run is driven
     settings = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if k not in skip}
+    if cfg.finetune.engine == "ray" and cfg.finetune.workers > 1:  # the global batch is per worker x workers
+        settings["workers"] = cfg.finetune.workers
     extra = {"train_seed": extra_seed} if extra_seed is not None else {}
     return uptodate.inputs_key(
         **extra,
