@@ -76,7 +76,8 @@ def splits(job, work: Path, batch: int, dist: Workers | None = None):
     for name in ("train", "val"):
         part = job.ds.splits[name]
         pick = np.arange(dist.index, len(part), dist.workers) if dist else np.arange(len(part))
-        paths = [job.ds.paths(name)[i] for i in pick]
+        every = job.ds.paths(name)  # listed once: it builds a new list on each call
+        paths = [every[i] for i in pick]
         dec = inputs.decode(paths, part.labels[pick], job.size, budget, work / f"{name}.decoded.npy")
         budget -= 0 if dec.spilled else inputs.nbytes(len(pick), job.size)
         if len(dec) < len(pick):
