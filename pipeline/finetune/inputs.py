@@ -70,10 +70,11 @@ def batches(dec: Decoded, batch_size: int, shuffle_seed: int | None = None, pad_
     import tensorflow as tf
 
     n = len(dec)
+    total = max(n, pad_to or 0)
     size = dec.images.shape[1]
-    ds = tf.data.Dataset.range(max(n, pad_to or 0))
+    ds = tf.data.Dataset.range(total)
     if shuffle_seed is not None:
-        ds = ds.shuffle(max(n, pad_to or 0), seed=shuffle_seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(total, seed=shuffle_seed, reshuffle_each_iteration=True)
 
     def gather(idx):
         real = idx % max(n, 1)

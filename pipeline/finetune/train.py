@@ -119,22 +119,23 @@ def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None
     its artifacts get a ``-n<N>`` suffix. A result whose inputs match a saved one is reused. With
     ``--engine ray`` the training runs on ``--workers`` Ray workers (``workers.py``)."""
     job = _job(cfg, dataset, n_subset)
-    seeds = [None] + [cfg.data.seed + k for k in range(1, max(cfg.finetune.seeds, 1))]
-    results_ = []
-    for k, seed in enumerate(seeds):
-        one = job if seed is None else job.with_seed(seed)
-        if k:
-            log.info("fine-tune seed %d of %d: training seed %d", k + 1, len(seeds), seed)
-        reused = _reused(one)
-        if reused is not None:
-            results_.append(reused)
-        elif cfg.finetune.engine == "ray" and cfg.finetune.workers > 1:
-            from pipeline.finetune import workers
+    first = _fine_tune(job, n_subset)
+    for k in range(1, max(cfg.finetune.seeds, 1)):
+        log.info("fine-tune seed %d of %d: training seed %d", k + 1, cfg.finetune.seeds, cfg.data.seed + k)
+        _fine_tune(job.with_seed(cfg.data.seed + k), n_subset, cfg.data.seed + k)
+    return first
 
-            results_.append(workers.run(cfg, _work(one), run_as_worker, cfg, n_subset, seed))
-        else:
-            results_.append(_train_and_save(one))
-    return results_[0]
+
+def _fine_tune(job: _Job, n_subset: int | None, seed: int | None = None) -> FinetuneResult:
+    """One training seed: the saved result when up to date, else trained here or on Ray workers."""
+    reused = _reused(job)
+    if reused is not None:
+        return reused
+    if job.cfg.finetune.engine == "ray" and job.cfg.finetune.workers > 1:
+        from pipeline.finetune import workers
+
+        return workers.run(job.cfg, _work(job), run_as_worker, job.cfg, n_subset, seed)
+    return _train_and_save(job)
 
 
 def run_as_worker(cfg: Config, n_subset: int | None, seed: int | None, strategy, index: int, n: int):
