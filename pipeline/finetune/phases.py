@@ -215,35 +215,37 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     search_epochs = max(1, min(round(ft.search_epochs), ft.epochs_finetune))
     search_steps = max(1, round(ft.search_epochs * steps)) if ft.search_epochs < 1 else None
 
-    def try_lr(lr: float) -> tuple[float, float]:
-        _load(model, start)
+    def try_lr(lr: float, rung: int) -> tuple[float, float]:
+        _load(model, start if rung == 1 else search.weights_file(work, lr, rung - 1))
         _compile(model, ft, search.annealed(lr, search_epochs * (search_steps or steps)))
-        log.info("phase 2 search: learning rate %g, %g epoch(s)", lr, ft.search_epochs)
-        seconds, _, _, best_val = fit_phase(
-            model, 2, search_epochs, *data, ft, work, tag=f"search-lr{lr:g}", steps=search_steps
-        )
-        _save(model, search.weights_file(work, lr))  # its best epoch's weights (EarlyStopping restores them)
+        log.info("phase 2 search: learning rate %g, %g epoch(s)%s", lr, ft.search_epochs, f", rung {rung}" * (rung > 1))
+        tag = search.weights_file(work, lr, rung).name.removesuffix(".weights.h5")
+        seconds, _, _, best_val = fit_phase(model, 2, search_epochs, *data, ft, work, tag=tag, steps=search_steps)
+        _save(model, search.weights_file(work, lr, rung))  # its best epoch's weights (EarlyStopping restores them)
         return best_val, seconds
 
-    lr = search.choose_lr(try_lr, ft.lr_grid, state, work)
+    lr = search.choose_lr(try_lr, ft.lr_grid, state, work, len(job.ds.splits["val"]))
     searched = len(ft.lr_grid) > 1
-    _load(model, search.weights_file(work, lr) if searched else start)
+    weights, search_val, rungs = search.outcome(state, work, lr) if searched else (start, 0.0, 0)
+    _load(model, weights)
     _compile(model, ft, lr)
-    initial = search_epochs if searched else 0
+    initial = (rungs * search_epochs if search_steps is None else max(1, round(rungs * ft.search_epochs))) * searched
     log.info("phase 2: learning rate %g (%s schedule), up to %d epochs", lr, ft.schedule, ft.epochs_finetune)
-    seconds, ran, best_epoch, best_val = fit_phase(
-        model,
-        2,
-        ft.epochs_finetune,
-        *data,
-        ft,
-        work,
-        extra=[search.schedule_callback(ft.schedule, lr, ft.epochs_finetune)],
-        initial=initial,
-    )
-    if searched and state["search"][f"{lr:g}"] > best_val:  # nothing after the search run beat it: keep that
-        _load(model, search.weights_file(work, lr))
-        best_epoch, best_val = initial, state["search"][f"{lr:g}"]
+    seconds, ran, best_epoch, best_val = 0.0, 0, initial, -1.0  # a search that used up the cap trains no more
+    if initial < ft.epochs_finetune:
+        seconds, ran, best_epoch, best_val = fit_phase(
+            model,
+            2,
+            ft.epochs_finetune,
+            *data,
+            ft,
+            work,
+            extra=[search.schedule_callback(ft.schedule, lr, ft.epochs_finetune)],
+            initial=initial,
+        )
+    if searched and search_val > best_val:  # nothing after the search runs beat them: keep that
+        _load(model, weights)
+        best_epoch, best_val = initial, search_val
     state["learning_rate_finetune"] = lr
     state["stop"] = search.stop_reason(initial + ran, ft.epochs_finetune)
     _record(state, work, seconds, initial + ran, best_epoch, best_val)

@@ -112,7 +112,8 @@ def run(cfg, work: Path, entry, *args):
     cpus = max(1.0, float(resources.get("CPU", n) // n))
     gpus = 1 if resources.get("GPU", 0) >= n else 0
     prepare_folders(work, n, cfg.finetune.resume)
-    actor = ray.remote(num_cpus=cpus, num_gpus=gpus)(_Worker)
+    quiet = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}  # set before TensorFlow loads
+    actor = ray.remote(num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": quiet})(_Worker)
     actors = [actor.remote() for _ in range(n)]
     addresses = _distinct_addresses(ray, actors)
     log.info(
@@ -153,7 +154,6 @@ class _Worker:
         import sys
 
         os.environ["TF_CONFIG"] = tf_config(addresses, index)
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         logging.basicConfig(level=logging.INFO if index == 0 else logging.WARNING, format="%(message)s", force=True)
         if index:
             sys.stdout = open(os.devnull, "w")  # for the life of this worker process

@@ -72,9 +72,7 @@ def capped(ft: pd.Series) -> bool:
     return _params(ft).get("stop") == "epoch_cap"
 
 
-CAPPED = (
-    " The fine-tune was still improving when its epoch cap stopped it: this difference may overstate the heads."
-)
+CAPPED = " The fine-tune was still improving when its epoch cap stopped it: this difference may overstate the heads."
 
 
 def verdict(table: pd.DataFrame, spread: pd.DataFrame | None = None) -> list[str]:
