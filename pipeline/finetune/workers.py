@@ -23,10 +23,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-EXPERIMENTAL = (
-    "warning: --engine ray fine-tuning is experimental: on the demo data two workers reached 0.805 test accuracy "
-    "where one device reaches 0.8935 (every phase-2 learning rate lowered validation accuracy); until that is "
-    "explained, do not compare heads against a baseline trained this way"
+BATCH_NOTE = (
+    "fine-tune on %d Ray workers: global batch %d (--batch-size %d per worker); the same training as one device "
+    "at --batch-size %d; a larger global batch has fewer updates an epoch, so give its learning-rate search a "
+    "longer --search-epochs"
 )
 
 
@@ -105,12 +105,13 @@ def run(cfg, work: Path, entry, *args):
     from pipeline.extract.engines import check
 
     check("ray")
-    log.warning(EXPERIMENTAL)
     ray = _connect()
     n = cfg.finetune.workers
     resources = ray.cluster_resources()
     cpus = max(1.0, float(resources.get("CPU", n) // n))
     gpus = 1 if resources.get("GPU", 0) >= n else 0
+    batch = cfg.finetune.batch_size
+    log.info(BATCH_NOTE, n, batch * n, batch, batch * n)
     prepare_folders(work, n, cfg.finetune.resume)
     quiet = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}  # set before TensorFlow loads
     actor = ray.remote(num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": quiet})(_Worker)
