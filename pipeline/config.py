@@ -165,13 +165,13 @@ class FinetuneConfig:
     epochs_head: int = _opt(2, "phase 1 epochs: backbone frozen, new head trained")
     epochs_finetune: int = _opt(30, "phase 2: the most epochs (search included); early stopping on val ends it sooner")
     unfreeze_layers: int = _opt(-1, "phase 2: backbone layers trainable, from the top (-1 = all: full fine-tuning)")
-    batch_size: int = _opt(32, "images per training step")
+    batch_size: int = _opt(32, "images per training step on each device or Ray worker (global batch: x their number)")
     learning_rate: float = _opt(1e-3, "phase 1 learning rate (backbone frozen, new head)")
     lr_grid: tuple[float, ...] = _opt(
         (1e-5, 1e-4, 1e-3),
         "phase 2 learning rates searched on the validation split: each trains --search-epochs (annealed) from the "
-        "phase-1 weights, the best continues to early stopping; a best value on an edge extends the grid a log "
-        "step at a time; the search's seconds are charged to the fine-tune. One value: no search",
+        "phase-1 weights; values within the val noise of the best train a second rung; the best continues to early "
+        "stopping; a clear best on an edge extends the grid; the search's seconds are charged. One value: no search",
     )
     search_epochs: float = _opt(1.0, "phase 2 epochs each rate of --lr-grid trains (below 1: that share of an epoch)")
     schedule: str = _opt(
