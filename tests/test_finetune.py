@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -419,3 +420,85 @@ def test_the_workers_enter_the_fine_tunes_key_only_when_they_train(cfg):
     assert train._key(job) == before
     cfg.finetune.engine = "ray"
     assert train._key(job) != before
+
+
+class _Crash(keras.callbacks.Callback):
+    """Kills a fit at the end of epoch ``at`` (after BackupAndRestore, listed before it, saved that epoch)."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at:
+            raise KeyboardInterrupt
+
+
+class _Scripted(keras.callbacks.Callback):
+    """Replaces each epoch's val accuracy by a scripted one (callbacks share the epoch's logs) and keeps
+    a copy of the weights of every epoch."""
+
+    def __init__(self, vals, weights: dict):
+        super().__init__()
+        self.vals, self.weights = vals, weights
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_accuracy"] = self.vals[epoch]
+        self.weights[epoch] = [w.copy() for w in self.model.get_weights()]
+
+
+def test_a_resumed_fit_stops_and_restores_as_an_unbroken_one_would(tmp_path):
+    from pipeline.finetune.progress import ResumableEarlyStopping
+
+    x, y = np.random.default_rng(0).normal(size=(16, 3)).astype("float32"), np.arange(16) % 2
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    weights, vals = {}, [0.5, 0.9, 0.6, 0.6, 0.6, 0.6]  # the best epoch is the 2nd, before the kill
+
+    def fit(*crash):
+        stopping = ResumableEarlyStopping(tmp_path / "epochs-phase2", patience=2)
+        backup = keras.callbacks.BackupAndRestore(tmp_path / "backup")
+        model.fit(
+            x,
+            y,
+            validation_data=(x, y),
+            epochs=6,
+            callbacks=[_Scripted(vals, weights), stopping, backup, *crash],
+            verbose=0,
+        )
+        return stopping
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_Crash(at=2))
+    summary = fit().summary(0)
+    # unbroken: epochs 3 and 4 do not beat epoch 2 (patience 2) -> stop after 4 with epoch 2's weights
+    assert (summary.ran, summary.best_epoch, summary.best_val) == (4, 2, 0.9)
+    assert sorted(weights) == [0, 1, 2, 3]  # epoch 4 (index 4) never ran: patience counted from before the kill
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights[1]))
+    assert summary.earlier_seconds > 0
+
+
+def test_a_fine_tune_killed_in_phase_two_records_every_epoch_of_it(ft_cfg, monkeypatch):
+    ft_cfg.finetune.epochs_finetune = 3
+    ft_cfg.finetune.patience = 10
+    real = finetune.phases.fit_phase
+    calls = []
+
+    def crash_after_two_epochs(model, phase, *a, **k):
+        calls.append(phase)
+        if phase == 2 and calls.count(2) == 1:
+            k["extra"] = [*k.get("extra", ()), _Crash(at=1)]
+        return real(model, phase, *a, **k)
+
+    monkeypatch.setattr(finetune.phases, "fit_phase", crash_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(ft_cfg)
+    (log,) = Path(ft_cfg.artifacts).rglob("epochs-phase2.json")
+    before = json.loads(log.read_text())
+    assert [e["epoch"] for e in before] == [0, 1]
+    ft_cfg.finetune.resume = True
+    res = finetune.run(ft_cfg)
+    params = json.loads(results.read_results(results.results_path(ft_cfg.artifacts, "toy")).iloc[0]["params"])
+    assert res.epochs_run == [1, 3] and params["epochs_run"] == [1, 3] and params["stop"] == "epoch_cap"
+    assert 1 <= params["best_epochs"][1] <= 3
+    assert res.phase_seconds[1] >= sum(e["seconds"] for e in before)

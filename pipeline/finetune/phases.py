@@ -35,12 +35,16 @@ def fit_phase(
 ):
     """One compiled model.fit with the phase's callbacks (``extra``: the schedule), from epoch ``initial``,
     ``steps`` batches an epoch (default: ``--steps-per-epoch``, else all); returns (seconds, epochs run in
-    this fit, the epoch kept (1-based, counted from 0), its val accuracy)."""
+    this fit, the epoch kept (1-based, counted from 0), its val accuracy), a resumed fit's earlier epochs
+    included."""
     import keras
 
+    from pipeline.finetune.progress import ResumableEarlyStopping
+
     name = tag or f"phase{phase}"
+    stopping = ResumableEarlyStopping(work / f"epochs-{name}", ft.patience)
     callbacks = [
-        keras.callbacks.EarlyStopping("val_accuracy", patience=ft.patience, restore_best_weights=True, mode="max"),
+        stopping,
         keras.callbacks.CSVLogger(work / "training_log.csv", append=True),
         keras.callbacks.BackupAndRestore(work / f"backup-{name}", double_checkpoint=True),  # a kill mid-write
         *[c for c in extra if c is not None],
@@ -49,7 +53,7 @@ def fit_phase(
         callbacks.append(keras.callbacks.TensorBoard(Path(ft.tensorboard) / name))
     t0 = time.perf_counter()
     with quiet_end_of_data():
-        history = model.fit(
+        model.fit(
             train,
             validation_data=val,
             epochs=epochs,
@@ -59,10 +63,8 @@ def fit_phase(
             verbose=2,
             shuffle=False,  # the tf.data pipeline shuffles; this only silences Keras' warning
         )
-    seconds = time.perf_counter() - t0
-    accs = history.history.get("val_accuracy") or [float("nan")]
-    best = int(np.nanargmax(accs)) if np.isfinite(accs).any() else 0
-    return seconds, len(history.epoch), initial + best + 1, float(accs[best])
+    done = stopping.summary(initial)  # every epoch of this fit, before and after a kill
+    return time.perf_counter() - t0 + done.earlier_seconds, done.ran, done.best_epoch, done.best_val
 
 
 def splits(job, work: Path, batch: int, dist: Workers | None = None):
