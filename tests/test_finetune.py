@@ -391,7 +391,7 @@ def test_a_search_of_a_fraction_of_an_epoch_trains_that_share_of_the_batches(ft_
 def test_a_kill_while_saving_a_phases_weights_leaves_no_file_that_says_done(tmp_path):
     """`phase1.done.weights.h5` present means phase 1 is done; half of it (a kill while writing) must never
     be there, or the resumed run fails reading it (seen on an interrupted two-worker run)."""
-    from pipeline.finetune import phases
+    from pipeline.finetune import phases, weights
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     done = tmp_path / "phase1.done.weights.h5"
@@ -402,10 +402,10 @@ def test_a_kill_while_saving_a_phases_weights_leaves_no_file_that_says_done(tmp_
 
     model.save_weights = dies_half_way
     with pytest.raises(KeyboardInterrupt):
-        phases._save(model, done)
+        weights.save(model, done)
     assert list(tmp_path.iterdir()) == []
     del model.save_weights
-    phases._save(model, done)
+    weights.save(model, done)
     assert phases._done(model, done, 1)
 
 

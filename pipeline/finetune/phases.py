@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import backbones, resources
-from pipeline.artifacts import atomic_path, write_json_atomic
+from pipeline.artifacts import write_json_atomic
 from pipeline.finetune import inputs, search
 from pipeline.finetune.model import _optimizer, build_model, set_trainable
+from pipeline.finetune.weights import load as load_weights
+from pipeline.finetune.weights import save as save_weights
 
 log = logging.getLogger(__name__)
 
@@ -155,23 +157,10 @@ def train(job, work: Path, state: dict, after_phase_one: Callable, dist: Workers
     return model, gpu
 
 
-def _load(model, path: Path) -> None:
-    with warnings.catch_warnings():  # weights saved under another optimizer: its state is not wanted back
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(path)
-
-
-def _save(model, path: Path) -> None:
-    """Weights whose presence says a step is done: written whole or not at all, so a run killed while
-    writing resumes from the step before instead of failing on half a file."""
-    with atomic_path(path, ".weights.h5") as tmp:
-        model.save_weights(tmp)
-
-
 def _done(model, path: Path, phase: int) -> bool:
     if not path.exists():
         return False
-    _load(model, path)
+    load_weights(model, path)
     log.info("phase %d already done (resumed from %s)", phase, path.name)
     return True
 
@@ -195,7 +184,7 @@ def _phase_one(job, model, base, data, work: Path, state: dict, after: Callable)
     if not _done(model, done, 1) and ft.epochs_head > 0:
         log.info("phase 1: backbone frozen, learning rate %g", ft.learning_rate)
         _record(state, work, *fit_phase(model, 1, ft.epochs_head, *data, ft, work))
-        _save(model, done)
+        save_weights(model, done)
     if ft.epochs_head > 0 and "frozen" not in state:
         after(job, model, work, state)
 
@@ -212,24 +201,24 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     log.info("phase 2: %s backbone layer with weights trainable (%d), BatchNorm in inference mode", what, n)
     start = work / "phase2.start.weights.h5"
     if not start.exists():
-        _save(model, start)
+        save_weights(model, start)
     # below one epoch: that share of an epoch's (shuffled) batches, a demo-sized search on fewer images
     search_epochs = max(1, min(round(ft.search_epochs), ft.epochs_finetune))
     search_steps = max(1, round(ft.search_epochs * steps)) if ft.search_epochs < 1 else None
 
     def try_lr(lr: float, rung: int) -> tuple[float, float]:
-        _load(model, start if rung == 1 else search.weights_file(work, lr, rung - 1))
+        load_weights(model, start if rung == 1 else search.weights_file(work, lr, rung - 1))
         _compile(model, ft, search.annealed(lr, search_epochs * (search_steps or steps)))
         log.info("phase 2 search: learning rate %g, %g epoch(s)%s", lr, ft.search_epochs, f", rung {rung}" * (rung > 1))
         tag = search.weights_file(work, lr, rung).name.removesuffix(".weights.h5")
         seconds, _, _, best_val = fit_phase(model, 2, search_epochs, *data, ft, work, tag=tag, steps=search_steps)
-        _save(model, search.weights_file(work, lr, rung))  # its best epoch's weights (EarlyStopping restores them)
+        save_weights(model, search.weights_file(work, lr, rung))  # its best epoch's (early stopping restores them)
         return best_val, seconds
 
     lr = search.choose_lr(try_lr, ft.lr_grid, state, work, len(job.ds.splits["val"]))
     searched = len(ft.lr_grid) > 1
     weights, search_val, rungs = search.outcome(state, work, lr) if searched else (start, 0.0, 0)
-    _load(model, weights)
+    load_weights(model, weights)
     _compile(model, ft, lr)
     initial = (rungs * search_epochs if search_steps is None else max(1, round(rungs * ft.search_epochs))) * searched
     log.info("phase 2: learning rate %g (%s schedule), up to %d epochs", lr, ft.schedule, ft.epochs_finetune)
@@ -246,9 +235,9 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
             initial=initial,
         )
     if searched and search_val > best_val:  # nothing after the search runs beat them: keep that
-        _load(model, weights)
+        load_weights(model, weights)
         best_epoch, best_val = initial, search_val
     state["learning_rate_finetune"] = lr
     state["stop"] = search.stop_reason(initial + ran, ft.epochs_finetune)
     _record(state, work, seconds, initial + ran, best_epoch, best_val)
-    _save(model, done)
+    save_weights(model, done)

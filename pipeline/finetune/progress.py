@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 
-from pipeline.artifacts import atomic_path, write_json_atomic
+from pipeline.artifacts import write_json_atomic
+from pipeline.finetune import weights
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,7 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         super().on_epoch_end(epoch, logs)
         current = (logs or {}).get(self.monitor)
         if current is not None and self.best_epoch == epoch:
-            with atomic_path(self.best_path, ".weights.h5") as tmp:
-                self.model.save_weights(tmp)
+            weights.save(self.model, self.best_path)
         val = float("nan") if current is None else float(current)
         self.epochs.append({"epoch": epoch, "val_accuracy": val, "seconds": time.perf_counter() - self._t0})
         write_json_atomic(self.log_path, self.epochs)
@@ -64,9 +63,7 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         super().on_train_end(logs)
         last = self.epochs[-1]["epoch"] if self.epochs else None
         if self.epochs and self.best_epoch != last and self.best_path.exists():
-            with warnings.catch_warnings():  # weights saved without the optimizer's state: not wanted back
-                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-                self.model.load_weights(self.best_path)
+            weights.load(self.model, self.best_path)
 
     def summary(self, initial: int) -> Summary:
         """This fit from epoch ``initial``: every epoch it ran, before and after any kill."""
