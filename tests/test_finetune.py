@@ -502,3 +502,50 @@ def test_a_fine_tune_killed_in_phase_two_records_every_epoch_of_it(ft_cfg, monke
     assert res.epochs_run == [1, 3] and params["epochs_run"] == [1, 3] and params["stop"] == "epoch_cap"
     assert 1 <= params["best_epochs"][1] <= 3
     assert res.phase_seconds[1] >= sum(e["seconds"] for e in before)
+
+
+def test_phase_two_compiles_once_for_its_whole_search_and_final_run(ft_cfg, monkeypatch):
+    """Each compile retraces the training step: the searched rates and the final run share phase 2's one."""
+    compiled = []
+    real = finetune.phases._compile
+    monkeypatch.setattr(finetune.phases, "_compile", lambda model, ft, lr: (compiled.append(lr), real(model, ft, lr)))
+    ft_cfg.finetune.lr_grid, ft_cfg.finetune.epochs_finetune = (1e-3, 1e-2, 1e-1), 2
+    finetune.run(ft_cfg)
+    assert compiled == [ft_cfg.finetune.learning_rate, 1e-3]  # phase 1's, then phase 2's
+
+
+def test_a_restarted_optimizer_annealed_per_batch_trains_as_a_fresh_compile_with_cosine_decay(tmp_path):
+    """compile_once + restart + annealing (what each searched rate gets) against what it replaced: a fresh
+    compile with a CosineDecay schedule, from the same weights. The shared optimizer has trained another
+    rate first, and its state was saved into the weights file loaded before the restart."""
+    from types import SimpleNamespace
+
+    from pipeline.finetune import phases, search, weights
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(48, 5)).astype("float32"), rng.integers(0, 3, 48)
+
+    def model():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, "relu"), keras.layers.Dense(3, "softmax")])
+
+    ft, lr, steps = SimpleNamespace(optimizer="adam"), 0.05, 6
+    fresh = model()
+    start = [w.copy() for w in fresh.get_weights()]
+    schedule = keras.optimizers.schedules.CosineDecay(lr, steps)
+    fresh.compile(keras.optimizers.Adam(schedule), "sparse_categorical_crossentropy")
+    fresh.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+
+    shared = model()
+    restart = phases.compile_once(shared, ft, 0.5)
+    shared.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)  # another rate's run first
+    shared.set_weights(start)
+    weights.save(shared, tmp_path / "w.weights.h5")  # as a search run's file: the optimizer's state with it
+    weights.load(shared, tmp_path / "w.weights.h5")
+    assert int(shared.optimizer.iterations) == 12
+    restart(lr)
+    assert int(shared.optimizer.iterations) == 0
+    shared.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[search.annealing(lr, steps)])
+    for a, b in zip(fresh.get_weights(), shared.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert float(shared.optimizer.learning_rate) == pytest.approx(lr * 0.5 * (1 + np.cos(np.pi * 5 / 6)))

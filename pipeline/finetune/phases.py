@@ -165,9 +165,28 @@ def _done(model, path: Path, phase: int) -> bool:
     return True
 
 
-def _compile(model, ft, lr) -> None:
-    """A fresh optimizer at ``lr`` (a number or a schedule): each phase and each searched rate starts clean."""
+def _compile(model, ft, lr: float) -> None:
+    """A fresh optimizer at ``lr``: each phase starts clean."""
     model.compile(_optimizer(ft.optimizer, lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+def compile_once(model, ft, lr: float) -> Callable[[float], None]:
+    """Phase 2's one compile, shared by every searched rate and the final run: a compile drops the traced
+    training and validation steps, and tracing them again cost ~7 CPU-seconds a run on the demo. Returns
+    ``restart(lr)``, which puts the optimizer back to its state before any step (iterations, moments), at
+    rate ``lr``: what a fresh compile gave each run. Call it after loading a weights file, which brings
+    back the optimizer state it was saved with."""
+    _compile(model, ft, lr)
+    opt = model.optimizer
+    opt.build(model.trainable_variables)
+    fresh = [np.array(v) for v in opt.variables]
+
+    def restart(rate: float) -> None:
+        for variable, value in zip(opt.variables, fresh):
+            variable.assign(value)
+        opt.learning_rate = rate
+
+    return restart
 
 
 def _record(state: dict, work: Path, seconds: float, ran: int, best_epoch: int, best_val: float) -> None:
@@ -206,12 +225,17 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     search_epochs = max(1, min(round(ft.search_epochs), ft.epochs_finetune))
     search_steps = max(1, round(ft.search_epochs * steps)) if ft.search_epochs < 1 else None
 
+    restart = compile_once(model, ft, float(ft.lr_grid[0]))
+
     def try_lr(lr: float, rung: int) -> tuple[float, float]:
         load_weights(model, start if rung == 1 else search.weights_file(work, lr, rung - 1))
-        _compile(model, ft, search.annealed(lr, search_epochs * (search_steps or steps)))
+        restart(lr)
         log.info("phase 2 search: learning rate %g, %g epoch(s)%s", lr, ft.search_epochs, f", rung {rung}" * (rung > 1))
         tag = search.weights_file(work, lr, rung).name.removesuffix(".weights.h5")
-        seconds, _, _, best_val = fit_phase(model, 2, search_epochs, *data, ft, work, tag=tag, steps=search_steps)
+        anneal = search.annealing(lr, search_epochs * (search_steps or steps))
+        seconds, _, _, best_val = fit_phase(
+            model, 2, search_epochs, *data, ft, work, tag=tag, steps=search_steps, extra=[anneal]
+        )
         save_weights(model, search.weights_file(work, lr, rung))  # its best epoch's (early stopping restores them)
         return best_val, seconds
 
@@ -219,7 +243,7 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     searched = len(ft.lr_grid) > 1
     weights, search_val, rungs = search.outcome(state, work, lr) if searched else (start, 0.0, 0)
     load_weights(model, weights)
-    _compile(model, ft, lr)
+    restart(lr)
     initial = (rungs * search_epochs if search_steps is None else max(1, round(rungs * ft.search_epochs))) * searched
     log.info("phase 2: learning rate %g (%s schedule), up to %d epochs", lr, ft.schedule, ft.epochs_finetune)
     seconds, ran, best_epoch, best_val = 0.0, 0, initial, -1.0  # a search that used up the cap trains no more

@@ -121,11 +121,22 @@ def outcome(state: dict, work: Path, lr: float) -> tuple[Path, float, int]:
     return weights_file(work, lr, rung), state[_RUNGS[rung]][f"{lr:g}"], rung
 
 
-def annealed(lr: float, steps: int):
-    """A search run's rate: ``lr`` decayed to zero over its ``steps`` (cosine), so it is judged settled."""
+def annealing(lr: float, steps: int):
+    """A search run's rate: ``lr`` decayed to zero over its ``steps`` (cosine), so it is judged settled. The
+    values of ``keras.optimizers.schedules.CosineDecay(lr, steps)``, set before each batch from the
+    optimizer's own step count (so a resumed run takes it up where it stopped) on the one optimizer phase 2
+    compiles: a schedule compiled in would need a compile, and a retrace, per searched rate."""
     import keras
 
-    return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(int(steps), 1))
+    steps = max(int(steps), 1)
+
+    class Anneal(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            opt = self.model.optimizer
+            step = min(int(keras.ops.convert_to_numpy(opt.iterations)), steps)
+            opt.learning_rate = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+    return Anneal()
 
 
 def stop_reason(epochs_run: int, epochs_max: int) -> str:
