@@ -179,14 +179,19 @@ def compile_once(model, ft, lr: float) -> Callable[[float], None]:
     _compile(model, ft, lr)
     opt = model.optimizer
     opt.build(model.trainable_variables)
-    fresh = [np.array(v) for v in opt.variables]
+    fresh = [_uniform_or_all(np.array(v)) for v in opt.variables]
 
     def restart(rate: float) -> None:
         for variable, value in zip(opt.variables, fresh):
-            variable.assign(value)
+            variable.assign(np.full(variable.shape, value, variable.dtype) if np.ndim(value) == 0 else value)
         opt.learning_rate = rate
 
     return restart
+
+
+def _uniform_or_all(value: np.ndarray):
+    """An array of one repeated value (Adam's zero moments: twice the model's size) kept as that value."""
+    return value.flat[0] if value.size and (value == value.flat[0]).all() else value
 
 
 def _record(state: dict, work: Path, seconds: float, ran: int, best_epoch: int, best_val: float) -> None:
