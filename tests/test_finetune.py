@@ -272,6 +272,7 @@ def test_a_lead_within_the_validation_noise_is_settled_by_a_second_rung(tmp_path
     weights, acc, rungs = search.outcome(state, tmp_path, best)
     assert (weights.name, acc, rungs) == ("search2-lr0.0001.weights.h5", 0.856, 2)
     assert "second rung" in caplog.text and "still within the validation noise" not in caplog.text
+    assert state["search_within_noise"] is False
     again = search.choose_lr(
         lambda *a: pytest.fail("retrained a tried value"), (1e-5, 1e-4, 1e-3), state, tmp_path, 1000
     )
@@ -286,7 +287,7 @@ def test_a_lead_within_the_validation_noise_is_settled_by_a_second_rung(tmp_path
             1e-4
         )
     assert len(tie["search"]) == 3 and len(tie["search_rung2"]) == 3  # a tie chases no edge; all three go on
-    assert "still within the validation noise" in caplog.text
+    assert "still within the validation noise" in caplog.text and tie["search_within_noise"] is True
 
 
 def test_a_searched_fine_tune_continues_the_best_rate_and_is_charged_its_search(ft_cfg, monkeypatch):

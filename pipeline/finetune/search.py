@@ -82,7 +82,8 @@ def choose_lr(
     rung2 = state["search_rung2"]
     best = best_of(rung2)
     log.info("  no clear lead (noise %.1f pt): second rung (val accuracy): %s -> %g", 100 * margin, _text(rung2), best)
-    if not _clear(rung2, best, n_val):
+    state["search_within_noise"] = not _clear(rung2, best, n_val)  # the report says so beside the chosen rate
+    if state["search_within_noise"]:
         log.warning(
             "warning: the learning-rate search's leader %g is still within the validation noise after two rungs; "
             "a longer --search-epochs would choose more surely",

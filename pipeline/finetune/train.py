@@ -295,6 +295,7 @@ def _finetune_row(job: _Job, res: FinetuneResult, state: dict, n_test: int) -> d
         "learning_rate_finetune": state.get("learning_rate_finetune"),
         "lr_search": {lr: round(acc, 4) for lr, acc in state.get("search", {}).items()},
         "lr_search_rung2": {lr: round(acc, 4) for lr, acc in state.get("search_rung2", {}).items()},
+        "lr_search_within_noise": state.get("search_within_noise", False),  # even the second rung's lead
         "search_epochs": ft.search_epochs if len(ft.lr_grid) > 1 else 0,
         "search_seconds": round(res.search_seconds, 1),
         "schedule": ft.schedule,

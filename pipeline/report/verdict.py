@@ -44,7 +44,8 @@ def _baseline(ft: pd.Series) -> str:
     if lr is not None:
         tried = f" chosen on val from {', '.join(search)}" if len(search) > 1 else ""
         if p.get("lr_search_rung2"):  # the first rung's lead was within the validation noise
-            tried += f" (a second rung between {', '.join(p['lr_search_rung2'])})"
+            noise = ", its lead still within the validation noise" if p.get("lr_search_within_noise") else ""
+            tried += f" (a second rung between {', '.join(p['lr_search_rung2'])}{noise})"
         parts.append(f"phase-2 learning rate {lr:g}{tried}")
     seconds = f"{ft['total_seconds']:,.0f} s"
     if p.get("search_seconds"):
