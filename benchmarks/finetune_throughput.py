@@ -1,6 +1,7 @@
 """The fine-tune's input pipeline against the model's own speed: training img/s of one epoch through the
 pipeline's decoded-once batches ÷ the same model's step rate on images already in memory, side by side in
-one run (goal >= 0.90), and what each lever buys (batch size, steps_per_execution, decoding every epoch).
+one run (goal >= 0.90), and what each lever buys (batch size, steps_per_execution, decoding every epoch,
+tf.data's autotuning, whose model thread stalled the end of some epochs ~10 s on the 2-core machine).
 
 The model is the pipeline's own (augmentation, preprocessing, backbone, dropout, head) in phase 2, every
 layer trainable; the images are the first ``--images`` training images of the dataset. Each variant trains
@@ -59,7 +60,7 @@ def main() -> None:
     import tensorflow as tf
 
     from pipeline.config import Config, resolve_config
-    from pipeline.data import from_config, image_dataset
+    from pipeline.data import from_config, image_dataset, steady
     from pipeline.finetune import inputs
 
     cfg: Config = resolve_config(argparse.Namespace(config=args.config, artifacts=args.artifacts))
@@ -73,11 +74,17 @@ def main() -> None:
     memory = tf.constant(dec.images), tf.constant(dec.labels)
 
     def in_memory(batch):
-        return tf.data.Dataset.from_tensor_slices(memory).batch(batch).prefetch(tf.data.AUTOTUNE)
+        return steady(tf.data.Dataset.from_tensor_slices(memory).batch(batch).prefetch(2))
+
+    def autotuned(ds):  # what the pipelines were before data.steady: tf.data's autotuning on
+        options = tf.data.Options()
+        options.autotune.enabled = True
+        return ds.with_options(options)
 
     variants = {  # one compile for these: a new compile retraces, and tracing is not training
         "in memory (reference), batch 32": lambda: in_memory(32),
         "pipeline: decoded once, batch 32": lambda: inputs.batches(dec, 32, shuffle_seed=0),
+        "pipeline, tf.data autotuning on (before)": lambda: autotuned(inputs.batches(dec, 32, shuffle_seed=0)),
         "pipeline: decoding every epoch, batch 32": lambda: image_dataset(paths, size, 32, labels, shuffle_seed=0),
         "in memory, batch 64": lambda: in_memory(64),
         "pipeline, batch 64": lambda: inputs.batches(dec, 64, shuffle_seed=0),

@@ -16,6 +16,14 @@ DEFAULT_FRACTION = 0.75
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
+def cores() -> int:
+    """Every core this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def available_bytes() -> int:
     """MemAvailable from /proc/meminfo (what the kernel can give without swapping), else free pages."""
     try:

@@ -210,6 +210,30 @@ def test_decoded_once_the_batches_are_the_pixels_and_orders_of_decoding_every_ep
     assert any(not np.array_equal(a, b) for a, b in zip(first, second))  # reshuffled
 
 
+def test_the_input_pipelines_run_without_tf_datas_autotuning(cfg, tmp_path):
+    """Its model thread, joined when Keras drops an epoch's iterator, idled both cores ~10 s at the end of a
+    third of the demo's training epochs (benchmarks/NOTES.md): the fine-tune's batches (training and
+    validation), the decoded test pass and the streaming probe's batches all switch it off."""
+    from types import SimpleNamespace
+
+    from pipeline.data import from_config, image_dataset
+    from pipeline.finetune import inputs
+    from pipeline.heads import probe
+
+    ds = from_config(cfg)
+    paths, labels = ds.paths("train"), ds.splits["train"].labels
+    dec = inputs.decode(paths, labels, 16, 2**30, tmp_path / "train.npy")
+    stream = SimpleNamespace(width=3)  # read only when iterated
+    pipelines = [
+        inputs.batches(dec, 4, shuffle_seed=7),
+        inputs.batches(dec, 4),
+        inputs.batches(dec, 4, 7, pad_to=len(dec) + 2),
+        image_dataset(paths, 16, 4),
+        probe._dataset(stream, 4, 2, seed=0),
+    ]
+    assert [p.options().autotune.enabled for p in pipelines] == [False] * len(pipelines)
+
+
 def test_decode_leaves_out_an_unreadable_image_and_says_where(cfg, tmp_path):
     from pipeline.data import from_config
     from pipeline.finetune import inputs

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import resources
 from pipeline.artifacts import atomic_path, write_json_atomic
 from pipeline.errors import PipelineError, first_line
 
@@ -49,14 +50,6 @@ def resolve(runtime: str, gpu: bool) -> str:
         extra = {"onnx": "onnxruntime tf2onnx onnx", "openvino": "openvino"}.get(runtime, "tensorflow")
         raise PipelineError(f"--runtime {runtime} needs {extra}: pip install {extra}")
     return runtime
-
-
-def threads() -> int:
-    """Every core this process may use (intra-op: one batch's convolutions split across them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def tf_forward(model, size: int) -> Forward:
@@ -186,7 +179,7 @@ def onnx_run(session) -> Forward:
 
 
 def onnx_forward(path: Path) -> Forward:
-    return onnx_run(onnx_session(path, threads()))
+    return onnx_run(onnx_session(path, resources.cores()))  # intra-op: a batch's convolutions split across them
 
 
 def openvino_forward(path: Path) -> Forward:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import image_dataset
+from pipeline.data import image_dataset, steady
 
 log = logging.getLogger(__name__)
 
@@ -86,4 +86,4 @@ def batches(dec: Decoded, batch_size: int, shuffle_seed: int | None = None, pad_
         labels, weights = tf.ensure_shape(labels, (None,)), tf.ensure_shape(weights, (None,))
         return (images, labels, weights) if pad_to is not None else (images, labels)
 
-    return ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return steady(ds.batch(batch_size).map(load, num_parallel_calls=2).prefetch(2))  # gathers: 2 overlap training

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data import steady
 from pipeline.errors import PipelineError
 from pipeline.extract.cache.stream import CacheStream
 
@@ -80,7 +81,7 @@ def _dataset(stream: CacheStream, batch_size: int, heads: int, seed: int | None)
         tf.TensorSpec((None, stream.width), tf.float32),
         tuple(tf.TensorSpec((None,), tf.int64) for _ in range(heads)),
     )
-    return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(2)
+    return steady(tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(2))
 
 
 def fit_probe(
