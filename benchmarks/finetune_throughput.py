@@ -76,15 +76,10 @@ def main() -> None:
     def in_memory(batch):
         return steady(tf.data.Dataset.from_tensor_slices(memory).batch(batch).prefetch(2))
 
-    def autotuned(ds):  # what the pipelines were before data.steady: tf.data's autotuning on
-        options = tf.data.Options()
-        options.autotune.enabled = True
-        return ds.with_options(options)
-
     variants = {  # one compile for these: a new compile retraces, and tracing is not training
         "in memory (reference), batch 32": lambda: in_memory(32),
         "pipeline: decoded once, batch 32": lambda: inputs.batches(dec, 32, shuffle_seed=0),
-        "pipeline, tf.data autotuning on (before)": lambda: autotuned(inputs.batches(dec, 32, shuffle_seed=0)),
+        "pipeline, tf.data autotuning (before)": lambda: inputs.batches(dec, 32, shuffle_seed=0, autotune=True),
         "pipeline: decoding every epoch, batch 32": lambda: image_dataset(paths, size, 32, labels, shuffle_seed=0),
         "in memory, batch 64": lambda: in_memory(64),
         "pipeline, batch 64": lambda: inputs.batches(dec, 64, shuffle_seed=0),

@@ -62,11 +62,14 @@ def decode(paths: list[str], labels: np.ndarray, size: int, budget: int, spill: 
     return Decoded(images[:k], labels, index, spilled)
 
 
-def batches(dec: Decoded, batch_size: int, shuffle_seed: int | None = None, pad_to: int | None = None):
+def batches(
+    dec: Decoded, batch_size: int, shuffle_seed: int | None = None, pad_to: int | None = None, autotune: bool = False
+):
     """``(images, labels)`` batches of decoded images; with ``shuffle_seed`` a new order every epoch (the
     same orders as ``data.image_dataset`` gives under that seed when every file is readable). ``pad_to``
     (a worker's shard, padded so that every worker runs as many steps as the others): ``(images, labels,
-    weights)``, the padding repeating real images with weight 0, so no loss or accuracy counts them."""
+    weights)``, the padding repeating real images with weight 0, so no loss or accuracy counts them.
+    ``autotune``: tf.data's own tuning, as before ``data.steady`` (for ``benchmarks/finetune_throughput.py``)."""
     import tensorflow as tf
 
     n = len(dec)
@@ -86,4 +89,6 @@ def batches(dec: Decoded, batch_size: int, shuffle_seed: int | None = None, pad_
         labels, weights = tf.ensure_shape(labels, (None,)), tf.ensure_shape(weights, (None,))
         return (images, labels, weights) if pad_to is not None else (images, labels)
 
+    if autotune:
+        return ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
     return steady(ds.batch(batch_size).map(load, num_parallel_calls=2).prefetch(2))  # gathers: 2 overlap training
