@@ -211,9 +211,9 @@ def test_decoded_once_the_batches_are_the_pixels_and_orders_of_decoding_every_ep
 
 
 def test_the_input_pipelines_run_without_tf_datas_autotuning(cfg, tmp_path):
-    """Its model thread, joined when Keras drops an epoch's iterator, idled both cores ~10 s at the end of a
-    third of the demo's training epochs (benchmarks/NOTES.md): the fine-tune's batches (training and
-    validation), the decoded test pass and the streaming probe's batches all switch it off."""
+    """Its model thread, joined when Keras drops an epoch's iterator, idled both cores ~10 s in 6 of 15 short
+    fits of the demo model (benchmarks/NOTES.md): the fine-tune's batches (training and validation), the
+    decoded test pass and the streaming probe's batches all switch it off."""
     from types import SimpleNamespace
 
     from pipeline.data import from_config, image_dataset

@@ -1,6 +1,7 @@
 """The fine-tune's weight files in its work folder, for the phases (a file's presence says a step is done)
-and for early stopping's best epoch: written whole or not at all, read back without the optimizer state
-they were saved without. Kept free of a Keras import, so that importing the phases stays cheap."""
+and for early stopping's best epoch: written whole or not at all. A file carries the optimizer state it was
+saved with; read into a model whose optimizer does not match it (phase 1's file into phase 2), that state
+is skipped quietly. Kept free of a Keras import, so that importing the phases stays cheap."""
 
 from __future__ import annotations
 
