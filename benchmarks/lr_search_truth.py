@@ -124,7 +124,8 @@ def _table(args, dataset: str, points, n_full: int, fixed: dict, root: Path) -> 
             best = max(runs, key=lambda lr: runs[lr]["test_accuracy"])
             rows = _rows(fixed[best], dataset)
             tests = [float(runs[best]["test_accuracy"])]
-            tests += [float(r["test_accuracy"]) for s in range(1, args.seeds) if (r := _pick(rows, n_row, s)) is not None]
+            extra = [_pick(rows, n_row, s) for s in range(1, args.seeds)]
+            tests += [float(r["test_accuracy"]) for r in extra if r is not None]
             line["best_rate"] = best
             line["best_tests"] = [round(t, 4) for t in tests]
             line["best_mean"] = round(statistics.mean(tests), 4)
