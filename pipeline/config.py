@@ -170,10 +170,14 @@ class FinetuneConfig:
     lr_grid: tuple[float, ...] = _opt(
         (1e-5, 1e-4, 1e-3),
         "phase 2 learning rates searched on the validation split: each trains --search-epochs (annealed) from the "
-        "phase-1 weights; values within the val noise of the best train a second rung; the best continues to early "
-        "stopping; a clear best on an edge extends the grid; the search's seconds are charged. One value: no search",
+        "phase-1 weights; the rates within the val noise of the best train the next rung, 3x longer, from their own "
+        "weights; a tie after the last rung goes to the larger rate; the chosen one continues to early stopping; a "
+        "clear best on an edge extends the grid; the search's seconds are charged. One value: no search",
     )
-    search_epochs: float = _opt(1.0, "phase 2 epochs each rate of --lr-grid trains (below 1: that share of an epoch)")
+    search_epochs: float = _opt(1.0, "phase 2 epochs each rate trains in the search's first rung (below 1: that share)")
+    search_rungs: int = _opt(
+        3, "most rungs of the learning-rate search (each 3x the one before, all within half of --epochs-finetune)"
+    )
     schedule: str = _opt(
         "plateau",
         "phase 2 rate: plateau (x0.3 when val stalls an epoch), cosine (to 0 over the cap), constant",

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from pipeline import finetune, results
+from pipeline.finetune.record import TIE_TO_LARGER, SearchRecord
 
 
 @pytest.fixture
@@ -247,100 +248,45 @@ def test_decode_leaves_out_an_unreadable_image_and_says_where(cfg, tmp_path):
     np.testing.assert_array_equal(dec.labels, labels)
 
 
-def test_the_learning_rate_search_picks_the_best_val_and_extends_an_edge(tmp_path):
+def test_a_searched_fine_tune_grows_its_rungs_continues_the_chosen_rate_and_is_charged_its_search(ft_cfg, monkeypatch):
+    """Every rate ties (the noise planted wide): rung 1 trains each one epoch, rung 2 each three more from
+    its own rung-1 weights, the larger rate is taken and continues from its rung-2 weights at epoch 4."""
     from pipeline.finetune import search
 
-    val = {1e-5: 0.5, 1e-4: 0.6, 1e-3: 0.7, 1e-2: 0.8, 1e-1: 0.3}  # best on the upper edge of the grid
-    tried = []
-
-    def try_lr(lr, rung):
-        tried.append((lr, rung))
-        search.weights_file(tmp_path, lr, rung).write_bytes(b"w")
-        return val[min(val, key=lambda v: abs(np.log(v / lr)))], 2.0
-
-    state = {}
-    best = search.choose_lr(try_lr, (1e-5, 1e-4, 1e-3), state, tmp_path, 1000)
-    assert best == pytest.approx(1e-2) and len(tried) == 5  # 1e-2 beat the edge, 1e-1 did not: clear, one rung
-    assert state["search_seconds"] == 10.0 and len(state["search"]) == 5
-    assert json.loads((tmp_path / "state.json").read_text())["search"] == state["search"]
-    again = search.choose_lr(
-        lambda *a: pytest.fail("retrained a tried value"), (1e-5, 1e-4, 1e-3), state, tmp_path, 1000
-    )
-    assert again == best  # resumed from the record: nothing trained twice
-    assert search.choose_lr(try_lr, (3e-4,), {}, tmp_path, 1000) == 3e-4 and len(tried) == 5  # one value: no search
-    assert search.stop_reason(7, 30) == "early_stopping" and search.stop_reason(30, 30) == "epoch_cap"
-
-
-def test_a_lead_within_the_validation_noise_is_settled_by_a_second_rung(tmp_path, caplog):
-    """The demo's case: a third of an epoch ranks 1e-5 / 1e-4 0.3 pt apart over 1,000 images (noise 1.3 pt),
-    1e-3 far behind; the edge is not chased on that lead, the two within the noise train a second rung from
-    their own weights and its clear winner is chosen; over 10,000 images the same lead would be clear."""
-    from pipeline.finetune import search
-
-    first = {1e-5: 0.800, 1e-4: 0.797, 1e-3: 0.289}
-    second = {1e-5: 0.815, 1e-4: 0.856}
-    tried = []
-
-    def try_lr(lr, rung):
-        tried.append((lr, rung))
-        search.weights_file(tmp_path, lr, rung).write_bytes(b"w")
-        table = first if rung == 1 else second
-        return table[min(table, key=lambda v: abs(np.log(v / lr)))], 1.0
-
-    state = {}
-    with caplog.at_level("INFO"):
-        best = search.choose_lr(try_lr, (1e-5, 1e-4, 1e-3), state, tmp_path, 1000)
-    assert best == pytest.approx(1e-4)
-    assert sorted(tried) == [(1e-5, 1), (1e-5, 2), (1e-4, 1), (1e-4, 2), (1e-3, 1)]  # no 1e-6: the lead was noise
-    assert state["search_seconds"] == 5.0 and state["search_rung2"] == {"1e-05": 0.815, "0.0001": 0.856}
-    weights, acc, rungs = search.outcome(state, tmp_path, best)
-    assert (weights.name, acc, rungs) == ("search2-lr0.0001.weights.h5", 0.856, 2)
-    assert "second rung" in caplog.text and "still within the validation noise" not in caplog.text
-    assert state["search_within_noise"] is False
-    again = search.choose_lr(
-        lambda *a: pytest.fail("retrained a tried value"), (1e-5, 1e-4, 1e-3), state, tmp_path, 1000
-    )
-    assert again == best  # an interrupted second rung resumes from the record too
-    tried.clear()
-    first[1e-6] = 0.1
-    assert search.choose_lr(try_lr, (1e-5, 1e-4, 1e-3), {}, tmp_path, 1_000_000) == pytest.approx(1e-5)
-    assert [f"{lr:g}/{rung}" for lr, rung in sorted(tried)] == ["1e-06/1", "1e-05/1", "0.0001/1", "0.001/1"]
-    tie = {}
-    with caplog.at_level("WARNING"):
-        assert search.choose_lr(lambda lr, rung: (0.5, 1.0), (1e-5, 1e-4, 1e-3), tie, tmp_path, 1000) == pytest.approx(
-            1e-4
-        )
-    assert len(tie["search"]) == 3 and len(tie["search_rung2"]) == 3  # a tie chases no edge; all three go on
-    assert "still within the validation noise" in caplog.text and tie["search_within_noise"] is True
-
-
-def test_a_searched_fine_tune_continues_the_best_rate_and_is_charged_its_search(ft_cfg, monkeypatch):
-    seen = []
-    real = finetune.phases.fit_phase
+    seen, loaded = [], []
+    real_fit, real_load = finetune.phases.fit_phase, finetune.phases.load_weights
 
     def spy(model, phase, epochs, *a, **k):
-        out = real(model, phase, epochs, *a, **k)
-        seen.append((phase, k.get("tag", ""), k.get("initial", 0), out))
+        out = real_fit(model, phase, epochs, *a, **k)
+        seen.append((phase, k.get("tag", ""), epochs, k.get("initial", 0), out))
         return out
 
     monkeypatch.setattr(finetune.phases, "fit_phase", spy)
+    monkeypatch.setattr(finetune.phases, "load_weights", lambda m, p: (loaded.append(Path(p).name), real_load(m, p)))
+    monkeypatch.setattr(search, "noise", lambda acc, n: 1.0)
     ft_cfg.finetune.lr_grid = (1e-3, 1e-2, 1e-1)
-    ft_cfg.finetune.epochs_finetune = 2
+    ft_cfg.finetune.epochs_finetune = 8  # room for rungs of 1 and 3 epochs (within half the cap), not 9
     res = finetune.run(ft_cfg)
     searches = [s for s in seen if s[1].startswith("search")]
-    assert 3 <= len(searches) and all(s[3][1] == 1 for s in searches)  # one epoch each
-    rungs = 2 if any(s[1].startswith("search2") for s in searches) else 1  # 9 val images: rung 2 is likely
+    assert [(s[1], s[2]) for s in searches] == [
+        ("search-lr0.001", 1), ("search-lr0.01", 1), ("search-lr0.1", 1),
+        ("search2-lr0.001", 3), ("search2-lr0.01", 3), ("search2-lr0.1", 3),
+    ]  # fmt: skip
+    assert "search-lr0.01.weights.h5" in loaded[loaded.index("phase2.start.weights.h5") :]  # rung 2 from rung 1's
     final = [s for s in seen if s[0] == 2 and not s[1]]
-    assert len(final) == 2 - rungs and all(s[2] == 1 for s in final)  # the winner continues after its search
+    assert len(final) == 1 and final[0][3] == 4  # the winner continues after its 1 + 3 search epochs
+    # the final run starts from the chosen rate's rung-2 weights (and reloads them when it never beat them)
+    assert loaded[-2:] in (["search-lr0.1.weights.h5", "search2-lr0.1.weights.h5"], ["search2-lr0.1.weights.h5"] * 2)
     row = results.read_results(results.results_path(ft_cfg.artifacts, "toy")).set_index("method").loc["finetune"]
     params = json.loads(row["params"])
-    search_s = sum(s[3][0] for s in searches)
+    record = SearchRecord.from_params(params)
+    assert params["learning_rate_finetune"] == pytest.approx(0.1) and record.decided == TIE_TO_LARGER
+    assert record.rung_epochs == [1.0, 3.0] and [len(r) for r in record.rungs] == [3, 3]
+    search_s = sum(s[4][0] for s in searches)
     assert row["tune_seconds"] == pytest.approx(search_s, rel=1e-6) and res.search_seconds == pytest.approx(search_s)
     assert row["train_seconds"] == pytest.approx(sum(res.phase_seconds) + search_s)
-    lrs = params["lr_search_rung2"] or params["lr_search"]  # the last rung decided
-    assert lrs[f"{params['learning_rate_finetune']:g}"] == max(lrs.values())
-    assert set(params["lr_search_rung2"]) <= set(params["lr_search"]) and len(params["lr_search_rung2"]) != 1
-    assert params["epochs_run"][1] == 2 and params["stop"] == "epoch_cap"  # the search's epochs count: the cap
+    assert all(record.best_search_val(k) > record.final_val for k in record.beaten_by)
+    assert params["epochs_run"][1] == 4 + final[0][4][1]
 
 
 def test_a_fine_tune_that_hits_its_cap_is_flagged_in_its_row_and_the_verdict(ft_cfg):

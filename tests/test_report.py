@@ -236,7 +236,7 @@ def test_verdict_states_ci_mcnemar_and_the_baseline(tmp_path, stop):
                     "learning_rate_finetune": 1e-4,
                     "lr_search": {"1e-05": 0.84, "0.0001": 0.85, "0.001": 0.82},
                     "lr_search_rung2": {"1e-05": 0.84, "0.0001": 0.87},
-                    "lr_search_within_noise": stop == "epoch_cap",  # both ways, once each
+                    "lr_search_within_noise": stop == "epoch_cap",  # both ways, once each (a row's older layout)
                     "search_seconds": 150.0,
                 }
             ),
@@ -269,7 +269,7 @@ def test_verdict_states_ci_mcnemar_and_the_baseline(tmp_path, stop):
     assert f"{delta:+.2f} pt (95% CI " in first and "no significant difference" in first and "10× cheaper" in first
     assert "2 + 3 epochs (head, then every backbone layer trained) of at most 2 + 30" in first
     assert "kept epoch 2 and 1" in first and "300 images" in first
-    rate = "phase-2 learning rate 0.0001 chosen on val from 1e-05, 0.0001, 0.001 (a second rung between 1e-05, 0.0001"
+    rate = "phase-2 learning rate 0.0001 chosen on val from 1e-05, 0.0001, 0.001 (then rung 2 between 1e-05, 0.0001"
     noise = ", its lead still within the validation noise)" if stop == "epoch_cap" else ")"
     assert rate + noise in first
     assert "400 s (learning-rate search 150 s + training 250 s)" in first

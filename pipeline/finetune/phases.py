@@ -5,6 +5,7 @@ until early stopping with a learning-rate schedule (``search``)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import warnings
@@ -18,6 +19,7 @@ from pipeline import backbones, resources
 from pipeline.artifacts import write_json_atomic
 from pipeline.finetune import inputs, search
 from pipeline.finetune.model import _optimizer, build_model, set_trainable
+from pipeline.finetune.record import SearchRecord
 from pipeline.finetune.weights import load as load_weights
 from pipeline.finetune.weights import save as save_weights
 
@@ -226,30 +228,36 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     start = work / "phase2.start.weights.h5"
     if not start.exists():
         save_weights(model, start)
-    # below one epoch: that share of an epoch's (shuffled) batches, a demo-sized search on fewer images
-    search_epochs = max(1, min(round(ft.search_epochs), ft.epochs_finetune))
-    search_steps = max(1, round(ft.search_epochs * steps)) if ft.search_epochs < 1 else None
+    record = SearchRecord.from_dict(state["search"]) if "search" in state else SearchRecord()
 
+    def save() -> None:
+        state["search"] = dataclasses.asdict(record)
+        write_json_atomic(work / "state.json", state)
+
+    budgets = search.rung_budgets(ft.search_epochs, ft.search_rungs, ft.epochs_finetune)
     restart = compile_once(model, ft, float(ft.lr_grid[0]))
 
     def try_lr(lr: float, rung: int) -> tuple[float, float]:
         load_weights(model, start if rung == 1 else search.weights_file(work, lr, rung - 1))
         restart(lr)
-        log.info("phase 2 search: learning rate %g, %g epoch(s)%s", lr, ft.search_epochs, f", rung {rung}" * (rung > 1))
+        budget = budgets[rung - 1]
+        log.info("phase 2 search: learning rate %g, %g epoch(s), rung %d", lr, budget, rung)
+        # below one epoch: that share of an epoch's (shuffled) batches
+        epochs, part = (1, max(1, round(budget * steps))) if budget < 1 else (int(budget), None)
         tag = search.weights_file(work, lr, rung).name.removesuffix(".weights.h5")
-        anneal = search.annealing(lr, search_epochs * (search_steps or steps))
-        seconds, _, _, best_val = fit_phase(
-            model, 2, search_epochs, *data, ft, work, tag=tag, steps=search_steps, extra=[anneal]
-        )
+        anneal = search.annealing(lr, epochs * (part or steps))
+        seconds, _, _, best_val = fit_phase(model, 2, epochs, *data, ft, work, tag=tag, steps=part, extra=[anneal])
         save_weights(model, search.weights_file(work, lr, rung))  # its best epoch's (early stopping restores them)
         return best_val, seconds
 
-    lr = search.choose_lr(try_lr, ft.lr_grid, state, work, len(job.ds.splits["val"]))
+    lr = search.choose_lr(try_lr, ft.lr_grid, record, save, len(job.ds.splits["val"]), budgets)
     searched = len(ft.lr_grid) > 1
-    weights, search_val, rungs = search.outcome(state, work, lr) if searched else (start, 0.0, 0)
+    weights, search_val, initial = start, 0.0, 0
+    if searched:
+        weights, search_val, trained = search.outcome(record, work, lr)
+        initial = max(1, round(trained))
     load_weights(model, weights)
     restart(lr)
-    initial = (rungs * search_epochs if search_steps is None else max(1, round(rungs * ft.search_epochs))) * searched
     log.info("phase 2: learning rate %g (%s schedule), up to %d epochs", lr, ft.schedule, ft.epochs_finetune)
     seconds, ran, best_epoch, best_val = 0.0, 0, initial, -1.0  # a search that used up the cap trains no more
     if initial < ft.epochs_finetune:
@@ -266,6 +274,17 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     if searched and search_val > best_val:  # nothing after the search runs beat them: keep that
         load_weights(model, weights)
         best_epoch, best_val = initial, search_val
+    if searched:
+        record.compare_final(best_val)
+        if record.beaten_by:
+            log.warning(
+                "warning: the fine-tune's final val %.4f is below what %s reached in the search; the search "
+                "may have chosen wrong: try --lr-grid %s",
+                best_val,
+                ", ".join(f"{k} ({v:.4f})" for k, v in record.beaten_by.items()),
+                max(record.beaten_by, key=record.beaten_by.get),
+            )
+        state["search"] = dataclasses.asdict(record)
     state["learning_rate_finetune"] = lr
     state["stop"] = search.stop_reason(initial + ran, ft.epochs_finetune)
     _record(state, work, seconds, initial + ran, best_epoch, best_val)

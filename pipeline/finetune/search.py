@@ -1,16 +1,17 @@
 """Phase 2 of the fine-tune with the care the heads get: its learning rate chosen on the validation split,
 then trained until validation says stop.
 
-The search is successive halving: every learning rate of the grid trains ``search_epochs`` from the same
-phase-1 weights; when no value leads by more than the validation noise, the values within the noise of
-the best train a second rung; the best continues from where its search runs ended (so its search epochs
-are not trained twice), and a clearly best value on the grid's edge extends the grid one log step at a
-time, as the heads' grids do. Each search run anneals its rate to zero (cosine) over its
-epochs: compared unannealed after one epoch, the smallest rate won on the demo (val 0.831 at 1e-5, 0.826
-at 1e-4, 0.642 at 1e-3) because a larger rate's noise had not settled yet, the short-horizon bias of
-successive halving. Every search epoch is charged to the fine-tune as tuning time, as the heads' C
-searches are charged to them (Kornblith et al., CVPR 2019, tune the baseline's learning rate on validation
-before comparing; Li et al., ICLR 2020: its best value depends on the dataset).
+The search is successive halving with growing budgets (Jamieson & Talwalkar 2016; Hyperband, Li et al.
+2017): every rate of the grid trains rung 1 from the phase-1 weights; the rates still within the validation
+noise of the best train the next rung, ``ETA`` times longer, from their own weights; it ends when one rate
+leads clearly or the rungs run out. Short equal runs favour small rates (short-horizon bias: Wu, Ren, Liao
+& Grosse, ICLR 2018), so a lead is trusted only beyond the noise, and a tie that survives every rung goes to
+the larger rate: the smaller one only kept up while the runs were short. The chosen rate continues from its
+last search run (its search epochs are not trained twice); a clearly best value on the grid's edge extends
+the grid one log step at a time, as the heads' grids do. Each search run anneals its rate to zero (cosine)
+over its rung, so runs are compared settled. Every search epoch is charged to the fine-tune as tuning time,
+as the heads' C searches are charged to them (Kornblith et al., CVPR 2019; Li et al., ICLR 2020: the best
+rate depends on the dataset, so it has to be searched).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.artifacts import write_json_atomic
 from pipeline.estimators import tuning
+from pipeline.finetune.record import CLEAR_LEAD, TIE_TO_LARGER, SearchRecord
 
 log = logging.getLogger(__name__)
 
 MAX_EXTENSIONS = 2  # log steps tried beyond an edge before the search gives up and says so
+ETA = 3  # each rung trains its rates this many times longer than the rung before
 
 
 def weights_file(work: Path, lr: float, rung: int = 1) -> Path:
@@ -37,89 +39,125 @@ def noise(acc: float, n_val: int) -> float:
     return math.sqrt(max(acc * (1 - acc), 0.0) / max(n_val, 1))
 
 
-def choose_lr(
-    try_lr: Callable[[float, int], tuple[float, float]], grid: tuple[float, ...], state: dict, work: Path, n_val: int
-) -> float:
-    """The grid's learning rate with the best validation accuracy after its search epochs. ``try_lr(lr, rung)``
-    trains one candidate (rung 1 from the phase-1 weights, rung 2 from its rung-1 weights) and returns (val
-    accuracy, seconds); tried values are kept in ``state`` (and its file), so an interrupted search resumes.
-    A one-value grid is no search: that value, no cost.
+def rung_budgets(first: float, rungs: int, cap: int) -> list[float]:
+    """The epochs each rung trains: ``first``, then ``ETA`` times the rung before (whole epochs from one
+    epoch up), as many of ``rungs`` as keep a rate that survives them all within half the epoch cap, so
+    the search never eats the run it chooses for."""
+    out: list[float] = []
+    for r in range(max(rungs, 1)):
+        budget = first * ETA**r
+        budget = float(round(budget)) if budget >= 1 else budget
+        if out and sum(out) + budget > cap / 2:
+            break
+        out.append(min(budget, float(cap)))
+    return out
 
-    A lead within the validation noise (``noise``) decides nothing: an edge is extended only when the edge
-    value leads clearly, and when the leader is not clear every value within the noise of it trains one more
-    rung of the same length, which decides. On the demo a third of an epoch ranked 1e-5 / 1e-4 within 0.3 pt
-    (noise: 1.3 pt) and, at twice the global batch on two workers, picked 1e-6; one whole epoch separated
-    them by 4 pt."""
+
+def choose_lr(
+    try_lr: Callable[[float, int], tuple[float, float]],
+    grid: tuple[float, ...],
+    record: SearchRecord,
+    save: Callable[[], None],
+    n_val: int,
+    budgets: list[float],
+) -> float:
+    """The grid's learning rate that trains best on validation. ``try_lr(lr, rung)`` trains one candidate
+    for ``budgets[rung - 1]`` epochs (rung 1 from the phase-1 weights, a later rung from its own weights of
+    the rung before) and returns (val accuracy, seconds). What was tried is kept in ``record`` (``save()``
+    writes it), so an interrupted search resumes without training anything twice. A one-value grid is no
+    search: that value, no cost."""
     values = sorted(float(v) for v in grid)
     if len(values) == 1:
+        record.chosen = values[0]
         return values[0]
-    rung1 = state.setdefault("search", {})
+    _rung(record, 1, budgets)
     for lr in values:
-        _run(try_lr, lr, 1, state, work)
-    center = math.exp(sum(math.log(v) for v in values) / len(values))
-
-    def best_of(scores: dict) -> float:
-        """Highest val accuracy; a tie goes to the value nearest the grid's middle (no edge chased on a tie)."""
-        return max((float(k) for k in scores), key=lambda v: (scores[f"{v:g}"], -abs(math.log(v / center))))
-
-    for _ in range(MAX_EXTENSIONS):
-        tried = sorted(float(k) for k in rung1)
-        best = best_of(rung1)
-        beyond = tuning.edge_values(tried, best, "learning rate", steps=1) if _clear(rung1, best, n_val) else []
-        if not beyond:
-            break
-        _run(try_lr, beyond[0], 1, state, work)
-    best = best_of(rung1)
-    tuning.edge_values(sorted(float(k) for k in rung1), best, "learning rate", extend=False)  # still on an edge?
-    log.info("learning rate search (val accuracy): %s -> %g", _text(rung1), best)
-    if _clear(rung1, best, n_val):
-        return best
-    margin = noise(rung1[f"{best:g}"], n_val)
-    contenders = [float(k) for k, acc in rung1.items() if acc >= rung1[f"{best:g}"] - margin]
-    state.setdefault("search_rung2", {})
-    for lr in sorted(contenders):
-        _run(try_lr, lr, 2, state, work)
-    rung2 = state["search_rung2"]
-    best = best_of(rung2)
-    log.info("  no clear lead (noise %.1f pt): second rung (val accuracy): %s -> %g", 100 * margin, _text(rung2), best)
-    state["search_within_noise"] = not _clear(rung2, best, n_val)  # the report says so beside the chosen rate
-    if state["search_within_noise"]:
-        log.warning(
-            "warning: the learning-rate search's leader %g is still within the validation noise after two rungs; "
-            "a longer --search-epochs would choose more surely",
-            best,
+        _run(try_lr, lr, 1, record, save)
+    _extend_edge(try_lr, record, save, n_val)
+    contenders = _within_noise(record.rungs[0], n_val)
+    log.info("learning rate search, rung 1 (val accuracy): %s", _text(record.rungs[0]))
+    rung = 1
+    while len(contenders) > 1 and rung < len(budgets):
+        rung += 1
+        log.info(
+            "  no clear lead (noise %.1f pt): rung %d, %g epoch(s) each for %s",
+            100 * noise(max(record.rungs[rung - 2].values()), n_val),
+            rung,
+            budgets[rung - 1],
+            ", ".join(f"{v:g}" for v in contenders),
         )
-    return best
+        _rung(record, rung, budgets)
+        for lr in contenders:
+            _run(try_lr, lr, rung, record, save)
+        log.info("learning rate search, rung %d (val accuracy): %s", rung, _text(record.rungs[rung - 1]))
+        contenders = _within_noise(record.rungs[rung - 1], n_val)
+    record.chosen = max(contenders)
+    record.decided = CLEAR_LEAD if len(contenders) == 1 else TIE_TO_LARGER
+    record.within_noise = len(contenders) > 1
+    if record.within_noise:
+        log.warning(
+            "warning: the learning-rate search ended in a tie within the validation noise after %d rung(s) "
+            "(%s); it takes the larger rate, %g: short runs favour small rates. A longer --search-epochs "
+            "or more --search-rungs would choose more surely",
+            rung,
+            ", ".join(f"{v:g}" for v in contenders),
+            record.chosen,
+        )
+    save()
+    log.info("learning rate search -> %g (%s)", record.chosen, record.decided)
+    return record.chosen
 
 
-def _run(try_lr, lr: float, rung: int, state: dict, work: Path) -> float:
-    scores, key = state[_RUNGS[rung]], f"{lr:g}"
-    if key not in scores or not weights_file(work, lr, rung).exists():
+def _rung(record: SearchRecord, rung: int, budgets: list[float]) -> None:
+    while len(record.rungs) < rung:
+        record.rungs.append({})
+        record.rung_epochs.append(budgets[len(record.rungs) - 1])
+
+
+def _extend_edge(try_lr, record: SearchRecord, save, n_val: int) -> None:
+    """A rate on the grid's edge that leads rung 1 clearly: try one log step beyond, at most twice."""
+    first = record.rungs[0]
+    for _ in range(MAX_EXTENSIONS):
+        contenders = _within_noise(first, n_val)
+        if len(contenders) > 1:
+            return
+        beyond = tuning.edge_values(sorted(float(k) for k in first), contenders[0], "learning rate", steps=1)
+        if not beyond:
+            return
+        _run(try_lr, beyond[0], 1, record, save)
+    contenders = _within_noise(first, n_val)
+    if len(contenders) == 1:
+        tuning.edge_values(sorted(float(k) for k in first), contenders[0], "learning rate", extend=False)
+
+
+def _within_noise(scores: dict[str, float], n_val: int) -> list[float]:
+    """The rates whose val accuracy is within the validation noise of the best's (the best included)."""
+    top = max(scores.values())
+    return sorted(float(k) for k, acc in scores.items() if acc >= top - noise(top, n_val))
+
+
+def _run(try_lr, lr: float, rung: int, record: SearchRecord, save) -> float:
+    scores, key = record.rungs[rung - 1], f"{lr:g}"
+    if key not in scores:
         acc, seconds = try_lr(lr, rung)
-        scores[key] = acc
-        state["search_seconds"] = state.get("search_seconds", 0.0) + seconds
-        write_json_atomic(work / "state.json", state)
+        scores[key] = float(acc)
+        record.seconds += seconds
+        save()
     return scores[key]
-
-
-_RUNGS = {1: "search", 2: "search_rung2"}
-
-
-def _clear(scores: dict, best: float, n_val: int) -> bool:
-    """``best`` leads every other value by more than the validation noise."""
-    top = scores[f"{best:g}"]
-    others = [acc for k, acc in scores.items() if k != f"{best:g}"]
-    return not others or top - max(others) > noise(top, n_val)
 
 
 def _text(scores: dict) -> str:
     return ", ".join(f"{v:g}: {scores[f'{v:g}']:.4f}" for v in sorted(float(k) for k in scores))
 
 
-def outcome(state: dict, work: Path, lr: float) -> tuple[Path, float, int]:
-    """The chosen rate's last search run: its weights, its val accuracy and how many rungs it trained."""
-    rung = 2 if f"{lr:g}" in state.get("search_rung2", {}) else 1
-    return weights_file(work, lr, rung), state[_RUNGS[rung]][f"{lr:g}"], rung
+def outcome(record: SearchRecord, work: Path, lr: float) -> tuple[Path, float, float]:
+    """The chosen rate's last search run: its weights, its val accuracy, and the epochs it has trained over
+    all its rungs (where its final run takes up)."""
+    key = f"{lr:g}"
+    rungs = [r for r, scores in enumerate(record.rungs, 1) if key in scores]
+    last = rungs[-1]
+    epochs = sum(record.rung_epochs[r - 1] for r in rungs)
+    return weights_file(work, lr, last), record.rungs[last - 1][key], epochs
 
 
 def annealing(lr: float, steps: int):

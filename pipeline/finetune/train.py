@@ -18,6 +18,7 @@ from pipeline.config import Config
 from pipeline.data import Dataset, from_config, image_dataset, nested_subset
 from pipeline.data.augment import AUGMENT_SEEDS
 from pipeline.finetune import phases
+from pipeline.finetune.record import PARAMS_KEY, SearchRecord
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ def _train_and_save(job: _Job, dist: phases.Workers | None = None, work: Path | 
     with atomic_path(job.out, ".keras") as tmp:
         model.save(tmp)
     res = FinetuneResult(
-        job.out, float(val_acc), scores, state["phase_seconds"], state["epochs_run"], state.get("search_seconds", 0.0)
+        job.out, float(val_acc), scores, state["phase_seconds"], state["epochs_run"], _search(state).seconds
     )
     results.write_predictions(_pred(job.stem), ids, y_true, y_pred, job.ds.class_names)
     rows = [_finetune_row(job, res, state, len(y_true))]
@@ -253,6 +254,10 @@ def _train_and_save(job: _Job, dist: phases.Workers | None = None, work: Path | 
         f"{', '.join(f'{s:.1f}s' for s in res.phase_seconds)})  -> {job.out}"
     )
     return res
+
+
+def _search(state: dict) -> SearchRecord:
+    return SearchRecord.from_dict(state["search"]) if "search" in state else SearchRecord()
 
 
 def _fresh_state(key: str) -> dict:
@@ -293,9 +298,7 @@ def _finetune_row(job: _Job, res: FinetuneResult, state: dict, n_test: int) -> d
         "unfreeze_layers": ft.unfreeze_layers,
         "learning_rate": ft.learning_rate,
         "learning_rate_finetune": state.get("learning_rate_finetune"),
-        "lr_search": {lr: round(acc, 4) for lr, acc in state.get("search", {}).items()},
-        "lr_search_rung2": {lr: round(acc, 4) for lr, acc in state.get("search_rung2", {}).items()},
-        "lr_search_within_noise": state.get("search_within_noise", False),  # even the second rung's lead
+        PARAMS_KEY: _search(state).to_params() if len(ft.lr_grid) > 1 else None,
         "search_epochs": ft.search_epochs if len(ft.lr_grid) > 1 else 0,
         "search_seconds": round(res.search_seconds, 1),
         "schedule": ft.schedule,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.finetune.record import TIE_TO_LARGER, SearchRecord
 from pipeline.report.stats import unpaired
 from pipeline.report.tables import best_head, ci_text, method_label, pareto_front, ratio_text
 
@@ -40,19 +41,38 @@ def _baseline(ft: pd.Series) -> str:
         if p.get("stop"):
             text += "; phase 2 " + ("ended by early stopping" if p["stop"] == "early_stopping" else "hit its epoch cap")
         parts.append(text)
-    lr, search = p.get("learning_rate_finetune"), p.get("lr_search") or {}
+    lr = p.get("learning_rate_finetune")
     if lr is not None:
-        tried = f" chosen on val from {', '.join(search)}" if len(search) > 1 else ""
-        if p.get("lr_search_rung2"):  # the first rung's lead was within the validation noise
-            noise = ", its lead still within the validation noise" if p.get("lr_search_within_noise") else ""
-            tried += f" (a second rung between {', '.join(p['lr_search_rung2'])}{noise})"
-        parts.append(f"phase-2 learning rate {lr:g}{tried}")
+        parts.append(f"phase-2 learning rate {lr:g}{_search_text(SearchRecord.from_params(p))}")
     seconds = f"{ft['total_seconds']:,.0f} s"
     if p.get("search_seconds"):
         rest = ft["total_seconds"] - p["search_seconds"]
         seconds += f" (learning-rate search {p['search_seconds']:,.0f} s + training {rest:,.0f} s)"
     parts.append(seconds)
     return "Baseline: " + ", ".join(x for x in parts if x) + "."
+
+
+def _search_text(record: SearchRecord | None) -> str:
+    """How the rate was chosen: from which rates, over how many rungs, and whether the choice held up."""
+    if record is None or not record.rungs or len(record.rungs[0]) < 2:
+        return ""
+    text = f" chosen on val from {', '.join(record.rungs[0])}"
+    ending = (
+        ", a tie to the larger rate"
+        if record.decided == TIE_TO_LARGER
+        else ", its lead still within the validation noise"
+        if record.within_noise
+        else ""
+    )
+    later = "; ".join(f"rung {k} between {', '.join(r)}" for k, r in enumerate(record.rungs[1:], 2))
+    text += f" (then {later}{ending})" if later else ending
+    if record.beaten_by:
+        rates = ", ".join(f"{k} (val {v:.3f})" for k, v in record.beaten_by.items())
+        text += (
+            f" — flagged: its final val {record.final_val:.3f} is below what {rates} reached in the search, "
+            "so the search may have chosen wrong"
+        )
+    return text
 
 
 def device_time(head: pd.Series, ft: pd.Series) -> str:
