@@ -71,17 +71,27 @@ def raw_forward(model, size: int, batch: int, n: int) -> float:
     return steps * batch / (time.perf_counter() - t0)
 
 
-def raw_forward_runtime(spec, base, runtime: str, size: int, batch: int, n: int, folder: Path) -> float:
-    """(a) in ONNX Runtime / OpenVINO: the portable twin of the same model, converted as extract does it."""
+def raw_forward_runtime(
+    spec, base, runtime: str, size: int, batch: int, n: int, folder: Path, tapped: tuple[str, ...] = ()
+) -> float:
+    """(a) in ONNX Runtime / OpenVINO: the portable twin of the same model, converted as extract does it, run
+    with the runtime's default threading (extract turns ONNX Runtime's spinning off to share the cores with
+    decoding: the ratio b / a charges it that);
+    ``tapped``: with those taps (extract's default: ``("stages",)``), the model (d) runs."""
     from pipeline.backbones import taps
     from pipeline.extract import runtimes
 
-    model = taps.feature_model(spec, base, [])
+    chosen = taps.resolve(base, tapped, 1, spec.name) if tapped else []
+    model = taps.feature_model(spec, base, chosen)
+    key = {"backbone": spec.name, "taps": list(tapped)}
     forward, used = runtimes.forward_for(
-        runtime, model, lambda: taps.feature_model(spec, base, [], portable=True), {"backbone": spec.name}, folder
+        runtime, model, lambda: taps.feature_model(spec, base, chosen, portable=True), key, folder
     )
     if used != runtime:
         return float("nan")
+    if runtime == "onnx":  # the runtime at its own defaults (idle threads spin): its fastest on tensors in memory
+        path = runtimes.converted_path(folder, key, "onnx")
+        forward = runtimes.onnx_run(runtimes.onnx_session(path, os.cpu_count() or 0))
     x = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
     forward(x)
     steps = n // batch
@@ -92,12 +102,12 @@ def raw_forward_runtime(spec, base, runtime: str, size: int, batch: int, n: int,
 
 
 def decode_only(folder: Path, size: int, batch: int) -> float:
-    """(f) the input side alone: read + decode + resize, as extract's tf.data pipeline does it."""
-    from pipeline.data import image_dataset
+    """(f) the input side alone: read + decode + resize, as extract's local engine does it for PNGs."""
+    from pipeline.data import decode
 
     paths = sorted(str(p) for p in folder.rglob("*.png"))
     t0 = time.perf_counter()
-    n = sum(int(images.shape[0]) for images, _ in image_dataset(paths, size, batch))
+    n = sum(int(images.shape[0]) for images, _ in decode.batches(paths, size, batch))
     return n / (time.perf_counter() - t0)
 
 
@@ -184,24 +194,35 @@ def peak_rss_mb(folder: Path, artifacts: Path, backbone: str, batch: int, size: 
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
-def whole_command(folder: Path, artifacts: Path, backbone: str, batch: int) -> dict:
+_PEAK = (
+    "import resource, subprocess, sys; run = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+    "sys.stdout.write(run.stdout); sys.stderr.write(run.stderr); "
+    "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(run.returncode)"
+)
+
+
+def whole_command(folder: Path, artifacts: Path, backbone: str, batch: int, size: int) -> dict:
     """(g): wall time of a fresh `extract` process vs its own extraction loop (the cache's extract_seconds),
-    without and with the converted model cached; whether any converter output reached the terminal."""
+    without and with the converted model cached; whether any converter output reached the terminal; and
+    the peak RSS of the largest process the command ran (itself, or its conversion child)."""
     import h5py
 
     cmd = [sys.executable, "-m", "pipeline", "extract", "--dataset", str(folder), "--artifacts", str(artifacts)]
     cmd += ["--backbone", backbone, "--batch-size", str(batch), "--val-fraction", "0.1", "--test-fraction", "0.1"]
+    cmd += ["--input-size", str(size)]
     out = {}
     for name, extra in (("uncached_conversion", []), ("cached_conversion", ["--force"])):
         t0 = time.perf_counter()
-        run = subprocess.run(cmd + extra, capture_output=True, text=True, check=True)
+        run = subprocess.run([sys.executable, "-c", _PEAK, *cmd, *extra], capture_output=True, text=True, check=True)
         wall = time.perf_counter() - t0
+        peak_kb = int(run.stdout.strip().splitlines()[-1].split()[-1])
         cache = next((artifacts / "features").rglob("*.h5"))
         with h5py.File(cache, "r") as f:
             loop = float(f.attrs["extract_seconds"])
         printed = run.stdout + run.stderr
         chatter = [w for w in ("tf2onnx", "After optimization", "constant folding", "FutureWarning") if w in printed]
         out[name] = {"wall_s": round(wall, 1), "loop_s": round(loop, 1), "loop_over_wall": round(loop / wall, 3)}
+        out[name]["peak_rss_mb"] = round(peak_kb / 1024, 1)
         out[name]["converter_output_printed"] = chatter
     return out
 
@@ -214,6 +235,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="each measure is repeated (min / median / max)")
     ap.add_argument("--engine", default="local", choices=("local", "ray"), help="ray: also measure (e)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--input-size", type=int, default=None, help="default: the backbone's native size")
     ap.add_argument("--rss-sizes", type=int, nargs=2, default=(2000, 8000))
     ap.add_argument("--rss-input-size", type=int, default=96, help="smaller input keeps the RSS runs short")
     ap.add_argument("--whole-images", type=int, default=6000, help="images for (g), the whole command")
@@ -226,7 +248,7 @@ def main() -> None:
     from pipeline.extract import runtimes
 
     spec = backbones.get(args.backbone)
-    size = spec.input_size
+    size = args.input_size or spec.input_size
     weights = backbones.resolve_weights(spec, args.weights, Path(args.artifacts), size)
     base = backbones.build_backbone(spec, weights, size)
     model = taps.feature_model(spec, base, [])
@@ -244,28 +266,33 @@ def main() -> None:
             logging.getLogger("pipeline.extract.engines.ray_data").setLevel(logging.INFO)
             logging.getLogger("pipeline.extract.engines.ray_data").addHandler(first_rows)
         for r in range(args.repeats):  # interleaved, so drift in machine speed hits all of them alike
-            bw, bl = pipeline_extract(folder, tmp / f"art-{r}", args.backbone, args.batch_size, None)
+            bw, bl = pipeline_extract(folder, tmp / f"art-{r}", args.backbone, args.batch_size, size)
             runs["b_wall"].append(bw)
             runs["b"].append(bl)
             runs["d"].append(
-                pipeline_extract(folder, tmp / f"taps-{r}", args.backbone, args.batch_size, None, ("stages",))[1]
+                pipeline_extract(folder, tmp / f"taps-{r}", args.backbone, args.batch_size, size, ("stages",))[1]
             )
             runs["a"].append(raw_forward(model, size, args.batch_size, args.images))
             for rt in others:
                 runs.setdefault(f"a_{rt}", []).append(
                     raw_forward_runtime(spec, base, rt, size, args.batch_size, args.images, tmp / "runtimes")
                 )
+            runs.setdefault("a_taps_onnx", []).append(
+                raw_forward_runtime(
+                    spec, base, "onnx", size, args.batch_size, args.images, tmp / "runtimes", ("stages",)
+                )
+            )
             runs["c"].append(keras_idiomatic(model, folder, size, args.batch_size))
             runs["f"].append(decode_only(folder, size, args.batch_size))
             if args.engine == "ray":
-                ew, el = pipeline_extract(folder, tmp / f"ray-{r}", args.backbone, args.batch_size, None, engine="ray")
+                ew, el = pipeline_extract(folder, tmp / f"ray-{r}", args.backbone, args.batch_size, size, engine="ray")
                 runs["e_wall"].append(ew)
                 runs["e"].append(el)
                 seconds, first = args.images / el, first_rows.seconds[-1]
                 runs["e_steady"].append((args.images - args.batch_size) / (seconds - first))
                 runs.setdefault("e_first_rows_s", []).append(first)
         f = make_images(tmp / "whole", args.whole_images, Path(args.source))
-        whole = whole_command(f, tmp / "art-whole", args.backbone, args.batch_size)
+        whole = whole_command(f, tmp / "art-whole", args.backbone, args.batch_size, size)
         shutil.rmtree(f)
         rss = {}
         for n in args.rss_sizes:
@@ -299,10 +326,12 @@ def main() -> None:
                 if "e" in spread
                 else {}
             ),
+            "a_raw_forward_onnx_default_taps": spread["a_taps_onnx"],
             "f_decode_only": spread["f"],
         },
         "ratio_b_over_a_tf": round(med["b"] / med["a"], 3),
         "ratio_b_over_best_a": round(med["b"] / max(med["a"], *(med[f"a_{rt}"] for rt in others)), 3),
+        "ratio_d_taps_over_a_taps_onnx": round(med["d"] / med["a_taps_onnx"], 3),
         "ratio_b_over_c": round(med["b"] / med["c"], 3),
         "ratio_b_whole_over_b_loop": round(med["b_wall"] / med["b"], 3),
         "ratio_d_taps_over_b_no_taps": round(med["d"] / med["b"], 3),
@@ -323,10 +352,35 @@ def main() -> None:
         "peak_rss_mb_by_images": rss,
         "rss_input_size": args.rss_input_size,
     }
+    result["goals"] = goals(result)
     path = write("extract_throughput", result, args.artifacts)
     for k, v in result.items():
-        print(f"{k:32s} {v}")
+        if k != "goals":
+            print(f"{k:32s} {v}")
+    print()
+    for line in result["goals"]:
+        print(line)
     print(f"-> {path}")
+
+
+RSS_GOAL_MB = 1500
+
+
+def goals(result: dict) -> list[str]:
+    """Each ratio beside its goal, and a line that cannot be missed when one falls short."""
+    whole = result["g_whole_command"]
+    checks = [
+        ("extract loop / best raw forward (no taps)", result["ratio_b_over_best_a"], ">=", 0.90),
+        ("extract loop / raw forward, default taps (ONNX)", result["ratio_d_taps_over_a_taps_onnx"], ">=", 0.90),
+        ("cached whole command: loop / wall", whole["cached_conversion"]["loop_over_wall"], ">=", 0.80),
+        ("peak RSS MB, first (converting) run", whole["uncached_conversion"]["peak_rss_mb"], "<=", RSS_GOAL_MB),
+        ("peak RSS MB, cached run", whole["cached_conversion"]["peak_rss_mb"], "<=", RSS_GOAL_MB),
+    ]
+    lines = []
+    for name, value, op, goal in checks:
+        met = value >= goal if op == ">=" else value <= goal
+        lines.append(f"{name:45s} {value:>9} (goal {op} {goal}){'' if met else '   <-- BELOW GOAL'}")
+    return lines
 
 
 if __name__ == "__main__":

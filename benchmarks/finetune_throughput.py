@@ -37,8 +37,12 @@ def _model(cfg, n_classes: int):  # the pipeline's own fine-tune model, phase 2
     keras.utils.set_random_seed(0)
     model = build_model(base, spec, n_classes, cfg.finetune.augment, 0, cfg.finetune.dropout)
     set_trainable(base, 2, -1)
-    return model, size, lambda steps: model.compile(
-        _optimizer("adam", 1e-4), "sparse_categorical_crossentropy", steps_per_execution=steps
+    return (
+        model,
+        size,
+        lambda steps: model.compile(
+            _optimizer("adam", 1e-4), "sparse_categorical_crossentropy", steps_per_execution=steps
+        ),
     )
 
 

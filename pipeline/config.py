@@ -195,7 +195,8 @@ class FinetuneConfig:
     )
     steps_per_epoch: int | None = _opt(None, "cap on steps per epoch, for smoke runs (default: the whole training set)")
     devices: str = _opt(
-        "auto", "auto: every GPU if several (MirroredStrategy), else one; one; all (CPU devices too); batch per device",
+        "auto",
+        "auto: every GPU if several (MirroredStrategy), else one; one; all (CPU devices too); batch per device",
         choices=("auto", "one", "all"),
     )
     engine: str = _opt(

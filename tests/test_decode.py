@@ -20,6 +20,9 @@ from pipeline.data import decode, load_image
         ("RGBA", (57, 91), 224, "png"),
         ("P", (40, 30), 64, "png"),
         ("RGB", (33, 47), 96, "bmp"),
+        ("L", (28, 28), 28, "png"),  # no resize: every output row an exact source row
+        ("RGB", (120, 20), 112, "png"),  # more rows than the output (downscaled), fewer columns
+        ("RGB", (20, 500), 224, "png"),  # fewer rows (upscaled), more columns
     ],
 )
 def test_pillow_and_numpy_give_tensorflows_pixels_bit_for_bit(tmp_path, mode, shape, size, ext):

@@ -160,14 +160,19 @@ def read_outputs(path: Path) -> dict | None:
         return None
 
 
-def onnx_session(model: Path | bytes, n_threads: int = 0):
+def onnx_session(model: Path | bytes, n_threads: int = 0, spinning: bool = True):
     """An ONNX Runtime CPU session: one batch's work split over ``n_threads`` (0: ORT's default, all
-    cores), one operator at a time (measured: inter-op parallelism buys nothing for a CNN)."""
+    cores), one operator at a time (inter-op parallelism buys nothing for a CNN). ``spinning=False``: idle
+    intra-op threads sleep instead of busy-waiting for the next operator, which is what lets images be
+    decoded on the same cores between and during batches; spinning threads take those cycles and starve
+    the decoder, which then stalls every batch."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = n_threads
     opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(
         model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
     )
@@ -179,7 +184,8 @@ def onnx_run(session) -> Forward:
 
 
 def onnx_forward(path: Path) -> Forward:
-    return onnx_run(onnx_session(path, resources.cores()))  # intra-op: a batch's convolutions split across them
+    """Extraction's session: a batch's convolutions split across every core, which the decoder shares."""
+    return onnx_run(onnx_session(path, resources.cores(), spinning=False))
 
 
 def openvino_forward(path: Path) -> Forward:
