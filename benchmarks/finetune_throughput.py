@@ -28,7 +28,7 @@ def _model(cfg, n_classes: int):  # the pipeline's own fine-tune model, phase 2
 
     from pipeline import backbones
     from pipeline.finetune import build_model, set_trainable
-    from pipeline.finetune.model import _optimizer
+    from pipeline.finetune.model import optimizer_named
 
     spec = backbones.from_config(cfg.backbone)
     size = cfg.backbone.input_size or spec.input_size
@@ -41,7 +41,7 @@ def _model(cfg, n_classes: int):  # the pipeline's own fine-tune model, phase 2
         model,
         size,
         lambda steps: model.compile(
-            _optimizer("adam", 1e-4), "sparse_categorical_crossentropy", steps_per_execution=steps
+            optimizer_named("adam", 1e-4), "sparse_categorical_crossentropy", steps_per_execution=steps
         ),
     )
 

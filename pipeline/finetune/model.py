@@ -52,7 +52,7 @@ def set_trainable(base, phase: int, unfreeze_layers: int) -> int:
     return n
 
 
-def _optimizer(name: str, lr):
+def optimizer_named(name: str, lr):
     """A fresh optimizer by Keras name; ``lr`` a number or a ``LearningRateSchedule``."""
     import keras
 

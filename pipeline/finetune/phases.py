@@ -18,7 +18,7 @@ import numpy as np
 from pipeline import backbones, resources
 from pipeline.artifacts import write_json_atomic
 from pipeline.finetune import inputs, search
-from pipeline.finetune.model import _optimizer, build_model, set_trainable
+from pipeline.finetune.model import build_model, optimizer_named, set_trainable
 from pipeline.finetune.record import SearchRecord
 from pipeline.finetune.weights import load as load_weights
 from pipeline.finetune.weights import save as save_weights
@@ -169,7 +169,7 @@ def _done(model, path: Path, phase: int) -> bool:
 
 def _compile(model, ft, lr: float) -> None:
     """A fresh optimizer at ``lr``: each phase starts clean."""
-    model.compile(_optimizer(ft.optimizer, lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer_named(ft.optimizer, lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
 def compile_once(model, ft, lr: float) -> Callable[[float], None]:
@@ -215,6 +215,33 @@ def _phase_one(job, model, base, data, work: Path, state: dict, after: Callable)
         after(job, model, work, state)
 
 
+def _search_rate(job, model, data, steps: int, work: Path, state: dict, record: SearchRecord, restart) -> float:
+    """Phase 2's learning rate (``search.choose_lr``): each candidate's rung trained here from the phase-1
+    weights or its own rung before, annealed over its budget (below one epoch: that share of an epoch's
+    shuffled batches), its weights and the record kept in the work folder so a kill resumes the search."""
+    ft = job.cfg.finetune
+    start = work / "phase2.start.weights.h5"
+    budgets = search.rung_budgets(ft.search_epochs, ft.search_rungs, ft.epochs_finetune)
+
+    def save() -> None:
+        state["search"] = dataclasses.asdict(record)
+        write_json_atomic(work / "state.json", state)
+
+    def try_lr(lr: float, rung: int) -> tuple[float, float]:
+        load_weights(model, start if rung == 1 else search.weights_file(work, lr, rung - 1))
+        restart(lr)
+        budget = budgets[rung - 1]
+        log.info("phase 2 search: learning rate %g, %g epoch(s), rung %d", lr, budget, rung)
+        epochs, part = (1, max(1, round(budget * steps))) if budget < 1 else (int(budget), None)
+        tag = search.weights_file(work, lr, rung).name.removesuffix(".weights.h5")
+        anneal = search.annealing(lr, epochs * (part or steps))
+        seconds, _, _, best_val = fit_phase(model, 2, epochs, *data, ft, work, tag=tag, steps=part, extra=[anneal])
+        save_weights(model, search.weights_file(work, lr, rung))  # its best epoch's (early stopping restores them)
+        return best_val, seconds
+
+    return search.choose_lr(try_lr, ft.lr_grid, record, save, len(job.ds.splits["val"]), budgets)
+
+
 def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> None:
     """The learning-rate search from the phase-1 weights, then the best value trained on to early stopping.
     ``steps``: training steps per epoch, over which each search run anneals its rate."""
@@ -228,29 +255,9 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     start = work / "phase2.start.weights.h5"
     if not start.exists():
         save_weights(model, start)
-    record = SearchRecord.from_dict(state["search"]) if "search" in state else SearchRecord()
-
-    def save() -> None:
-        state["search"] = dataclasses.asdict(record)
-        write_json_atomic(work / "state.json", state)
-
-    budgets = search.rung_budgets(ft.search_epochs, ft.search_rungs, ft.epochs_finetune)
     restart = compile_once(model, ft, float(ft.lr_grid[0]))
-
-    def try_lr(lr: float, rung: int) -> tuple[float, float]:
-        load_weights(model, start if rung == 1 else search.weights_file(work, lr, rung - 1))
-        restart(lr)
-        budget = budgets[rung - 1]
-        log.info("phase 2 search: learning rate %g, %g epoch(s), rung %d", lr, budget, rung)
-        # below one epoch: that share of an epoch's (shuffled) batches
-        epochs, part = (1, max(1, round(budget * steps))) if budget < 1 else (int(budget), None)
-        tag = search.weights_file(work, lr, rung).name.removesuffix(".weights.h5")
-        anneal = search.annealing(lr, epochs * (part or steps))
-        seconds, _, _, best_val = fit_phase(model, 2, epochs, *data, ft, work, tag=tag, steps=part, extra=[anneal])
-        save_weights(model, search.weights_file(work, lr, rung))  # its best epoch's (early stopping restores them)
-        return best_val, seconds
-
-    lr = search.choose_lr(try_lr, ft.lr_grid, record, save, len(job.ds.splits["val"]), budgets)
+    record = SearchRecord.from_dict(state["search"]) if "search" in state else SearchRecord()
+    lr = _search_rate(job, model, data, steps, work, state, record, restart)
     searched = len(ft.lr_grid) > 1
     weights, search_val, initial = start, 0.0, 0
     if searched:
@@ -275,15 +282,7 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
         load_weights(model, weights)
         best_epoch, best_val = initial, search_val
     if searched:
-        record.compare_final(best_val)
-        if record.beaten_by:
-            log.warning(
-                "warning: the fine-tune's final val %.4f is below what %s reached in the search; the search "
-                "may have chosen wrong: try --lr-grid %s",
-                best_val,
-                ", ".join(f"{k} ({v:.4f})" for k, v in record.beaten_by.items()),
-                max(record.beaten_by, key=record.beaten_by.get),
-            )
+        search.check_final(record, best_val)
         state["search"] = dataclasses.asdict(record)
     state["learning_rate_finetune"] = lr
     state["stop"] = search.stop_reason(initial + ran, ft.epochs_finetune)

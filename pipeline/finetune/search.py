@@ -160,6 +160,20 @@ def outcome(record: SearchRecord, work: Path, lr: float) -> tuple[Path, float, f
     return weights_file(work, lr, last), record.rungs[last - 1][key], epochs
 
 
+def check_final(record: SearchRecord, final_val: float) -> None:
+    """Compare the chosen rate's final val with every other rate's search val, and warn when the search's
+    own evidence says it chose wrong."""
+    record.compare_final(final_val)
+    if record.beaten_by:
+        log.warning(
+            "warning: the fine-tune's final val %.4f is below what %s reached in the search; the search may have "
+            "chosen wrong: try --lr-grid %s",
+            final_val,
+            ", ".join(f"{k} ({v:.4f})" for k, v in record.beaten_by.items()),
+            max(record.beaten_by, key=record.beaten_by.get),
+        )
+
+
 def annealing(lr: float, steps: int):
     """A search run's rate: ``lr`` decayed to zero over its ``steps`` (cosine), so it is judged settled. The
     values of ``keras.optimizers.schedules.CosineDecay(lr, steps)``, set before each batch from the

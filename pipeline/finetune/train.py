@@ -191,7 +191,9 @@ def _files(job: _Job) -> list[Path]:
     return [job.out, _pred(job.stem)] + frozen
 
 
-def _train_and_save(job: _Job, dist: phases.Workers | None = None, work: Path | None = None) -> FinetuneResult:
+def _train_and_save(job: _Job, dist: phases.Workers | None = None, work: Path | None = None) -> FinetuneResult | None:
+    """One training seed, trained here (or as one of several Ray workers); the result on the chief, None on
+    the other workers, which write nothing of their own."""
     cfg = job.cfg
     ft = cfg.finetune
     frozen_model = job.frozen_stem.with_suffix(".keras")
