@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 from pathlib import Path
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--root", default="artifacts/lr_truth")
     ap.add_argument("--only", choices=("fixed", "searched", "table"), default=None)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the search's rungs and choice, as the CLI logs them
 
     from pipeline.curve import sizes
     from pipeline.data import from_config

@@ -51,8 +51,7 @@ class PrepareConfig:
 class BackboneConfig:
     backbone: str = _opt(
         "efficientnet_lite0",
-        "backbone name (see `python -m pipeline backbones`), or a model of your own: a .keras / .h5 file or a "
-        "SavedModel folder",
+        "backbone name (`python -m pipeline backbones`) or your own model: a .keras / .h5 file or a SavedModel folder",
     )
     weights: str = _opt(
         "default",
@@ -108,9 +107,8 @@ class ExtractConfig:
 class HeadsConfig:
     heads: tuple[str, ...] = _opt(
         ("ridge", "logreg", "linear_svm", "rbf_svm"),
-        "heads to fit: ridge logreg linear_svm rbf_svm nystroem mlp knn linear_probe (mlp and knn trailed logreg on "
-        "every dataset measured, so they are opt-in; nystroem is an RBF SVM on every image for 50,000+; "
-        "linear_probe streams from the cache for sets beyond RAM)",
+        "heads to fit: ridge logreg linear_svm rbf_svm nystroem mlp knn linear_probe (nystroem: an RBF SVM on "
+        "every image of a large set; linear_probe streams from the cache for sets beyond RAM)",
     )
     layers: tuple[str, ...] = _opt(
         ("last", "all"),
@@ -169,15 +167,12 @@ class FinetuneConfig:
     learning_rate: float = _opt(1e-3, "phase 1 learning rate (backbone frozen, new head)")
     lr_grid: tuple[float, ...] = _opt(
         (1e-5, 1e-4, 1e-3),
-        "phase 2 learning rates searched on the validation split: each trains --search-epochs (annealed) from the "
-        "phase-1 weights; the rates within the val noise of the best train the next rung, 3x longer, from their own "
-        "weights; a tie after the last rung goes to the larger rate; the chosen one continues to early stopping; a "
-        "clear best on an edge extends the grid; the search's seconds are charged. One value: no search",
+        "phase 2 learning rates searched on val: each trains --search-epochs (annealed) from the phase-1 weights; "
+        "those within the val noise of the best train the next rung, 3x longer, from their own weights; the chosen "
+        "one (a tie after the last rung: the larger) continues to early stopping; search seconds charged. One: none",
     )
     search_epochs: float = _opt(1.0, "phase 2 epochs each rate trains in the search's first rung (below 1: that share)")
-    search_rungs: int = _opt(
-        3, "most rungs of the learning-rate search (each 3x the one before, all within half of --epochs-finetune)"
-    )
+    search_rungs: int = _opt(3, "most rungs of the learning-rate search (3x longer each, within half the epoch cap)")
     schedule: str = _opt(
         "plateau",
         "phase 2 rate: plateau (x0.3 when val stalls an epoch), cosine (to 0 over the cap), constant",
@@ -196,7 +191,7 @@ class FinetuneConfig:
     steps_per_epoch: int | None = _opt(None, "cap on steps per epoch, for smoke runs (default: the whole training set)")
     devices: str = _opt(
         "auto",
-        "auto: every GPU if several (MirroredStrategy), else one; one; all (CPU devices too); batch per device",
+        "auto: all GPUs if several (MirroredStrategy), else one; one; all (CPU devices too); batch per device",
         choices=("auto", "one", "all"),
     )
     engine: str = _opt(
