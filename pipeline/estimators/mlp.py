@@ -87,9 +87,16 @@ class KerasMLP(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X):
-        X = predict_data(self, X)  # direct calls in chunks: no predict-function retracing per call
-        parts = [np.asarray(self.model_(X[i : i + 4096], training=False)) for i in range(0, len(X), 4096)]
-        return np.vstack(parts) if parts else np.zeros((0, len(self.classes_)), np.float32)
+        """The trained network's softmax, computed in float64 from its weights (dropout is off at
+        inference): a float32 matrix product rounds a row differently by where it falls in the kernel's
+        blocks, so Keras' forward pass gave an image other probabilities in another batch order, which
+        scikit-learn's estimator contract rejects."""
+        X = predict_data(self, X)
+        (w1, b1, w2, b2) = (np.asarray(w, np.float64) for w in self.model_.get_weights())
+        logits = np.maximum(np.asarray(X, np.float64) @ w1 + b1, 0.0) @ w2 + b2
+        logits -= logits.max(axis=1, keepdims=True)
+        proba = np.exp(logits)
+        return proba / proba.sum(axis=1, keepdims=True)
 
     def predict(self, X):
         best = np.argmax(self.predict_proba(X), axis=1)  # validates (and checks fitted) first
