@@ -54,6 +54,7 @@ def resize(image: np.ndarray, size: int, out: np.ndarray | None = None) -> np.nd
     np.multiply(rows, wx, out=rows)
     np.add(left, rows, out=rows)  # every source row blended across its columns
     out = np.empty((size, size, image.shape[2]), np.float32) if out is None else out
+    top = np.take(rows, y0, axis=0)  # each output row's upper source row
     if len(rows) <= size:  # upscaling: the difference of neighbouring rows, once per source row
         step = np.take(rows, below, axis=0)
         np.subtract(step, rows, out=step)
@@ -61,9 +62,9 @@ def resize(image: np.ndarray, size: int, out: np.ndarray | None = None) -> np.nd
         out[same] = 0.0  # the edges (and exact source rows): the same row twice, a difference of 0
     else:
         np.take(rows, y1, axis=0, out=out)
-        np.subtract(out, np.take(rows, y0, axis=0), out=out)
+        np.subtract(out, top, out=out)
     np.multiply(out, wy, out=out)
-    np.add(np.take(rows, y0, axis=0), out, out=out)
+    np.add(top, out, out=out)
     return out
 
 
