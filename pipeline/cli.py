@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
 import signal
 import sys
 import traceback
+import types
+import typing
 from pathlib import Path
 
-from pipeline.config import add_config_arguments, resolve_config
+from pipeline.config import resolve_config, section_types
 from pipeline.errors import DISK_FULL, PipelineError
 
 STAGES: dict[str, tuple[str, list[str], str]] = {
@@ -48,6 +51,13 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
         ["data", "backbone", "heads", "finetune", "curve"],
         "pipeline.curve:run",
     ),
+    "forecast": (
+        "before paying for the full fine-tune: the heads measured at every size, the fine-tune at a few small "
+        "ones (--ladder), then its accuracy, its cost and where it starts to beat the heads, forecast with "
+        "intervals widened by the error measured in backtests; needs `extract`; reuses points already done",
+        ["data", "backbone", "heads", "finetune", "forecast"],
+        "pipeline.forecast.stage:run",
+    ),
     "report": (
         "build artifacts/reports/<dataset>/ (report.md, report.html, summary.csv, plots) from whatever results exist",
         ["data", "report"],
@@ -68,7 +78,7 @@ STAGES: dict[str, tuple[str, list[str], str]] = {
 }
 
 
-TRAINING = ("heads", "finetune", "curve")  # stages that reuse up-to-date results unless --force
+TRAINING = ("heads", "finetune", "curve", "forecast")  # stages that reuse up-to-date results unless --force
 
 
 def _list_backbones(args) -> None:
@@ -86,6 +96,44 @@ def _list_backbones(args) -> None:
         return
     for name, spec in sorted(backbones.REGISTRY.items()):
         print(f"{name:24s} {spec.input_size:4d}px  {spec.family:6s} {spec.preprocessing}")
+
+
+def _base_type(tp):
+    """Strip ``Optional`` so argparse gets the callable that parses the value."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -> None:
+    """Add one flag per field of the named sections (plus --artifacts and --config)."""
+    parser.add_argument("--config", metavar="TOML", help="TOML file with [section] tables overriding defaults")
+    help_ = "folder for every artifact the pipeline writes (default: artifacts)"
+    parser.add_argument("--artifacts", default=None, metavar="DIR", help=help_)
+    types_ = section_types()
+    for section in sections:
+        cls = types_[section]
+        group = parser.add_argument_group(f"{section} options")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if flag in parser._option_string_actions:  # two sections share a name (batch_size): qualify the later
+                flag = f"--{section}-{f.name.replace('_', '-')}"
+            tp = _base_type(hints[f.name])
+            help_ = f.metadata["help"]
+            if f.default is not None and "default" not in help_:
+                help_ += f" (default: {f.default})"
+            dest = f"{section}.{f.name}"
+            meta = f.name.upper()
+            if tp is bool:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            elif typing.get_origin(tp) in (tuple, list):
+                inner = typing.get_args(tp)[0]
+                group.add_argument(flag, dest=dest, type=inner, nargs="+", default=None, metavar=meta, help=help_)
+            else:
+                choices, metavar = f.metadata.get("choices"), None if f.metadata.get("choices") else meta
+                kw = dict(dest=dest, type=tp, default=None, metavar=metavar, choices=choices, help=help_)
+                group.add_argument(flag, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:

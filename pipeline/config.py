@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +222,21 @@ class CurveConfig:
 
 
 @dataclass
+class ForecastConfig:
+    ladder: tuple[int, ...] = _opt(
+        (), "training sizes of the small fine-tunes (default: a doubling ladder ending at --ladder-top of the data)"
+    )
+    ladder_points: int = _opt(3, "default ladder: this many sizes, each twice the one before")
+    ladder_top: float = _opt(0.2, "default ladder: its largest size as a fraction of the training split")
+    ladder_seeds: int = _opt(2, "training seeds at the smallest size, so the seed-to-seed noise is measured")
+    finetune_budget: str | None = _opt(
+        None,
+        "then run the full fine-tune if its forecast cost is within this (30m, 1h, 2.5h); over it, print the "
+        "command and stop (default: forecast only)",
+    )
+
+
+@dataclass
 class ReportConfig:
     gradcam_images: int = _opt(6, "Grad-CAM overlays of the fine-tuned model (half correct, half wrong); 0 = none")
     subgroup_max_values: int = _opt(
@@ -283,6 +297,7 @@ class Config:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     curve: CurveConfig = field(default_factory=CurveConfig)
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -313,47 +328,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _section_types() -> dict[str, type]:
+def section_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
-
-
-def _base_type(tp):
-    """Strip ``Optional`` so argparse gets the callable that parses the value."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        return next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -> None:
-    """Add one flag per field of the named sections (plus --artifacts and --config)."""
-    parser.add_argument("--config", metavar="TOML", help="TOML file with [section] tables overriding defaults")
-    help_ = "folder for every artifact the pipeline writes (default: artifacts)"
-    parser.add_argument("--artifacts", default=None, metavar="DIR", help=help_)
-    types_ = _section_types()
-    for section in sections:
-        cls = types_[section]
-        group = parser.add_argument_group(f"{section} options")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            if flag in parser._option_string_actions:  # two sections share a name (batch_size): qualify the later
-                flag = f"--{section}-{f.name.replace('_', '-')}"
-            tp = _base_type(hints[f.name])
-            help_ = f.metadata["help"]
-            if f.default is not None and "default" not in help_:
-                help_ += f" (default: {f.default})"
-            dest = f"{section}.{f.name}"
-            meta = f.name.upper()
-            if tp is bool:
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
-            elif typing.get_origin(tp) in (tuple, list):
-                inner = typing.get_args(tp)[0]
-                group.add_argument(flag, dest=dest, type=inner, nargs="+", default=None, metavar=meta, help=help_)
-            else:
-                choices, metavar = f.metadata.get("choices"), None if f.metadata.get("choices") else meta
-                kw = dict(dest=dest, type=tp, default=None, metavar=metavar, choices=choices, help=help_)
-                group.add_argument(flag, **kw)
 
 
 def _apply(obj, values: dict[str, Any], where: str, given: list[str] | None = None) -> None:

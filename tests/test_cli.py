@@ -28,7 +28,7 @@ def test_every_stage_has_help_documenting_every_option(capsys, stage):
     is qualified by the later section: --finetune-batch-size)."""
     import dataclasses
 
-    from pipeline.config import _section_types
+    from pipeline.config import section_types
 
     with pytest.raises(SystemExit) as e:
         main([stage, "--help"])
@@ -36,7 +36,7 @@ def test_every_stage_has_help_documenting_every_option(capsys, stage):
     out = capsys.readouterr().out
     seen = set()
     for section in STAGES[stage][1]:
-        for f in dataclasses.fields(_section_types()[section]):
+        for f in dataclasses.fields(section_types()[section]):
             flag = "--" + f.name.replace("_", "-")
             if flag in seen:
                 flag = f"--{section}-{f.name.replace('_', '-')}"

@@ -122,7 +122,7 @@ def test_every_module_says_why_it_exists():
 # The flow of data, one folder a stage: a stage imports only the stages before it (heads and fine-tune are
 # two sides of one comparison: neither imports the other), the estimators (a library under every stage)
 # and the plumbing at the top, which imports no stage at all. ``curve`` and ``cli`` drive stages.
-FLOW = {"data": 0, "backbones": 1, "extract": 2, "heads": 3, "finetune": 3, "report": 4, "apply": 5}
+FLOW = {"data": 0, "backbones": 1, "extract": 2, "heads": 3, "finetune": 3, "forecast": 4, "report": 5, "apply": 6}
 PLUMBING = {"artifacts", "config", "errors", "lock", "resources", "results", "uptodate"}
 DRIVERS = {"__main__", "cli", "curve"}
 

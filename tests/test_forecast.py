@@ -1,0 +1,290 @@
+"""The forecast: known curves recovered, intervals that widen where they should, the "cannot tell" path, its
+cost model, its table, bad inputs, and the stage end to end on the tiny backbone (reuse, resume, budget)."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import results
+from pipeline.errors import PipelineError
+from pipeline.forecast import calibration, curves, record, stage
+from pipeline.forecast.cost import CostModel, Run
+from pipeline.forecast.decide import forecast
+from pipeline.forecast.evidence import Evidence, gather
+
+
+def _pow3(n, alpha=0.05, eta=2.0, gamma=-0.5):
+    return 1 - (alpha + eta * np.asarray(n, float) ** gamma)
+
+
+def test_a_known_power_law_is_recovered():
+    n = np.array([100, 200, 400, 800, 1600, 3200])
+    pts = curves.Points(n, _pow3(n), np.full(len(n), 1e-4))
+    p = curves.fit(curves.FORMS["pow3"], pts, scale=1.0)
+    assert p[0] == pytest.approx(0.05, abs=2e-3)
+    assert np.exp(p[1]) == pytest.approx(2.0, rel=0.05)
+    assert p[2] == pytest.approx(-0.5, abs=0.02)
+    ens = curves.Ensemble(pts)
+    assert ens.accuracy(50_000)[0] == pytest.approx(_pow3(50_000), abs=0.003)
+    assert curves.last_value(pts) == pytest.approx(_pow3(3200))
+
+
+def test_held_out_error_weights_the_form_that_extrapolates():
+    """On a curve with a floor, the plain power law (no floor) misses the held-out largest size most."""
+    n = np.array([100, 200, 400, 800, 1600])
+    pts = curves.Points(n, _pow3(n, alpha=0.15), np.full(len(n), 1e-3))
+    errors = curves.holdout_errors(pts)
+    assert abs(errors["pow2"]) > abs(errors["pow3"])
+    w = curves.form_weights(pts)
+    assert w["pow3"] > w["pow2"] and sum(w.values()) == pytest.approx(1)
+
+
+def _evidence(sizes, acc=None, seed_sd=0.005, n_test=2000, head=0.85, n_full=10_000):
+    sizes = np.asarray(sizes, float)
+    acc = _pow3(sizes) if acc is None else np.asarray(acc, float)
+    n = np.concatenate([sizes, sizes[:1]])  # the smallest size twice: two training seeds
+    a = np.concatenate([acc, acc[:1] + seed_sd])
+    sd = np.sqrt(a * (1 - a) / n_test + seed_sd**2)
+    hn = np.array([*sizes, n_full], float)
+    runs = [Run(int(s), 10.0, 5.0 + s / 100, 8 * (2 + s / 50), 8) for s in sizes]
+    return Evidence(
+        finetune=curves.Points(n, a, sd),
+        seed_sd=seed_sd,
+        n_test=n_test,
+        runs=runs,
+        head="logreg@all",
+        head_curve=curves.Points(hn, np.full(len(hn), head), np.full(len(hn), 0.008)),
+        forecast_seconds=123.0,
+        measured_full=float("nan"),
+    )
+
+
+def _forecast(ev, target, n_full=10_000, cases=None):
+    cases = cases if cases is not None else [calibration.Case("a", 2000, 500, 0.90, 0.89)]
+    kw = dict(dataset="toy", backbone="tiny", n_full=n_full, max_epochs=30, draws=40)
+    return forecast(ev, target=target, cases=cases, **kw)
+
+
+def test_the_interval_widens_with_extrapolation_and_with_fewer_points():
+    ev = _evidence([250, 500, 1000, 2000], seed_sd=0.01)
+    near, far = _forecast(ev, 4000), _forecast(ev, 20_000)
+    assert far.high - far.low > near.high - near.low
+    assert far.extrapolation_sd > near.extrapolation_sd > 0
+    fewer = _forecast(_evidence([500, 1000, 2000], seed_sd=0.01), 20_000)
+    assert fewer.fit_sd > far.fit_sd
+    assert fewer.high - fewer.low > far.high - far.low
+    assert near.low < near.accuracy < near.high
+
+
+def test_the_forecast_says_cannot_tell_when_its_interval_holds_the_head_and_names_the_next_size():
+    ev = _evidence([250, 500, 1000], head=float(_pow3(10_000)))  # the head sits on the forecast
+    f = _forecast(ev, 10_000)
+    assert f.status == "cannot tell" and not f.decided
+    assert f.next_n == 2000 and f.next_seconds > 0
+    text = stage.sentence(f, _forecast(ev, 20_000), [250, 500, 1000])
+    assert text.startswith("Cannot tell yet") and "--ladder 250 500 1000 2000" in text
+    clear = _forecast(_evidence([250, 500, 1000], head=0.5), 10_000)
+    assert clear.decided and clear.p_beats_head > 0.99 and math.isnan(clear.next_n)
+    assert clear.crossover_n == pytest.approx(250)  # beats a poor head from the smallest size on
+    beyond = _forecast(_evidence([25, 50, 100], head=0.5), 10_000)
+    assert beyond.ratio == 100 and beyond.status == "cannot tell"  # 100x: beyond any honest extrapolation
+
+
+def test_the_crossover_is_where_the_fine_tune_passes_a_rising_head():
+    sizes = np.array([250, 500, 1000, 2000])
+    ev = _evidence(sizes, head=float(_pow3(5000)))
+    f = _forecast(ev, 10_000)
+    assert 2000 < f.crossover_n < 10_000
+    assert f.crossover_low <= f.crossover_n <= f.crossover_high or math.isnan(f.crossover_high)
+
+
+def test_the_cost_model_recovers_linear_epochs_and_a_growing_epoch_count():
+    runs = [Run(n, 2 + n / 100, 4 + n / 50, (5 + n / 10) * round(3 * (n / 100) ** 0.5), round(3 * (n / 100) ** 0.5))
+            for n in (100, 400, 1600)]  # fmt: skip
+    model = CostModel.fit(runs, max_epochs=30)
+    for r in runs:
+        assert model.seconds(r.n) == pytest.approx(r.seconds, rel=0.02)
+    assert model.phase_two_epochs(6400) == pytest.approx(24, rel=0.05)
+    assert model.phase_two_epochs(10**6) == 30  # capped at --epochs-finetune
+
+
+def test_backtest_cases_calibrate_the_extrapolation_error():
+    cases = [calibration.Case("x", 4000, 1000, 0.90, 0.88), calibration.Case("y", 2000, 1000, 0.90, 0.91)]
+    kappa = calibration.error_per_log_ratio(cases)
+    assert kappa == pytest.approx(np.sqrt(((0.02 / np.log(4)) ** 2 + (0.01 / np.log(2)) ** 2) / 2))
+    assert calibration.extrapolation_sd(1.0, cases) == 0
+    assert calibration.extrapolation_sd(8.0, cases) == pytest.approx(kappa * np.log(8))
+    shipped = calibration.read_cases()
+    assert shipped and all(c.ratio > 1 for c in shipped)  # the package ships measured backtests
+    assert all(c.case != shipped[0].case for c in calibration.read_cases(leave_out=shipped[0].case))
+
+
+def test_the_record_round_trips_and_a_renamed_field_fails(tmp_path):
+    f = _forecast(_evidence([250, 500, 1000]), 10_000)
+    path = tmp_path / "results" / "toy.forecast.csv"
+    record.write(path, [f])
+    (back,) = record.read(path)
+    assert back.accuracy == pytest.approx(f.accuracy) and back.status == f.status and back.best_head == "logreg@all"
+    assert math.isnan(back.measured_accuracy) and back.version == record.VERSION
+    record.write(path, [f])  # the same target again: replaced, not appended
+    assert len(pd.read_csv(path)) == 1
+    table = pd.read_csv(path).rename(columns={"p_beats_head": "p_beats"})
+    table.to_csv(path, index=False)
+    with pytest.raises(PipelineError, match="no field.*p_beats_head.*unknown field.*p_beats"):
+        record.read(path)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "n_full", "message"),
+    [
+        ((10, 20), 100, "at least 3 sizes"),
+        ((4, 10, 20), 100, "under 2 images per class"),
+        ((10, 20, 100), 100, "not below the 100 training images"),
+        ((), 20, "too few to forecast"),
+    ],
+)
+def test_a_bad_ladder_is_one_line_that_names_the_fix(sizes, n_full, message):
+    with pytest.raises(PipelineError, match=message) as e:
+        stage.ladder(n_full, 3, sizes, points=3, top=0.2)
+    assert "\n" not in str(e.value)
+
+
+def test_the_default_ladder_doubles_up_to_a_fifth():
+    assert stage.ladder(3000, 10, (), points=3, top=0.2) == [150, 300, 600]
+    assert stage.seconds("1h") == 3600 and stage.seconds("2.5h") == 9000 and stage.seconds("90") == 90
+    with pytest.raises(PipelineError, match="not a duration"):
+        stage.seconds("an hour")
+
+
+def test_evidence_needs_two_seeds_somewhere_and_the_heads_at_full_size():
+    rows = [_row("finetune", n, 0.8) for n in (6, 12, 24)] + [{**_row("ridge", 60, 0.85), "backbone": "tiny@16px"}]
+    with pytest.raises(PipelineError, match="--ladder-seeds 2"):
+        gather(pd.DataFrame(rows).assign(seed=np.nan), "tiny", "tiny@16px", [6, 12, 24], 60)
+    rows.append({**_row("finetune", 6, 0.78), "seed": 1})
+    ev = gather(pd.DataFrame(rows), "tiny", "tiny@16px", [6, 12, 24], 60)
+    assert ev.head == "ridge" and ev.seed_sd == pytest.approx(np.std([0.8, 0.78], ddof=1))
+    with pytest.raises(PipelineError, match="make svm"):
+        gather(pd.DataFrame(rows[:3] + rows[4:]), "tiny", "tiny@16px", [6, 12, 24], 60)
+
+
+def _row(method, n, acc):
+    params = {"phase_seconds": [1.0, 8.0], "epochs_run": [1, 4]}
+    return {
+        "backbone": "tiny", "method": method, "features": "image", "layers": "last", "n_train": n, "seed": None,
+        "val_accuracy": acc, "test_accuracy": acc, "n_test": 30, "train_seconds": 10.0, "tune_seconds": 1.0,
+        "params": json.dumps(params),
+    }  # fmt: skip
+
+
+@pytest.fixture
+def ladder_cfg(tmp_path, cfg):
+    """60 training images (20 a class), forecast from fine-tunes at 6 (two seeds), 12 and 24."""
+    from conftest import write_images
+
+    root = tmp_path / "data" / "ladder"
+    for k, (split, n) in enumerate((("train", 20), ("val", 5), ("test", 10))):
+        write_images(root / split, n, seed=10 + k)
+    cfg.data.dataset = str(root)
+    cfg.heads.heads, cfg.heads.layers, cfg.heads.features = ("ridge", "logreg"), ("last",), ("image",)
+    cfg.finetune.epochs_head = cfg.finetune.epochs_finetune = 1
+    cfg.finetune.batch_size = 6
+    cfg.finetune.lr_grid = (1e-3,)
+    cfg.forecast.ladder = (6, 12, 24)
+    return cfg
+
+
+def _trained(monkeypatch):
+    """The works (folders) every fine-tune phase trains in, in order."""
+    from pipeline import finetune
+
+    real, seen = finetune.phases.fit_phase, []
+
+    def spy(model, phase, epochs, train, val, c, work, **kw):
+        seen.append((work.name, phase))
+        return real(model, phase, epochs, train, val, c, work, **kw)
+
+    monkeypatch.setattr(finetune.phases, "fit_phase", spy)
+    return seen
+
+
+def test_the_stage_measures_the_ladder_forecasts_and_reuses_every_point(ladder_cfg, monkeypatch, capsys):
+    from pipeline.extract import stage as extract
+
+    extract.run(ladder_cfg)
+    trained = _trained(monkeypatch)
+    full, double = stage.run(ladder_cfg)
+    table = results.read_results(results.results_path(ladder_cfg.artifacts, "ladder"))
+    ft = table[table["method"] == "finetune"]
+    assert sorted(zip(ft["n_train"], ft["seed"].fillna(-1))) == [(6, -1), (6, 1), (12, -1), (24, -1)]
+    assert sorted(set(table.loc[table["method"] == "ridge", "n_train"])) == [6, 12, 24, 60]
+    assert (full.target_n, double.target_n, full.n_full) == (60, 120, 60)
+    assert full.measured_sizes == "6 12 24" and full.ratio == 2.5 and full.best_head in ("ridge", "logreg")
+    assert full.low <= full.accuracy <= full.high and full.cost_seconds > 0 and full.forecast_seconds > 0
+    assert [r.target_n for r in record.read(record.path(ladder_cfg.artifacts, "ladder"))] == [60, 120]
+    out = capsys.readouterr().out
+    assert "images is forecast at" in out or "Cannot tell yet" in out
+    assert "Measured error of such forecasts" in out
+    assert len({w for w, _ in trained}) == 4  # four fine-tunes, the full size not among them
+
+    trained.clear()
+    stage.run(ladder_cfg)  # nothing changed: every point reused, nothing trained
+    assert trained == []
+
+
+def test_over_its_budget_the_stage_prints_the_command_and_does_not_fine_tune(ladder_cfg, monkeypatch, capsys):
+    from pipeline.extract import stage as extract
+
+    extract.run(ladder_cfg)
+    ladder_cfg.forecast.finetune_budget = "1s"
+    stage.run(ladder_cfg)
+    out = capsys.readouterr().out
+    assert "over the --finetune-budget of 1 s: not run" in out
+    command = out.split("To run it:\n")[1].strip().splitlines()[0]
+    assert command.startswith("python -m pipeline finetune --dataset ") and "--lr-grid 0.001" in command
+    table = results.read_results(results.results_path(ladder_cfg.artifacts, "ladder"))
+    assert 60 not in set(table.loc[table["method"] == "finetune", "n_train"])
+
+    ladder_cfg.forecast.finetune_budget = "10h"
+    trained = _trained(monkeypatch)
+    stage.run(ladder_cfg)
+    assert {w for w, _ in trained} == {"tiny_cnn-finetuned.work"}  # within budget: only the full fine-tune ran
+    table = results.read_results(results.results_path(ladder_cfg.artifacts, "ladder"))
+    assert 60 in set(table.loc[table["method"] == "finetune", "n_train"])
+
+
+def test_an_interrupted_ladder_resumes_and_trains_nothing_twice(ladder_cfg, monkeypatch):
+    from pipeline import finetune
+    from pipeline.extract import stage as extract
+
+    extract.run(ladder_cfg)
+    real, seen = finetune.phases.fit_phase, []
+
+    def killed_at_twelve(model, phase, epochs, train, val, c, work, **kw):
+        seen.append((work.name, phase))
+        if "-n12" in work.name and phase == 2:
+            raise KeyboardInterrupt
+        return real(model, phase, epochs, train, val, c, work, **kw)
+
+    monkeypatch.setattr(finetune.phases, "fit_phase", killed_at_twelve)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(ladder_cfg)
+    before = list(seen)
+    monkeypatch.setattr(finetune.phases, "fit_phase", real)
+    trained = _trained(monkeypatch)
+    stage.run(ladder_cfg)
+    assert ("tiny_cnn-finetuned-n12.work", 1) in before
+    assert not [w for w in trained if "-n6" in w[0]]  # the finished smallest point and its seed are reused
+    assert ("tiny_cnn-finetuned-n12.work", 1) not in trained  # phase 1 finished before the kill: not redone
+    assert ("tiny_cnn-finetuned-n12.work", 2) in trained
+
+
+@pytest.mark.parametrize(("ladder", "message"), [((6, 12), "at least 3 sizes"), ((6, 12, 60), "not below")])
+def test_a_bad_ladder_writes_nothing(ladder_cfg, ladder, message):
+    ladder_cfg.forecast.ladder = ladder
+    with pytest.raises(PipelineError, match=message):
+        stage.run(ladder_cfg)
+    assert not results.results_path(ladder_cfg.artifacts, "ladder").exists()
+    assert not record.path(ladder_cfg.artifacts, "ladder").exists()
