@@ -72,7 +72,9 @@ def sentence(full: Forecast, double: Forecast, sizes: list[int]) -> str:
     )
     if math.isfinite(full.measured_accuracy):
         err = (full.measured_accuracy - full.accuracy) * 100
-        lines.append(f"The full fine-tune was run: measured {full.measured_accuracy:.4f} ({err:+.1f} pt from the forecast).")
+        lines.append(
+            f"The full fine-tune was run: measured {full.measured_accuracy:.4f} ({err:+.1f} pt from the forecast)."
+        )
     return "\n".join(lines)
 
 
