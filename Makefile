@@ -19,6 +19,9 @@ FINETUNE  ?=
 IMAGES    ?=
 METHOD    ?=
 FORMAT    ?= keras
+# a user's folder: `make demo` forecasts the full fine-tune first and runs it only within this budget
+BUDGET    ?= 1h
+EMBEDDED  := fashion-mnist elpv
 
 RUN    := $(BIN)/python -m pipeline
 space  := $(subst ,, )
@@ -29,12 +32,13 @@ COMMON := --dataset $(DATA) --artifacts $(ARTIFACTS) $(CFG)
 STAMP  := $(VENV)/.installed-$(TF)$(if $(EXTRAS),-$(subst $(space),-,$(EXTRAS)))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data extract svm finetune report demo curve sweep predict export test lint docs bench clean
+.PHONY: help setup data extract svm finetune forecast budgeted-finetune report demo curve sweep predict export test lint docs bench clean
 
 help: ## list targets and variables
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: DATA=$(DATA) BACKBONE=$(BACKBONE) ARTIFACTS=$(ARTIFACTS) TF=$(TF) (cpu|gpu) CONFIG=run.toml ARGS=..."
 	@echo "             BACKBONES=\"$(BACKBONES)\" FINETUNE=1 (sweep)  IMAGES=DIR METHOD=... (predict)  FORMAT=... (export)"
+	@echo "             BUDGET=$(BUDGET) (demo on your folder: the full fine-tune runs only if forecast within it)"
 
 setup: $(STAMP) ## create .venv and install the project (editable) with test extras
 
@@ -68,8 +72,15 @@ predict: setup ## apply the verdict's method (METHOD=ridge@all, finetune, ... fo
 export: setup ## the verdict's method (or METHOD=...) as one model: FORMAT=keras|saved_model|onnx|litert
 	$(RUN) export $(COMMON) --backbone $(BACKBONE) --format $(FORMAT) $(if $(METHOD),--method $(METHOD)) $(STAGE_ARGS)
 
-demo: svm finetune ## set up, prepare the default data and run the whole comparison
+demo: svm $(if $(filter $(EMBEDDED),$(DATA)),finetune,budgeted-finetune) ## set up, prepare the default data and run the whole comparison (a user's folder: the fine-tune only within BUDGET)
 	$(RUN) report $(COMMON)
+
+forecast: extract ## forecast the full fine-tune (accuracy, cost, where it beats the heads) from a few small ones
+	$(RUN) forecast $(COMMON) --backbone $(BACKBONE) $(STAGE_ARGS)
+	$(RUN) report $(COMMON)
+
+budgeted-finetune: extract
+	$(RUN) forecast $(COMMON) --backbone $(BACKBONE) --finetune-budget $(BUDGET) $(STAGE_ARGS)
 
 curve: extract ## learning curve: heads (and the fine-tune at the smallest and largest size) on subsets of train
 	$(RUN) curve $(COMMON) --backbone $(BACKBONE) $(STAGE_ARGS)

@@ -288,3 +288,66 @@ def test_a_bad_ladder_writes_nothing(ladder_cfg, ladder, message):
         stage.run(ladder_cfg)
     assert not results.results_path(ladder_cfg.artifacts, "ladder").exists()
     assert not record.path(ladder_cfg.artifacts, "ladder").exists()
+
+
+def test_make_demo_on_a_users_folder_stops_after_the_forecast_when_over_budget(tmp_path):
+    """`make demo DATA=<folder>` forecasts before it fine-tunes; over BUDGET it prints the forecast and the
+    command for the full fine-tune, runs nothing more, and still writes the report with the forecast in it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import keras
+
+    from conftest import write_images
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    data = write_images(tmp_path / "my_photos", 30)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="c1")(inputs)
+    keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="gap")(x)).save(tmp_path / "tiny.keras")
+    (tmp_path / "run.toml").write_text(
+        "[heads]\nheads = ['ridge']\nlayers = ['last']\n[extract]\ntaps = ['none']\nbatch_size = 8\n"
+        "[finetune]\nepochs_head = 1\nepochs_finetune = 1\nbatch_size = 6\nlr_grid = [0.001]\n"
+        "[forecast]\nladder = [6, 9, 12]\n"
+    )
+    venv = Path(sys.executable).parent.parent
+    stamp = venv / ".installed-cpu"
+    art = tmp_path / "artifacts"
+    cmd = ["make", "-C", str(repo), "-o", str(stamp), "demo", f"VENV={venv}", f"DATA={data}", f"ARTIFACTS={art}",
+           f"BACKBONE={tmp_path / 'tiny.keras'}", f"CONFIG={tmp_path / 'run.toml'}", "BUDGET=1s"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "over the --finetune-budget of 1 s: not run. To run it:" in done.stdout
+    assert "python -m pipeline finetune --dataset" in done.stdout
+    table = results.read_results(results.results_path(art, "my_photos"))
+    ft = table[table["method"] == "finetune"]
+    assert sorted(set(ft["n_train"])) == [6, 9, 12]  # the ladder only: the full fine-tune was not run
+    report = (art / "reports" / "my_photos" / "report.md").read_text()
+    assert "**Forecast, not measured**" in report and "## Forecast" in report
+
+
+def test_the_report_labels_the_forecast_and_sets_it_beside_a_measured_fine_tune(tmp_path):
+    from pipeline.forecast import decide
+    from pipeline.report import forecast as section
+
+    ev = _evidence([250, 500, 1000])
+    curves = decide.build(ev, [], 20_000, draws=20)
+    kw = dict(dataset="toy", backbone="tiny", n_full=10_000, max_epochs=30)
+    records = [decide.at(curves, target=t, **kw) for t in (10_000, 20_000)]
+    band = decide.band(curves).assign(backbone="tiny")
+    small = [{**_row("finetune", n, 0.8), "seed": np.nan} for n in (250, 500, 1000)]
+    lines = section.verdict_lines(records, measured_full=set())
+    assert len(lines) == 1 and lines[0].startswith("**Forecast, not measured** (tiny):")
+    assert "Measured error of such forecasts" in lines[0]
+    assert section.verdict_lines(records, measured_full={"tiny"}) == []
+    out = section.sections(records, band, pd.DataFrame(small), tmp_path, "toy")
+    assert out[0][0] == "Forecast" and (tmp_path / "forecast_tiny.png").stat().st_size > 0
+    assert list(out[1][1]["measured"]) == ["", ""]
+    full = pd.DataFrame(small + [{**_row("finetune", 10_000, 0.93), "seed": np.nan}])
+    out = section.sections(records, band, full, tmp_path, "toy")
+    assert out[1][1]["measured"].iloc[0].startswith("0.9300 ("), out[0][1]
+    assert "The full fine-tune was run: measured 0.9300" in out[0][1], out[0][1]

@@ -10,6 +10,7 @@ fit extrapolates honestly, or when the interval holds the best head's accuracy: 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from scipy.stats import norm
 
 from pipeline.forecast import calibration
@@ -80,13 +81,32 @@ def crossover(curves: Curves) -> tuple[float, float, float]:
     return first(0.5), first((1 - LEVEL) / 2), first((1 + LEVEL) / 2)
 
 
+def build(ev: Evidence, cases: list[calibration.Case], top: float, draws: int = 200) -> Curves:
+    """The curves from the smallest measured size to ``top``, calibrated with ``cases`` and this curve's own
+    backtest."""
+    grid = np.geomspace(float(ev.finetune.sizes.min()), top, GRID)
+    return Curves(ev, cases + own_backtest(ev.finetune), draws, grid)
+
+
+def band(curves: Curves) -> pd.DataFrame:
+    """The forecast curve with its interval and the head beside it, at every size of the grid (for the plot)."""
+    rows = []
+    for n in curves.grid:
+        acc, half = float(curves.accuracy(n)[0]), Z * curves.sd(n)
+        rows.append({"n": n, "accuracy": acc, "low": acc - half, "high": acc + half, "head": curves.head(n),
+                     "p_beats_head": curves.p_beats(n)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def forecast(ev: Evidence, *, dataset: str, backbone: str, target: int, n_full: int, max_epochs: int,
              cases: list[calibration.Case], draws: int = 200) -> Forecast:  # fmt: skip
     """The record for ``target`` training images (``n_full`` or a multiple of it)."""
-    cases = cases + own_backtest(ev.finetune)
-    smallest = float(ev.finetune.sizes.min())
-    grid = np.geomspace(smallest, max(target, 2 * n_full), GRID)
-    curves = Curves(ev, cases, draws, grid)
+    curves = build(ev, cases, max(target, 2 * n_full), draws)
+    return at(curves, dataset=dataset, backbone=backbone, target=target, n_full=n_full, max_epochs=max_epochs)
+
+
+def at(curves: Curves, *, dataset: str, backbone: str, target: int, n_full: int, max_epochs: int) -> Forecast:
+    ev, cases = curves.ev, curves.cases
     acc = float(curves.accuracy(target)[0])
     fit_sd, noise_sd, ext_sd = curves.sd_parts(target)
     half = Z * curves.sd(target)

@@ -106,3 +106,30 @@ def write(file: Path, records: list[Forecast]) -> None:
         table = pd.DataFrame([r.to_row() for r in keep + records], columns=[f.name for f in fields(Forecast)])
         with atomic_path(file) as tmp:
             table.to_csv(tmp, index=False)
+
+
+def band_path(artifacts: str | Path, dataset: str) -> Path:
+    """The forecast curve and its interval at every size looked at: what the report plots."""
+    return Path(artifacts) / "results" / f"{dataset}.forecast-band.csv"
+
+
+BAND_COLUMNS = ["backbone", "n", "accuracy", "low", "high", "head", "p_beats_head"]
+
+
+def write_band(file: Path, backbone: str, band: pd.DataFrame) -> None:
+    with lock.exclusive(file, announce=False):
+        old = read_band(file)
+        new = band.assign(backbone=backbone)[BAND_COLUMNS]
+        table = pd.concat([old[old["backbone"] != backbone], new], ignore_index=True) if len(old) else new
+        with atomic_path(file) as tmp:
+            table.to_csv(tmp, index=False)
+
+
+def read_band(file: Path) -> pd.DataFrame:
+    if not Path(file).exists():
+        return pd.DataFrame(columns=BAND_COLUMNS)
+    table = pd.read_csv(file)
+    missing = [c for c in BAND_COLUMNS if c not in table.columns]
+    if missing:
+        raise PipelineError(f"{file}: no column(s) {', '.join(missing)}; rerun `make forecast` to rewrite it")
+    return table

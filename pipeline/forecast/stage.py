@@ -22,8 +22,7 @@ from pipeline.data import Dataset, from_config, nested_subset
 from pipeline.errors import PipelineError
 from pipeline.extract import stage as extract
 from pipeline.extract.cache.reader import load_features
-from pipeline.forecast import calibration, record
-from pipeline.forecast.decide import forecast
+from pipeline.forecast import calibration, decide, record
 from pipeline.forecast.evidence import gather
 from pipeline.forecast.text import budget_text, sentence
 from pipeline.heads import registry
@@ -106,9 +105,11 @@ def run(cfg: Config) -> list[record.Forecast]:
     table = results.read_results(results.results_path(cfg.artifacts, cfg.dataset_name))
     ev = gather(table, backbone, extract.cache_path(cfg).stem, sizes, n_full)
     cases = calibration.read_cases()
+    curves = decide.build(ev, cases, 2 * n_full)
     kw = dict(dataset=cfg.dataset_name, backbone=backbone, n_full=n_full, max_epochs=cfg.finetune.epochs_finetune)
-    records = [forecast(ev, target=t, cases=cases, **kw) for t in (n_full, 2 * n_full)]
+    records = [decide.at(curves, target=t, **kw) for t in (n_full, 2 * n_full)]
     record.write(record.path(cfg.artifacts, cfg.dataset_name), records)
+    record.write_band(record.band_path(cfg.artifacts, cfg.dataset_name), backbone, decide.band(curves))
     print("\n" + sentence(records[0], records[1], sizes))
     if budget is not None and math.isnan(records[0].measured_accuracy):
         if records[0].cost_seconds <= budget:

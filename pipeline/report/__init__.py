@@ -21,6 +21,7 @@ import pandas as pd
 from pipeline.artifacts import atomic_path, library_versions, writable_dir, write_json_atomic
 from pipeline.config import Config
 from pipeline.errors import PipelineError, first_line
+from pipeline.report import forecast
 from pipeline.report.curve import curve_points, heads_only_note, where_finetuning_pays
 from pipeline.report.layers import layer_sections
 from pipeline.report.plots import gradcam, plot_accuracy_vs_time, plot_confusion, plot_curve, plot_gradcam
@@ -187,11 +188,23 @@ def _comparison_sections(table, main, res, art: Path, dataset: str, out_dir: Pat
             ("Learning curve", " ".join(text + ([note] if note else [])) or "Test accuracy vs training images.")
         )
         sections.append(("", png))
+    sections += _forecast_sections(sections[0][1], table, art, dataset, out_dir)
     sections += layer_sections(art / "heads" / dataset, out_dir)
     details = details_table(table)
     details.attrs["css"] = "details"
     sections.append(("Details of every run", details))
     return sections
+
+
+def _forecast_sections(verdict_lines: list[str], table, art: Path, dataset: str, out_dir: Path) -> list:
+    """The forecast's section; its answer joins the verdict where no full-size fine-tune was run."""
+    records, band = forecast.read(art, dataset)
+    if not records:
+        return []
+    ok = table[(table["method"] == "finetune") & (table["status"] == "ok")]
+    measured = set(ok["backbone"].astype(str).str.split("@").str[0])
+    verdict_lines.extend(forecast.verdict_lines(records, measured))
+    return forecast.sections(records, band, read_results(results_path(art, dataset)), out_dir, dataset)
 
 
 def _evaluated(table: pd.DataFrame, preds: dict, art: Path, dataset: str) -> list[Evaluated]:

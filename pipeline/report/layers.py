@@ -13,9 +13,9 @@ import pandas as pd
 
 
 def plot_layer_scores(per_layer: pd.DataFrame, chosen: list[str], path: Path, title: str) -> None:
-    from pipeline.report.plots import _plt, save_figure
+    from pipeline.report.plots import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(per_layer) + 1.6), dpi=110)
     y = range(len(per_layer))
     labels = [f"{r.label} [{r.width}-dim]" + ("  (chosen)" * (r.layer in chosen)) for r in per_layer.itertuples()]

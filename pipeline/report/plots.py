@@ -18,7 +18,7 @@ def save_figure(fig, path: Path) -> None:
         fig.savefig(tmp)
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +31,7 @@ MARKERS = {"finetune": "*", "frozen_dense": "h", **{name: spec.marker for name, 
 
 
 def plot_accuracy_vs_time(table: pd.DataFrame, path: Path, dataset: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig = accuracy_vs_time_figure(table, dataset)
     save_figure(fig, path)
     plt.close(fig)
@@ -41,7 +41,7 @@ def accuracy_vs_time_figure(table: pd.DataFrame, dataset: str):
     """Heads crowd at the same cost (they share the extraction): adjustText moves their labels apart."""
     from adjustText import adjust_text
 
-    plt = _plt()
+    plt = pyplot()
     ok = table[table["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     colours = {b: plt.cm.tab10(i % 10) for i, b in enumerate(sorted(ok["backbone"].unique()))}
@@ -98,7 +98,7 @@ def accuracy_vs_time_figure(table: pd.DataFrame, dataset: str):
 def plot_confusion(pred: pd.DataFrame, class_names: list[str], path: Path, title: str) -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    plt = _plt()
+    plt = pyplot()
     n = len(class_names)
     fig, axes = plt.subplots(1, 2, figsize=(6 + 1.1 * n, 3 + 0.5 * n), dpi=100)
     for ax, norm, sub in ((axes[0], None, "counts"), (axes[1], "true", "row-normalised")):
@@ -166,7 +166,7 @@ def plot_gradcam(
         [b[0].numpy() for b in image_dataset([str(dataset_dir / i) for i in chosen["id"]], size, 64)]
     )
     cams, cls = gradcam(model, images)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(chosen), figsize=(2.2 * len(chosen), 2.7), dpi=100, squeeze=False)
     for ax, img, cam, (_, r), c in zip(axes[0], images, cams, chosen.iterrows(), cls):
         ax.imshow(img.astype(np.uint8))
@@ -185,7 +185,7 @@ def plot_gradcam(
 
 def plot_curve(curve: pd.DataFrame, path: Path, dataset: str) -> None:
     """Test accuracy (with 95% CI) and cost against training images, one line per method, log x."""
-    plt = _plt()
+    plt = pyplot()
     fig, (acc_ax, sec_ax) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110)
     backbones = sorted(curve["backbone"].unique())
     colours = {b: plt.cm.tab10(i % 10) for i, b in enumerate(backbones)}

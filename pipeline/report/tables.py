@@ -35,8 +35,9 @@ def method_label(method: str, features: str = "image", layers: str = "last") -> 
 
 
 def largest_runs(results: pd.DataFrame) -> pd.DataFrame:
-    """Each (backbone, method, features, layers) at its largest training set: the main comparison.
-    Smaller learning-curve points stay in the results table for the curve."""
+    """Each (backbone, method, features, layers) at its largest training set: the main comparison. A fine-tune
+    run only on smaller subsets than the heads (the curve's or the forecast's) is not compared with them: it
+    would set a smaller training set against a larger one. Smaller points stay in the results for the curve."""
     df = results.copy()
     if "layers" not in df.columns:
         df["layers"] = "last"
@@ -45,6 +46,7 @@ def largest_runs(results: pd.DataFrame) -> pd.DataFrame:
         df["n_train"] = np.nan
     size = df["n_train"].fillna(0)
     keep = size == size.groupby([df[k] for k in ("backbone", "method", "features", "layers")]).transform("max")
+    keep &= ~df["method"].isin(FINETUNED) | (size == size.groupby(df["backbone"]).transform("max"))
     return df[keep]
 
 

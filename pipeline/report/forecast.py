@@ -1,0 +1,116 @@
+"""The Forecast section: what `make forecast` said the full fine-tune would reach, cost and when it pays,
+labelled as a forecast everywhere, and set against the measured fine-tune once one exists."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.forecast import record
+from pipeline.forecast.record import LEVEL, Forecast
+from pipeline.forecast.text import duration, sentence
+from pipeline.report.plots import pyplot, save_figure
+
+
+def read(art: Path, dataset: str) -> tuple[list[Forecast], pd.DataFrame]:
+    return record.read(record.path(art, dataset)), record.read_band(record.band_path(art, dataset))
+
+
+def with_measured(records: list[Forecast], results: pd.DataFrame) -> list[Forecast]:
+    """Each forecast beside the fine-tune at its size when one has run since (or before): forecast vs truth."""
+    out = []
+    for f in records:
+        ft = results[(results["method"] == "finetune") & (results["backbone"].astype(str) == f.backbone)]
+        ft = ft[(ft["n_train"] == f.target_n) & ft["seed"].isna()]
+        out.append(dataclasses.replace(f, measured_accuracy=float(ft["test_accuracy"].iloc[0])) if len(ft) else f)
+    return out
+
+
+def _pairs(records: list[Forecast]) -> list[tuple[Forecast, Forecast | None]]:
+    """Per backbone: the forecast at the full size and the one at twice it."""
+    out = []
+    for f in records:
+        if f.target_n == f.n_full:
+            double = next((d for d in records if d.backbone == f.backbone and d.target_n == 2 * f.n_full), None)
+            out.append((f, double))
+    return out
+
+
+def verdict_lines(records: list[Forecast], measured_full: set[str]) -> list[str]:
+    """For a backbone without a full-size fine-tune: the forecast's answer, labelled as one."""
+    lines = []
+    for f, _ in _pairs(records):
+        if f.backbone in measured_full:
+            continue
+        text = sentence(f, f, [int(s) for s in f.measured_sizes.split()]).splitlines()
+        lines.append(f"**Forecast, not measured** ({f.backbone}): {text[0]} {text[-1]}")
+    return lines
+
+
+def _row(f: Forecast) -> dict:
+    measured = f.measured_accuracy
+    return {
+        "training images": f"{f.target_n:,}",
+        "forecast fine-tune": f"{f.accuracy:.4f}",
+        f"{LEVEL:.0%} interval": f"{f.low:.3f} … {f.high:.3f}",
+        "best head": f"{f.best_head} {f.best_head_accuracy:.4f}",
+        "P(fine-tune better)": f"{f.p_beats_head:.2f}",
+        "forecast cost": duration(f.cost_seconds),
+        "status": f.status,
+        "measured": "" if math.isnan(measured) else f"{measured:.4f} ({(measured - f.accuracy) * 100:+.1f} pt)",
+    }
+
+
+def sections(records: list[Forecast], band: pd.DataFrame, results: pd.DataFrame, out_dir: Path, dataset: str):
+    out: list[tuple[str, object]] = []
+    records = with_measured(records, results)
+    for f, double in _pairs(records):
+        sizes = [int(s) for s in f.measured_sizes.split()]
+        text = sentence(f, double or f, sizes).replace("\n", " ")
+        label = f" ({f.backbone})" if len({r.backbone for r in records}) > 1 else ""
+        out.append(
+            (
+                f"Forecast{label}",
+                f"{text} A forecast, not a measurement: fitted on the fine-tunes at {', '.join(map(str, sizes))} "
+                f"images and widened by the error measured where such forecasts were checked against fine-tunes "
+                f"that were then run.",
+            )
+        )
+        out.append(("", pd.DataFrame([_row(r) for r in (f, double) if r is not None])))
+        png = out_dir / f"forecast_{f.backbone}.png"
+        plot(f, band[band["backbone"] == f.backbone], results, png, dataset)
+        out.append(("", png))
+    return out
+
+
+def plot(f: Forecast, band: pd.DataFrame, results: pd.DataFrame, path: Path, dataset: str) -> None:
+    """Both curves, the measured points, the forecast band, the crossover band and the full size."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    ax.plot(band["n"], band["accuracy"], color="C3", label="fine-tune: forecast")
+    ax.fill_between(band["n"], band["low"], band["high"], color="C3", alpha=0.15, label=f"{LEVEL:.0%} interval")
+    ax.plot(band["n"], band["head"], color="C0", linestyle="--", label=f"{f.best_head} (measured, interpolated)")
+    ft = results[(results["method"] == "finetune") & (results["backbone"].astype(str) == f.backbone)]
+    small = ft[ft["n_train"] < f.n_full]
+    ax.scatter(small["n_train"], small["test_accuracy"], marker="*", s=90, color="C3", zorder=3, label="fine-tunes run")
+    if not math.isnan(f.measured_accuracy):
+        ax.scatter([f.n_full], [f.measured_accuracy], marker="*", s=160, color="k", zorder=4, label="full, measured")
+    ax.axvline(f.n_full, color="grey", linewidth=1)
+    ax.text(f.n_full, ax.get_ylim()[0], " your data", color="grey", fontsize=8, va="bottom")
+    if math.isfinite(f.crossover_n):
+        lo = f.crossover_low if math.isfinite(f.crossover_low) else band["n"].min()
+        hi = f.crossover_high if math.isfinite(f.crossover_high) else band["n"].max()
+        ax.axvspan(lo, hi, color="C2", alpha=0.1, label="crossover range")
+        ax.axvline(f.crossover_n, color="C2", linestyle=":", label="crossover")
+    ax.set_xscale("log")
+    ax.set_xlabel("training images (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{dataset}: fine-tune forecast against the best head", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
