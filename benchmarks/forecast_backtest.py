@@ -51,8 +51,14 @@ def collect(args) -> None:
         "target": args.target,
         "max_epochs": args.max_epochs,
         "finetune": [
-            {"n": int(n), "acc": float(a), **{k: getattr(r, k) for k in ("phase_one_seconds", "search_seconds",
-                                                                         "phase_two_seconds", "phase_two_epochs")}}
+            {
+                "n": int(n),
+                "acc": float(a),
+                **{
+                    k: getattr(r, k)
+                    for k in ("phase_one_seconds", "search_seconds", "phase_two_seconds", "phase_two_epochs")
+                },
+            }
             for (n, a), r in zip(zip(ev.finetune.n, ev.finetune.acc), ev.runs)
         ],  # fmt: skip
         "head": ev.head,
@@ -171,13 +177,14 @@ def run(args) -> None:
         rows.append(evaluate(c, others))
     print(_table(rows))
     near = [r for r in rows if r["ratio"] <= 5]
+    called = [r for r in rows if r["call_right"] is not None]
     mae = {k: float(np.mean([abs(r[k]) for r in rows])) for k in ("error_pt", "last1_error_pt", "plain_error_pt")}
     summary = {
         "cases": len(rows),
         "covered": f"{sum(r['covered'] for r in rows)} of {len(rows)}",
         "mean_abs_error_pt": mae,
         "within_1pt_at_le_5x": f"{sum(abs(r['error_pt']) <= 1.0 for r in near)} of {len(near)}",
-        "calls_right": f"{sum(bool(r['call_right']) for r in rows)} of {sum(r['call_right'] is not None for r in rows)}",
+        "calls_right": f"{sum(r['call_right'] is True for r in rows)} of {len(called)}",
     }
     print(json.dumps(summary, indent=1))
     print("written", write("forecast_backtest", {"rows": rows, "summary": summary}, args.out))

@@ -299,7 +299,6 @@ def test_make_demo_on_a_users_folder_stops_after_the_forecast_when_over_budget(t
     from pathlib import Path
 
     import keras
-
     from conftest import write_images
 
     if shutil.which("make") is None:

@@ -68,7 +68,7 @@ def sentence(full: Forecast, double: Forecast, sizes: list[int]) -> str:
     )
     lines.append(
         f"Measured error of such forecasts at {full.ratio:.0f}× extrapolation: ±{full.extrapolation_sd * 100:.1f} pt "
-        f"(sd, from {full.backtest_cases} backtest{"s" if full.backtest_cases != 1 else ""}), included in the interval."
+        f"(sd, from {full.backtest_cases} backtest{'s' if full.backtest_cases != 1 else ''}), included in the interval."
     )
     if math.isfinite(full.measured_accuracy):
         err = (full.measured_accuracy - full.accuracy) * 100
