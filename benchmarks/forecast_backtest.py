@@ -79,23 +79,21 @@ def _load() -> list[dict]:
 def _evidence(case: dict):
     from pipeline.forecast.cost import Run
     from pipeline.forecast.curves import Points
-    from pipeline.forecast.evidence import Evidence
+    from pipeline.forecast.evidence import Evidence, seed_noise, seed_sd_at
 
     ft = case["finetune"]
     n, acc = np.array([p["n"] for p in ft], float), np.array([p["acc"] for p in ft])
-    groups = [acc[n == s] for s in np.unique(n) if (n == s).sum() > 1]
-    seed_sd = (
-        float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / sum(len(g) - 1 for g in groups)))
-        if groups
-        else case["seed_sd_borrowed"]
-    )
-    sd = np.sqrt(acc * (1 - acc) / case["n_test"] + seed_sd**2)
+    seed_sd, seed_n = seed_noise(n, acc)
+    if not np.isfinite(seed_sd):  # no size with two seeds: the case says whose spread it borrows, and where
+        seed_sd, seed_n = case["seed_sd_borrowed"], case["seed_sd_borrowed_at"]
+    sd = np.sqrt(acc * (1 - acc) / case["n_test"] + seed_sd_at(n, seed_sd, seed_n) ** 2)
     hn, ha = np.array([p["n"] for p in case["head_curve"]], float), np.array([p["acc"] for p in case["head_curve"]])
     runs = [Run(p["n"], p["phase_one_seconds"], p["search_seconds"], p["phase_two_seconds"], p["phase_two_epochs"])
             for p in ft if "phase_two_epochs" in p]  # fmt: skip
     return Evidence(
         finetune=Points(n, acc, sd),
         seed_sd=seed_sd,
+        seed_n=seed_n,
         n_test=case["n_test"],
         runs=runs or [Run(int(n.max()), 0.0, 0.0, 1.0, 1)],
         head=case["head"],
@@ -129,7 +127,8 @@ def evaluate(case: dict, cases_for_calibration) -> dict:
         "covered": bool(f.low <= truth <= f.high),
         "status": f.status,
         "head": f"{case['head']} {head:.4f}",
-        "call_right": None if not f.decided else bool((f.p_beats_head > 0.5) == (truth > head)),
+        "decided": f.decided,  # "cannot tell yet" is no call; the lean (P > 1/2) is judged either way
+        "call_right": bool((f.p_beats_head > 0.5) == (truth > head)),
         "p_beats_head": f.p_beats_head,
         "crossover": [f.crossover_n, f.crossover_low, f.crossover_high],
         "measured_crossover": case.get("measured_crossover"),
@@ -149,12 +148,13 @@ def _table(rows: list[dict]) -> str:
         return "n/a" if v is None else f"{v:.0%}"
 
     lines = [
-        "| case | ratio | forecast (90%) | measured | error pt | covered | call | last1 pt | plain pt | cost fc/meas "
-        "| forecast cost / full |",
+        "| case | ratio | forecast (90%) | measured | error pt | covered | call vs best head | last1 pt | plain pt "
+        "| cost fc/meas | forecast cost / full |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        call = "no call" if r["call_right"] is None else ("right" if r["call_right"] else "WRONG")
+        lean = "right" if r["call_right"] else "WRONG"
+        call = f"{lean} (P {r['p_beats_head']:.2f}{'' if r['decided'] else ', cannot tell'})"
         lines.append(
             f"| {r['case']} | {r['ratio']:.1f}× | {r['forecast']:.4f} ({r['low']:.3f} … {r['high']:.3f}) | "
             f"{r['measured']:.4f} | {pt(r['error_pt'])} | {'yes' if r['covered'] else 'NO'} | {call} | "
@@ -177,14 +177,15 @@ def run(args) -> None:
         rows.append(evaluate(c, others))
     print(_table(rows))
     near = [r for r in rows if r["ratio"] <= 5]
-    called = [r for r in rows if r["call_right"] is not None]
+    called = [r for r in rows if r["decided"]]
     mae = {k: float(np.mean([abs(r[k]) for r in rows])) for k in ("error_pt", "last1_error_pt", "plain_error_pt")}
     summary = {
         "cases": len(rows),
         "covered": f"{sum(r['covered'] for r in rows)} of {len(rows)}",
         "mean_abs_error_pt": mae,
         "within_1pt_at_le_5x": f"{sum(abs(r['error_pt']) <= 1.0 for r in near)} of {len(near)}",
-        "calls_right": f"{sum(r['call_right'] is True for r in rows)} of {len(called)}",
+        "leans_right": f"{sum(r['call_right'] for r in rows)} of {len(rows)}",
+        "decided_and_right": f"{sum(r['call_right'] for r in called)} of {len(called)} decided",
     }
     print(json.dumps(summary, indent=1))
     print("written", write("forecast_backtest", {"rows": rows, "summary": summary}, args.out))

@@ -3,6 +3,8 @@ cost model, its table, bad inputs, and the stage end to end on the tiny backbone
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -53,6 +55,7 @@ def _evidence(sizes, acc=None, seed_sd=0.005, n_test=2000, head=0.85, n_full=10_
     return Evidence(
         finetune=curves.Points(n, a, sd),
         seed_sd=seed_sd,
+        seed_n=float(sizes[0]),
         n_test=n_test,
         runs=runs,
         head="logreg@all",
@@ -179,76 +182,99 @@ def _row(method, n, acc):
     }  # fmt: skip
 
 
-@pytest.fixture
-def ladder_cfg(tmp_path, cfg):
+def _ladder_config(root, artifacts):
     """60 training images (20 a class), forecast from fine-tunes at 6 (two seeds), 12 and 24."""
+    from conftest import TINY
+
+    from pipeline.config import Config
+
+    c = Config()
+    c.artifacts, c.data.dataset = str(artifacts), str(root)
+    c.backbone.backbone, c.backbone.weights, c.extract.batch_size = TINY, "none", 4
+    c.heads.heads, c.heads.layers, c.heads.features = ("ridge", "logreg"), ("last",), ("image",)
+    c.finetune.epochs_head = c.finetune.epochs_finetune = 1
+    c.finetune.batch_size = 6
+    c.finetune.lr_grid = (1e-3,)
+    c.forecast.ladder = (6, 12, 24)
+    return c
+
+
+@pytest.fixture(scope="module")
+def ladder_run(tmp_path_factory):
+    """The stage run once on the tiny backbone; tests that change its artifacts work on a copy."""
     from conftest import write_images
 
-    root = tmp_path / "data" / "ladder"
+    from pipeline.extract import stage as extract
+
+    base = tmp_path_factory.mktemp("ladder")
     for k, (split, n) in enumerate((("train", 20), ("val", 5), ("test", 10))):
-        write_images(root / split, n, seed=10 + k)
-    cfg.data.dataset = str(root)
-    cfg.heads.heads, cfg.heads.layers, cfg.heads.features = ("ridge", "logreg"), ("last",), ("image",)
-    cfg.finetune.epochs_head = cfg.finetune.epochs_finetune = 1
-    cfg.finetune.batch_size = 6
-    cfg.finetune.lr_grid = (1e-3,)
-    cfg.forecast.ladder = (6, 12, 24)
+        write_images(base / "ladder" / split, n, seed=10 + k)
+    cfg = _ladder_config(base / "ladder", base / "artifacts")
+    extract.run(cfg)
+    return cfg, stage.run(cfg)
+
+
+@pytest.fixture
+def ladder_cfg(ladder_run, tmp_path):
+    """A copy of the run's artifacts, to change."""
+    import copy
+    import shutil
+
+    cfg = copy.deepcopy(ladder_run[0])
+    shutil.copytree(cfg.artifacts, tmp_path / "artifacts")
+    cfg.artifacts = str(tmp_path / "artifacts")
     return cfg
 
 
-def _trained(monkeypatch):
-    """The works (folders) every fine-tune phase trains in, in order."""
+def _trained(monkeypatch, kill_at: str | None = None):
+    """The works (folders) every fine-tune phase trains in, in order; ``kill_at``: interrupt that work's phase 2."""
     from pipeline import finetune
 
     real, seen = finetune.phases.fit_phase, []
 
     def spy(model, phase, epochs, train, val, c, work, **kw):
         seen.append((work.name, phase))
+        if kill_at and kill_at in work.name and phase == 2:
+            raise KeyboardInterrupt
         return real(model, phase, epochs, train, val, c, work, **kw)
 
     monkeypatch.setattr(finetune.phases, "fit_phase", spy)
     return seen
 
 
-def test_the_stage_measures_the_ladder_forecasts_and_reuses_every_point(ladder_cfg, monkeypatch, capsys):
-    from pipeline.extract import stage as extract
-
-    extract.run(ladder_cfg)
-    trained = _trained(monkeypatch)
-    full, double = stage.run(ladder_cfg)
-    table = results.read_results(results.results_path(ladder_cfg.artifacts, "ladder"))
+def test_the_stage_measures_the_ladder_forecasts_and_reuses_every_point(ladder_run, monkeypatch, capsys):
+    cfg, (full, double) = ladder_run
+    table = results.read_results(results.results_path(cfg.artifacts, "ladder"))
     ft = table[table["method"] == "finetune"]
     assert sorted(zip(ft["n_train"], ft["seed"].fillna(-1))) == [(6, -1), (6, 1), (12, -1), (24, -1)]
     assert sorted(set(table.loc[table["method"] == "ridge", "n_train"])) == [6, 12, 24, 60]
     assert (full.target_n, double.target_n, full.n_full) == (60, 120, 60)
     assert full.measured_sizes == "6 12 24" and full.ratio == 2.5 and full.best_head in ("ridge", "logreg")
     assert full.low <= full.accuracy <= full.high and full.cost_seconds > 0 and full.forecast_seconds > 0
-    assert [r.target_n for r in record.read(record.path(ladder_cfg.artifacts, "ladder"))] == [60, 120]
-    out = capsys.readouterr().out
-    assert "images is forecast at" in out or "Cannot tell yet" in out
-    assert "Measured error of such forecasts" in out
-    assert len({w for w, _ in trained}) == 4  # four fine-tunes, the full size not among them
+    assert [r.target_n for r in record.read(record.path(cfg.artifacts, "ladder"))] == [60, 120]
+    band = record.read_band(record.band_path(cfg.artifacts, "ladder"))
+    assert band["n"].min() == 6 and band["n"].max() == pytest.approx(120) and (band["low"] <= band["high"]).all()
 
-    trained.clear()
-    stage.run(ladder_cfg)  # nothing changed: every point reused, nothing trained
+    trained = _trained(monkeypatch)
+    again = stage.run(cfg)  # nothing changed: every point reused, nothing trained, the same forecast
     assert trained == []
+    assert again[0].accuracy == pytest.approx(full.accuracy)
+    out = capsys.readouterr().out
+    assert ("images is forecast at" in out or "Cannot tell yet" in out) and "Measured error of such forecasts" in out
 
 
 def test_over_its_budget_the_stage_prints_the_command_and_does_not_fine_tune(ladder_cfg, monkeypatch, capsys):
-    from pipeline.extract import stage as extract
-
-    extract.run(ladder_cfg)
     ladder_cfg.forecast.finetune_budget = "1s"
+    trained = _trained(monkeypatch)
     stage.run(ladder_cfg)
     out = capsys.readouterr().out
-    assert "over the --finetune-budget of 1 s: not run" in out
+    assert trained == [] and "over the --finetune-budget of 1 s: not run" in out
     command = out.split("To run it:\n")[1].strip().splitlines()[0]
     assert command.startswith("python -m pipeline finetune --dataset ") and "--lr-grid 0.001" in command
     table = results.read_results(results.results_path(ladder_cfg.artifacts, "ladder"))
     assert 60 not in set(table.loc[table["method"] == "finetune", "n_train"])
 
     ladder_cfg.forecast.finetune_budget = "10h"
-    trained = _trained(monkeypatch)
     stage.run(ladder_cfg)
     assert {w for w, _ in trained} == {"tiny_cnn-finetuned.work"}  # within budget: only the full fine-tune ran
     table = results.read_results(results.results_path(ladder_cfg.artifacts, "ladder"))
@@ -256,38 +282,30 @@ def test_over_its_budget_the_stage_prints_the_command_and_does_not_fine_tune(lad
 
 
 def test_an_interrupted_ladder_resumes_and_trains_nothing_twice(ladder_cfg, monkeypatch):
-    from pipeline import finetune
-    from pipeline.extract import stage as extract
-
-    extract.run(ladder_cfg)
-    real, seen = finetune.phases.fit_phase, []
-
-    def killed_at_twelve(model, phase, epochs, train, val, c, work, **kw):
-        seen.append((work.name, phase))
-        if "-n12" in work.name and phase == 2:
-            raise KeyboardInterrupt
-        return real(model, phase, epochs, train, val, c, work, **kw)
-
-    monkeypatch.setattr(finetune.phases, "fit_phase", killed_at_twelve)
+    models = Path(ladder_cfg.artifacts) / "models" / "ladder"
+    for f in [*models.glob("*-n12*"), *models.glob("*-n24*")]:  # as if the run had stopped after its first size
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    seen = _trained(monkeypatch, kill_at="-n12")
     with pytest.raises(KeyboardInterrupt):
         stage.run(ladder_cfg)
-    before = list(seen)
-    monkeypatch.setattr(finetune.phases, "fit_phase", real)
+    assert seen == [("tiny_cnn-finetuned-n12.work", 1), ("tiny_cnn-finetuned-n12.work", 2)]
+    monkeypatch.undo()
     trained = _trained(monkeypatch)
     stage.run(ladder_cfg)
-    assert ("tiny_cnn-finetuned-n12.work", 1) in before
-    assert not [w for w in trained if "-n6" in w[0]]  # the finished smallest point and its seed are reused
-    assert ("tiny_cnn-finetuned-n12.work", 1) not in trained  # phase 1 finished before the kill: not redone
-    assert ("tiny_cnn-finetuned-n12.work", 2) in trained
+    assert trained == [("tiny_cnn-finetuned-n12.work", 2), ("tiny_cnn-finetuned-n24.work", 1),
+                       ("tiny_cnn-finetuned-n24.work", 2)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("ladder", "message"), [((6, 12), "at least 3 sizes"), ((6, 12, 60), "not below")])
 def test_a_bad_ladder_writes_nothing(ladder_cfg, ladder, message):
+    def files():
+        return {p: p.stat().st_mtime_ns for p in Path(ladder_cfg.artifacts).rglob("*") if p.is_file()}
+
+    before = files()
     ladder_cfg.forecast.ladder = ladder
     with pytest.raises(PipelineError, match=message):
         stage.run(ladder_cfg)
-    assert not results.results_path(ladder_cfg.artifacts, "ladder").exists()
-    assert not record.path(ladder_cfg.artifacts, "ladder").exists()
+    assert files() == before
 
 
 def test_make_demo_on_a_users_folder_stops_after_the_forecast_when_over_budget(tmp_path):

@@ -16,7 +16,7 @@ from scipy.stats import norm
 from pipeline.forecast import calibration
 from pipeline.forecast.cost import CostModel
 from pipeline.forecast.curves import Ensemble, Points
-from pipeline.forecast.evidence import Evidence
+from pipeline.forecast.evidence import Evidence, seed_sd_at
 from pipeline.forecast.record import LEVEL, Forecast
 
 MAX_RATIO = 20.0
@@ -51,7 +51,8 @@ class Curves:
     def sd_parts(self, n: float) -> tuple[float, float, float]:
         acc = float(self.accuracy(n)[0])
         fit = float(np.interp(np.log(n), np.log(self.grid), self.boot_sd))
-        noise = float(np.sqrt(acc * (1 - acc) / self.ev.n_test + self.ev.seed_sd**2))
+        seed = float(seed_sd_at(n, self.ev.seed_sd, self.ev.seed_n))
+        noise = float(np.sqrt(acc * (1 - acc) / self.ev.n_test + seed**2))
         return fit, noise, calibration.extrapolation_sd(n / self.largest, self.cases)
 
     def sd(self, n: float) -> float:

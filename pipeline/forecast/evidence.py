@@ -20,6 +20,7 @@ from pipeline.results import FINETUNED, head_name
 class Evidence:
     finetune: Points  # the fine-tune's test accuracy at each ladder size, one observation per seed
     seed_sd: float  # pooled training-seed spread at the sizes run with several seeds
+    seed_n: float  # the size it was measured at (their geometric mean when several)
     n_test: int
     runs: list[Run]
     head: str  # the best head by validation at the full size
@@ -28,13 +29,21 @@ class Evidence:
     measured_full: float  # the fine-tune at the full size when one was run, else NaN
 
 
-def _seed_sd(rows: pd.DataFrame) -> float:
-    """Pooled sample sd of test accuracy across training seeds at each size that has several."""
-    groups = [g["test_accuracy"].to_numpy() for _, g in rows.groupby("n_train") if len(g) > 1]
+def seed_noise(n: np.ndarray, acc: np.ndarray) -> tuple[float, float]:
+    """Pooled sample sd of test accuracy across training seeds at the sizes that have several, and the
+    (geometric mean) size it was measured at; NaN when no size has two seeds."""
+    groups = [(s, acc[n == s]) for s in np.unique(n) if (n == s).sum() > 1]
     if not groups:
-        return float("nan")
-    dof = sum(len(g) - 1 for g in groups)
-    return float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / dof))
+        return float("nan"), float("nan")
+    dof = sum(len(g) - 1 for _, g in groups)
+    sd = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for _, g in groups) / dof))
+    return sd, float(np.exp(np.mean([np.log(s) for s, _ in groups])))
+
+
+def seed_sd_at(n, seed_sd: float, seed_n: float):
+    """The seed spread at ``n``: its variance shrinks as 1/n, as a mean over the training images does (the
+    variance model v0 + v1/n of Hoiem et al., with v0 left to the test set's own binomial noise)."""
+    return seed_sd * np.sqrt(seed_n / np.asarray(n, dtype=float))
 
 
 def _run(row: pd.Series) -> Run:
@@ -55,11 +64,11 @@ def gather(table: pd.DataFrame, backbone: str, cache: str, sizes: list[int], n_f
     missing = sorted(set(sizes) - set(ft["n_train"].astype(int)))
     if missing:
         raise PipelineError(f"no fine-tune at {missing} images in the results: rerun `make forecast` to train them")
-    seed_sd = _seed_sd(ft)
+    acc, n_test, n = ft["test_accuracy"].to_numpy(float), ft["n_test"].to_numpy(float), ft["n_train"].to_numpy(float)
+    seed_sd, seed_n = seed_noise(n, acc)
     if not np.isfinite(seed_sd):
         raise PipelineError("no size was fine-tuned with two training seeds: rerun with --ladder-seeds 2")
-    acc, n_test = ft["test_accuracy"].to_numpy(float), ft["n_test"].to_numpy(float)
-    sd = np.sqrt(_binomial_sd(acc, n_test) ** 2 + seed_sd**2)
+    sd = np.sqrt(_binomial_sd(acc, n_test) ** 2 + seed_sd_at(n, seed_sd, seed_n) ** 2)
     on_cache = table[table["backbone"].astype(str) == cache]
     heads = on_cache[~on_cache["method"].isin(FINETUNED) & on_cache["seed"].isna()]
     full = heads[heads["n_train"] == n_full]
@@ -72,8 +81,9 @@ def gather(table: pd.DataFrame, backbone: str, cache: str, sizes: list[int], n_f
     measured = mine[(mine["method"] == "finetune") & (mine["n_train"] == n_full) & mine["seed"].isna()]
     spent = ft["train_seconds"].sum() + heads[heads["n_train"].isin(sizes)]["train_seconds"].sum()
     return Evidence(
-        finetune=Points(ft["n_train"].to_numpy(float), acc, sd),
+        finetune=Points(n, acc, sd),
         seed_sd=seed_sd,
+        seed_n=seed_n,
         n_test=int(np.median(n_test)),
         runs=[_run(r) for _, r in ft.iterrows()],
         head=head_name(str(best["method"]), str(best["features"]), str(best["layers"])),
