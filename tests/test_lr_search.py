@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.errors import PipelineError
@@ -131,3 +132,30 @@ def test_the_record_the_report_reads_is_the_one_the_fine_tune_wrote_and_a_rename
     read = SearchRecord.from_params(old)  # a row written before the record: the same facts
     assert read.rungs == [old["lr_search"], old["lr_search_rung2"]] and read.within_noise and read.seconds == 150.0
     assert SearchRecord.from_params({"lr_search": None}) is None
+
+
+def test_the_fine_tunes_params_are_one_typed_record_and_a_planted_rename_fails():
+    from pipeline.finetune.record import FinetuneParams
+    from pipeline.report.verdict import _baseline, capped
+
+    search = SearchRecord(rungs=[{"1e-05": 0.8, "0.0001": 0.83}], chosen=1e-4, decided="clear lead")
+    p = FinetuneParams(
+        epochs=[2, 30], epochs_run=[2, 30], best_epochs=[2, 29], stop="epoch_cap", unfreeze_layers=-1,
+        learning_rate=1e-3, learning_rate_finetune=1e-4, search=search, search_epochs=0.34, search_seconds=40.0,
+        schedule="plateau", devices={"replicas": 2, "strategy": "two workers"}, phase_seconds=[10.0, 300.0],
+    )  # fmt: skip
+    params = json.loads(json.dumps(p.to_params()))
+    assert FinetuneParams.from_params(params) == p
+    row = pd.Series({"params": json.dumps(params), "n_train": 3000, "total_seconds": 350.0, "backbone": "b"})
+    assert capped(row) and "phase 2 hit its epoch cap" in _baseline(row)
+    assert "learning-rate search 40 s + training 310 s" in _baseline(row)
+    planted = dict(params)
+    planted["stopped"] = planted.pop("stop")  # renamed on the writer's side only
+    with pytest.raises(PipelineError, match="unknown \\['stopped'\\], missing \\['stop'\\]"):
+        FinetuneParams.from_params(planted)
+    bad = json.dumps(planted)
+    with pytest.raises(PipelineError):
+        capped(pd.Series({"params": bad}))
+    legacy = {k: v for k, v in params.items() if k not in ("version", "devices", "schedule")}  # an older row
+    old = FinetuneParams.from_params(legacy)
+    assert old.capped and old.devices is None and old.replicas == 1 and old.search == search

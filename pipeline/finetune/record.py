@@ -75,3 +75,60 @@ class SearchRecord:
             within_noise=bool(params.get("lr_search_within_noise", False)),
             seconds=float(params.get("search_seconds") or 0.0),
         )
+
+
+PARAMS_VERSION = 2  # rows without a version were written before this record: read leniently, as they are
+_LEGACY = ("lr_search_rung2", "lr_search_within_noise")  # keys of the search's older flat layout
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    """What a `finetune` results row's ``params`` hold: written by the fine-tune, read by the report and the
+    forecast through this one type (a row of this version with a renamed or missing field is an error)."""
+
+    epochs: list[int]  # planned: phase 1, then the phase-2 cap
+    epochs_run: list[int]
+    best_epochs: list[int]
+    stop: str | None  # "early_stopping" or "epoch_cap"
+    unfreeze_layers: int
+    learning_rate: float  # phase 1
+    learning_rate_finetune: float | None  # phase 2, searched or given
+    search: SearchRecord | None
+    search_epochs: float
+    search_seconds: float
+    schedule: str
+    devices: dict | None  # replicas, strategy and global batch: what the seconds bought
+    phase_seconds: list[float]
+
+    @property
+    def capped(self) -> bool:
+        """Phase 2 ran to its epoch cap: by the stopping rule it was still improving."""
+        return self.stop == "epoch_cap"
+
+    @property
+    def replicas(self) -> int:
+        return int((self.devices or {}).get("replicas") or 1)
+
+    def to_params(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "search"}
+        out[PARAMS_KEY] = self.search.to_params() if self.search is not None else None
+        return {**out, "version": PARAMS_VERSION}
+
+    @classmethod
+    def from_params(cls, params: dict) -> FinetuneParams:
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "search"]
+        if params.get("version") == PARAMS_VERSION:
+            known = {*names, PARAMS_KEY, "version"}
+            unknown, missing = sorted(set(params) - known), sorted(known - set(params))
+            if unknown or missing:
+                raise PipelineError(
+                    f"a fine-tune's params have unknown {unknown}, missing {missing} fields: written by another "
+                    "version of the pipeline; rerun `finetune --force`"
+                )
+        elif params.get("version") is not None:
+            raise PipelineError(f"a fine-tune's params are of version {params['version']}, not {PARAMS_VERSION}")
+        defaults = {"epochs": [], "epochs_run": [], "best_epochs": [], "stop": None, "unfreeze_layers": -1,
+                    "learning_rate": 0.0, "learning_rate_finetune": None, "search_epochs": 0.0,
+                    "search_seconds": 0.0, "schedule": "", "devices": None, "phase_seconds": []}  # fmt: skip
+        values = {k: params.get(k, defaults[k]) for k in names}
+        return cls(**values, search=SearchRecord.from_params(params))

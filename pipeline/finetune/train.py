@@ -18,7 +18,7 @@ from pipeline.config import Config
 from pipeline.data import Dataset, from_config, image_dataset, nested_subset
 from pipeline.data.augment import AUGMENT_SEEDS
 from pipeline.finetune import phases
-from pipeline.finetune.record import PARAMS_KEY, SearchRecord
+from pipeline.finetune.record import FinetuneParams, SearchRecord
 
 log = logging.getLogger(__name__)
 
@@ -292,21 +292,21 @@ def score_frozen_dense(job: _Job, model, work: Path, state: dict) -> None:
 
 def _finetune_row(job: _Job, res: FinetuneResult, state: dict, n_test: int) -> dict:
     ft = job.cfg.finetune
-    params = {
-        "epochs": [ft.epochs_head, ft.epochs_finetune],
-        "epochs_run": res.epochs_run,
-        "best_epochs": state["best_epochs"],
-        "stop": state.get("stop"),
-        "unfreeze_layers": ft.unfreeze_layers,
-        "learning_rate": ft.learning_rate,
-        "learning_rate_finetune": state.get("learning_rate_finetune"),
-        PARAMS_KEY: _search(state).to_params() if len(ft.lr_grid) > 1 else None,
-        "search_epochs": ft.search_epochs if len(ft.lr_grid) > 1 else 0,
-        "search_seconds": round(res.search_seconds, 1),
-        "schedule": ft.schedule,
-        "devices": state.get("devices"),  # replicas, strategy and global batch: what the seconds bought
-        "phase_seconds": [round(s, 1) for s in res.phase_seconds],
-    }
+    params = FinetuneParams(
+        epochs=[ft.epochs_head, ft.epochs_finetune],
+        epochs_run=res.epochs_run,
+        best_epochs=state["best_epochs"],
+        stop=state.get("stop"),
+        unfreeze_layers=ft.unfreeze_layers,
+        learning_rate=ft.learning_rate,
+        learning_rate_finetune=state.get("learning_rate_finetune"),
+        search=_search(state) if len(ft.lr_grid) > 1 else None,
+        search_epochs=ft.search_epochs if len(ft.lr_grid) > 1 else 0,
+        search_seconds=round(res.search_seconds, 1),
+        schedule=ft.schedule,
+        devices=state.get("devices"),
+        phase_seconds=[round(s, 1) for s in res.phase_seconds],
+    ).to_params()
     return _row(
         job, "finetune", res.val_accuracy, res.scores, res.train_seconds, n_test, params, job.stem, res.search_seconds
     )

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
+from pipeline.finetune.record import FinetuneParams
 from pipeline.forecast.cost import Run
 from pipeline.forecast.curves import Points
 from pipeline.results import FINETUNED, head_name
@@ -47,8 +48,8 @@ def seed_sd_at(n, seed_sd: float, seed_n: float):
 
 
 def _run(row: pd.Series) -> Run:
-    params = json.loads(row["params"]) if isinstance(row["params"], str) else {}
-    phase, epochs = params.get("phase_seconds") or [0.0, 0.0], params.get("epochs_run") or [0, 1]
+    p = FinetuneParams.from_params(json.loads(row["params"]) if isinstance(row["params"], str) else {})
+    phase, epochs = p.phase_seconds or [0.0, 0.0], p.epochs_run or [0, 1]
     return Run(int(row["n_train"]), float(phase[0]), float(row["tune_seconds"] or 0), float(phase[1]), int(epochs[1]))
 
 

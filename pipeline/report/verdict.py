@@ -8,46 +8,46 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.finetune.record import TIE_TO_LARGER, SearchRecord
+from pipeline.finetune.record import TIE_TO_LARGER, FinetuneParams, SearchRecord
 from pipeline.report.stats import unpaired
 from pipeline.report.tables import best_head, ci_text, method_label, pareto_front, ratio_text
 
 ALPHA = 0.05
 
 
-def _params(ft: pd.Series) -> dict:
+def _params(ft: pd.Series) -> FinetuneParams:
     try:
-        return json.loads(ft["params"])
+        raw = json.loads(ft["params"])
     except (TypeError, ValueError):
-        return {}
+        raw = {}
+    return FinetuneParams.from_params(raw if isinstance(raw, dict) else {})
 
 
 def _baseline(ft: pd.Series) -> str:
     """What the fine-tune was, so a weak baseline is not over-read: what trained, the learning rate and how
     it was chosen, how many epochs and what ended them, and what the search cost."""
     p = _params(ft)
-    ran, best = p.get("epochs_run", []), p.get("best_epochs", [])
-    planned = p.get("epochs")
+    ran, best, planned = p.epochs_run, p.best_epochs, p.epochs
     name = str(ft["backbone"]).split("@")[0]  # a variant's rows carry the backbone's own fine-tune
     parts = [f"{name} fine-tuned on {ft['n_train']:,.0f} images" if np.isfinite(ft["n_train"]) else ""]
     if ran:
-        layers = p.get("unfreeze_layers", "?")
+        layers = p.unfreeze_layers
         which = "every backbone layer" if layers == -1 else f"top {layers} backbone layers"
         text = f"{' + '.join(str(e) for e in ran)} epochs (head, then {which} trained)"
         if planned:
             text += f" of at most {' + '.join(str(e) for e in planned)}"
         if best:
             text += f"; kept epoch {' and '.join(str(b) for b in best)}"
-        if p.get("stop"):
-            text += "; phase 2 " + ("ended by early stopping" if p["stop"] == "early_stopping" else "hit its epoch cap")
+        if p.stop:
+            text += "; phase 2 " + ("hit its epoch cap" if p.capped else "ended by early stopping")
         parts.append(text)
-    lr = p.get("learning_rate_finetune")
+    lr = p.learning_rate_finetune
     if lr is not None:
-        parts.append(f"phase-2 learning rate {lr:g}{_search_text(SearchRecord.from_params(p))}")
+        parts.append(f"phase-2 learning rate {lr:g}{_search_text(p.search)}")
     seconds = f"{ft['total_seconds']:,.0f} s"
-    if p.get("search_seconds"):
-        rest = ft["total_seconds"] - p["search_seconds"]
-        seconds += f" (learning-rate search {p['search_seconds']:,.0f} s + training {rest:,.0f} s)"
+    if p.search_seconds:
+        rest = ft["total_seconds"] - p.search_seconds
+        seconds += f" (learning-rate search {p.search_seconds:,.0f} s + training {rest:,.0f} s)"
     parts.append(seconds)
     return "Baseline: " + ", ".join(x for x in parts if x) + "."
 
@@ -78,12 +78,12 @@ def _search_text(record: SearchRecord | None) -> str:
 def device_time(head: pd.Series, ft: pd.Series) -> str:
     """When the fine-tune ran on several devices, its cost in device-seconds too: its wall seconds bought
     more hardware than the heads' one process had, so the wall-clock ratio alone flatters it."""
-    devices = _params(ft).get("devices") or {}
-    n = int(devices.get("replicas") or 1)
+    p = _params(ft)
+    n = p.replicas
     if n <= 1 or not head["total_seconds"] > 0:
         return ""
     spent = ft["total_seconds"] * n
-    how = devices.get("strategy", f"{n} devices")
+    how = (p.devices or {}).get("strategy", f"{n} devices")
     return (
         f" In device time (the fine-tune on {n} devices: {how}; the head on one): {spent:,.0f} device-s vs "
         f"{head['total_seconds']:,.0f}, {spent / head['total_seconds']:,.1f}× the head's."
@@ -92,7 +92,7 @@ def device_time(head: pd.Series, ft: pd.Series) -> str:
 
 def capped(ft: pd.Series) -> bool:
     """The fine-tune's phase 2 ran to its epoch cap: by the stopping rule it was still improving."""
-    return _params(ft).get("stop") == "epoch_cap"
+    return _params(ft).capped
 
 
 CAPPED = " The fine-tune was still improving when its epoch cap stopped it: this difference may overstate the heads."
