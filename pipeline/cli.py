@@ -14,71 +14,9 @@ import types
 import typing
 from pathlib import Path
 
+from pipeline.api import STAGES, TRAINING, run_stage
 from pipeline.config import resolve_config, section_types
 from pipeline.errors import DISK_FULL, PipelineError
-
-STAGES: dict[str, tuple[str, list[str], str]] = {
-    # name: (help, config sections, "module:function")
-    "data": (
-        "prepare the embedded dataset (or check a user's folder) under data/",
-        ["data", "prepare"],
-        "pipeline.data.prepare:run",
-    ),
-    "extract": (
-        "frozen backbone -> HDF5 embedding cache (artifacts/features/<dataset>/<backbone>@<variant>.h5); "
-        "reuses the cache when nothing changed, resumes an interrupted run",
-        ["data", "backbone", "extract"],
-        "pipeline.extract.stage:run",
-    ),
-    "heads": (
-        "fit tuned, timed heads (ridge, logistic regression, linear and RBF SVM; opt-in MLP, cosine k-NN and the "
-        "streaming linear_probe) on the cached embeddings of BACKBONE, per layer set (--layers) and with and "
-        "without the dataset's metadata; needs `extract` first",
-        ["data", "backbone", "heads"],
-        "pipeline.heads:run",
-    ),
-    "finetune": (
-        "fine-tune BACKBONE end to end, timed: phase 1 trains the new head on the frozen backbone; phase 2 "
-        "unfreezes every layer (--unfreeze-layers), picks its learning rate from --lr-grid on the validation "
-        "split (the search is charged to the fine-tune) and trains until early stopping (--patience; "
-        "--epochs-finetune is only a cap, named in the verdict when it stops the run)",
-        ["data", "backbone", "finetune"],
-        "pipeline.finetune:run",
-    ),
-    "curve": (
-        "learning curve: the heads refitted with the same tuning on nested stratified subsets of the training "
-        "split (--fractions), the fine-tune at the smallest and largest; needs `extract`; reuses points already done",
-        ["data", "backbone", "heads", "finetune", "curve"],
-        "pipeline.curve:run",
-    ),
-    "forecast": (
-        "before paying for the full fine-tune: the heads measured at every size, the fine-tune at a few small "
-        "ones (--ladder), then its accuracy, its cost and where it starts to beat the heads, forecast with "
-        "intervals widened by the error measured in backtests; needs `extract`; reuses points already done",
-        ["data", "backbone", "heads", "finetune", "forecast"],
-        "pipeline.forecast.stage:run",
-    ),
-    "report": (
-        "build artifacts/reports/<dataset>/ (report.md, report.html, summary.csv, plots) from whatever results exist",
-        ["data", "report"],
-        "pipeline.report:run",
-    ),
-    "predict": (
-        "apply the verdict's method (or --method: any head, finetune, frozen_dense) to new images: a CSV of "
-        "predicted classes and per-class scores, and the accuracy when the images carry labels",
-        ["data", "backbone", "predict"],
-        "pipeline.apply.predict:run",
-    ),
-    "export": (
-        "export the verdict's method (or --method) as one self-contained model (raw RGB in, per-class scores "
-        "out) in Keras, SavedModel, ONNX or LiteRT format, with labels.txt and a manifest",
-        ["data", "backbone", "export"],
-        "pipeline.apply.export:run",
-    ),
-}
-
-
-TRAINING = ("heads", "finetune", "curve", "forecast")  # stages that reuse up-to-date results unless --force
 
 
 def _list_backbones(args) -> None:
@@ -192,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "backbones":
             _list_backbones(args)
             return 0
-        import importlib
-
-        module, func = STAGES[args.stage][2].split(":")
-        cfg = resolve_config(args)
-        getattr(importlib.import_module(module), func)(cfg)
+        run_stage(args.stage, resolve_config(args))
         return 0
     except (PipelineError, OSError) as e:
         if args.debug:

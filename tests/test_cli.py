@@ -3,8 +3,10 @@ import json
 import pytest
 from conftest import TINY
 
-from pipeline.cli import STAGES, build_parser, main
+from pipeline.api import STAGES
+from pipeline.cli import build_parser, main
 from pipeline.config import resolve_config
+from pipeline.errors import PipelineError
 
 
 def extract_argv(dataset, artifacts, weights="none", *extra):
@@ -103,3 +105,41 @@ def test_missing_weights_file_is_one_line_and_debug_shows_the_traceback(presplit
     assert "Traceback" not in err
     assert main(["--debug", *argv]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_the_api_example_in_the_docs_runs_on_the_tiny_backbone(tmp_path, presplit, monkeypatch):
+    """docs/api.md's example, run as written with the tiny backbone, the generated images and a tiny recipe."""
+    import re
+    from pathlib import Path
+
+    from conftest import TINY
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(
+        "[backbone]\nweights = 'none'\n[extract]\nbatch_size = 4\n[heads]\nlayers = ['last']\n"
+        "[finetune]\nepochs_head = 1\nepochs_finetune = 1\nbatch_size = 6\nlr_grid = [0.001]\n"
+    )
+    code = code.replace('"fashion-mnist"', repr(str(presplit))).replace('"efficientnet_lite0"', repr(TINY))
+    code = code.replace('"benchmarks/fashion_mnist_112.toml"', repr(str(toml)))
+    code = code.replace('artifacts="artifacts"', f"artifacts={str(tmp_path / 'artifacts')!r}")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "docs/api.md", "exec"), scope)
+    assert scope["cache"].exists() and scope["html"].name == "report.html" and scope["html"].exists()
+    assert set(scope["heads"]["method"]) == {"ridge", "logreg"}
+    assert set(scope["tuned"]["method"]) == {"finetune", "frozen_dense"}
+    assert len(scope["everything"]) == len(scope["heads"]) + len(scope["tuned"])
+
+
+def test_the_api_names_a_bad_option_in_one_line(tmp_path):
+    from pipeline import api
+
+    with pytest.raises(PipelineError, match="'no_such' is not an option of `heads`"):
+        api.configure("heads", "x", no_such=1)
+    with pytest.raises(PipelineError, match="'batch_size' is in several sections"):
+        api.configure("curve", "x", batch_size=4)
+    cfg = api.configure("curve", "x", heads={"batch_size": 64}, finetune={"batch_size": 8}, lr_grid=[1e-4])
+    assert (cfg.heads.batch_size, cfg.finetune.batch_size, cfg.finetune.lr_grid) == (64, 8, (1e-4,))
+    assert set(cfg.explicit) >= {"heads.batch_size", "finetune.batch_size", "finetune.lr_grid"}
