@@ -91,7 +91,7 @@ class ExtractConfig:
     runtime: str = _opt(
         "auto",
         "what runs the frozen forward pass: tf, onnx (ONNX Runtime) or openvino, the model converted once and "
-        "reused (auto: onnx on CPU when installed, the fastest measured, else tf; tf on a GPU)",
+        "reused (auto: onnx on CPU when installed, the fastest there, else tf; tf on a GPU)",
         choices=("auto", "tf", "onnx", "openvino"),
     )
     ray_actors: int = _opt(0, "ray: model replicas (default: one per GPU in the cluster, else one per node)")

@@ -41,7 +41,8 @@ def sizes(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> dict[f
 
 class _Eta:
     """Time left, from the seconds per training image each kind of work has taken so far (fine-tune epochs
-    and head fits both grow about linearly with the training set). Reused points cost ~0 and make it low."""
+    and head fits both grow about linearly with the training set). Reused points cost next to nothing and
+    make it low."""
 
     def __init__(self):
         self.rate: dict[str, list[float]] = {"heads": [0.0, 0.0], "finetune": [0.0, 0.0]}  # seconds, images

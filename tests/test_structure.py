@@ -5,6 +5,7 @@ shared plumbing at the top and the estimators as a library under every stage; on
 batches; the estimators import without TensorFlow; and no module outgrows a screenful of screens."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,52 @@ def test_the_estimators_and_what_reads_a_cache_import_without_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# What code says is *why*, not what a run measured: numbers of runs go stale (they live in benchmarks/NOTES.md).
+LAB_NUMBER = re.compile(
+    r"~ ?\d|\b\d+(\.\d+)? ?(s|ms|min)\b|\d(\.\d+)?[x×] (as long|faster|slower|cheaper)|img/s|\b0\.\d{3,4}\b"
+    r"|\bon the demo\b|\d+% of|\bmeasured: "
+)
+ALLOWED = {"~1e-7"}  # a property of float32, not of a run
+
+
+def _prose(source: str):
+    """Comments, docstrings and the config's help texts, each with its line."""
+    import io
+    import tokenize
+
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            yield tok.start[0], tok.string
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                yield node.body[0].lineno, doc
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_opt":
+            yield (
+                node.lineno,
+                " ".join(s.value for s in ast.walk(node) if isinstance(s, ast.Constant) and isinstance(s.value, str)),
+            )
+
+
+def lab_numbers(source: str) -> list[str]:
+    found = []
+    for line, text in _prose(source):
+        hits = [
+            m for m in LAB_NUMBER.finditer(text) if not any(a in text[m.start() : m.end() + 8] for a in LAB_ALLOWED)
+        ]
+        if hits:
+            found.append(f"{line}: {text[max(0, hits[0].start() - 30) : hits[0].end() + 30]!r}")
+    return found
+
+
+def test_code_comments_and_help_quote_no_measured_numbers():
+    found = {n: lab_numbers(p.read_text()) for n, p in _modules().items()}
+    assert {n: f for n, f in found.items() if f} == {}
+
+
+def test_the_lab_number_check_sees_a_planted_one():
+    planted = '"""Fast."""\n\n\ndef f():\n    """Called eagerly it took ~12 s."""\n    return 0  # was 0.8910\n'
+    assert len(lab_numbers(planted)) == 2

@@ -372,9 +372,9 @@ def image_dataset(
 
 def steady(ds):
     """``ds`` without tf.data's autotuning. It runs a model thread per iterator, and destroying an iterator
-    (Keras makes one per epoch and per validation pass) waits for that thread: on this project's 2-core
-    machine the wait left both cores idle for ~10 s in 6 of 15 short fits of the demo model timed (none of
-    8 without it). Callers set their parallelism (every core for decoding) and prefetch themselves."""
+    (Keras makes one per epoch and per validation pass) waits for that thread, and on a few cores that wait
+    can leave them all idle for seconds per epoch (benchmarks/NOTES.md). Callers set their parallelism (every
+    core for decoding) and prefetch themselves."""
     import tensorflow as tf
 
     options = tf.data.Options()

@@ -1,9 +1,9 @@
 """Linear heads that stay cheap at 50,000+ images: every C (or alpha) of a grid in one pass.
 
-At 50,000 x 1,280 float32 a full-batch solver is bound by memory bandwidth:
-scikit-learn's L-BFGS logistic regression costs ~0.3 s an iteration here and
-needs 80-200 iterations per C, cold or warm-started (measured in
-``benchmarks/NOTES.md``). ``LinearHead`` instead trains one linear model per C
+On tens of thousands of images a full-batch solver is bound by memory bandwidth:
+scikit-learn's L-BFGS logistic regression reads the whole matrix every iteration
+and needs a hundred or more iterations per C, cold or warm-started
+(``benchmarks/NOTES.md``). ``LinearHead`` instead trains one linear model per C
 side by side on the same float32 minibatches, so the data is read once an
 epoch for the whole grid while each minibatch sits in cache; the objective is
 scikit-learn's (``C * sum(loss) + ||W||^2 / 2``, softmax loss for ``logreg``,
@@ -85,7 +85,7 @@ class LinearHead(_Linear):
         if self.epochs:
             return int(self.epochs)
         steps = max(1, n // self._batch(n))
-        return int(min(200, max(10, math.ceil(1500 / steps))))  # at least ~1,500 steps, at least 10 epochs
+        return int(min(200, max(10, math.ceil(1500 / steps))))  # enough steps to converge on small sets too
 
     def _batch(self, n: int) -> int:
         return int(max(16, min(self.batch_size, n // 8)))

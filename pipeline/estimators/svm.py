@@ -36,8 +36,8 @@ class KernelSVC(ClassifierMixin, BaseEstimator):
     """RBF SVC (scikit-learn's libsvm) on a precomputed kernel.
 
     libsvm evaluates the kernel itself in double precision, one pair at a time,
-    for every fit and again to score: at 10,000 x 1,280 that is ~12 s to fit and
-    as long to score 5,000 images, per C. Here the train and validation kernels
+    for every fit and again to score, per C: on thousands of images that dominates
+    the grid search. Here the train and validation kernels
     come from one float32 matrix product each and every C of the grid reuses
     them; predictions need only the kernel against the support vectors.
     ``gamma="scale"`` means what it means in SVC: 1 / (n_features * X.var()).

@@ -187,8 +187,8 @@ def transformed(X: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a * X + b`` column by column into a new float32 array, chunk by chunk (no float64 temporaries).
 
     Never in place: the shared feature arrays are read by every head after this one, and undoing
-    ``x * a + b`` in float32 is not the identity (measured: 41% of the entries of a 1,000 x 100 matrix
-    changed after one round trip), which made a head's inputs depend on the heads run before it."""
+    ``x * a + b`` in float32 is not the identity (rounding changes many entries in one round trip), which
+    made a head's inputs depend on the heads run before it."""
     out = np.empty(X.shape, dtype=np.float32)
     for s in range(0, len(X), _CHUNK):
         np.multiply(X[s : s + _CHUNK], a, out=out[s : s + _CHUNK])

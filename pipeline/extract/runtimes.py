@@ -1,8 +1,7 @@
 """How a frozen feature model runs: TensorFlow, ONNX Runtime or OpenVINO, same model, same numbers.
 
-On the project's 2-core CPUs the same EfficientNet-Lite0 feature model ran 1.6-3x faster in ONNX
-Runtime than in TensorFlow (``benchmarks/NOTES.md``: 2.5-3x on AVX2, 1.6-1.85x on AVX-512), with
-embeddings equal within 1e-4 relative. The model is converted once per feature model (``model_key``)
+On CPUs the same feature model runs faster in ONNX Runtime than in TensorFlow (``benchmarks/NOTES.md``),
+with embeddings equal within 1e-4 relative. The model is converted once per feature model (``model_key``)
 by Keras' own ``Model.export`` (from built-in layers only, see ``taps.feature_model(portable=True)``)
 in a child process whose output goes to a log beside it, stored under ``artifacts/runtimes/`` and reused. A model the
 exporter cannot convert falls back to TensorFlow with a one-line notice. On a GPU TensorFlow stays the
@@ -41,7 +40,7 @@ def available(runtime: str) -> bool:
 
 
 def resolve(runtime: str, gpu: bool) -> str:
-    """``auto``: TensorFlow on a GPU, else ONNX Runtime when installed (the fastest measured on CPU)."""
+    """``auto``: TensorFlow on a GPU, else ONNX Runtime when installed (the faster on CPU)."""
     if runtime not in RUNTIMES:
         raise PipelineError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime}")
     if runtime == "auto":
@@ -110,8 +109,8 @@ def convert(portable_model, path: Path, runtime: str) -> Path:
 
 
 def convert_isolated(portable_model, path: Path, runtime: str) -> Path:
-    """``convert`` in a child process, its output in ``<path>.log``: the converters' graph work took ~2 GB
-    of the extracting process's peak memory and printed their chatter on every first run. The model goes
+    """``convert`` in a child process, its output in ``<path>.log``: the converters' graph work would add
+    its peak memory to the extracting process's and prints their chatter on every first run. The model goes
     across as a ``.keras`` file (built-in layers only, so it loads anywhere)."""
     import multiprocessing
 

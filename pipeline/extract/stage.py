@@ -165,7 +165,7 @@ def _models(cfg: Config, spec, size: int, weights, key: dict) -> _Models:
 
 def _converted_only(cfg: Config, key: dict) -> _Models | None:
     """The lean path: a local CPU pass (no views) whose feature model is already converted runs it alone,
-    without building the Keras model (measured: the build cost most of the command's own time and memory
+    without building the Keras model (the build would cost most of the command's own time and memory
     around the loop). None: build as usual."""
     ex = cfg.extract
     if ex.engine != "local" or ex.views or backbones.gpu_visible():

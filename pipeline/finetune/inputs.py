@@ -1,7 +1,7 @@
 """The fine-tune's input pipeline: each image decoded and resized once, shuffled and augmented afresh
 every epoch.
 
-Decoding the files again every epoch cost up to a third of a phase-2 epoch on the demo (NOTES). The
+Decoding the files again every epoch would cost a large share of each epoch (benchmarks/NOTES.md). The
 decoded pixels are the float32 output of ``data.load_image`` (the op extraction uses), kept as they are:
 rounding them to uint8 would hand the fine-tune other pixels than the frozen side's cache was made from.
 They stay in memory up to the budget and are spilled to a ``.npy`` file in the work folder beyond it.

@@ -174,7 +174,7 @@ def _compile(model, ft, lr: float) -> None:
 
 def compile_once(model, ft, lr: float) -> Callable[[float], None]:
     """Phase 2's one compile, shared by every searched rate and the final run: a compile drops the traced
-    training and validation steps, and tracing them again cost ~7 CPU-seconds a run on the demo. Returns
+    training and validation steps, and tracing them again costs seconds of CPU every run. Returns
     ``restart(lr)``, which puts the optimizer back to its state before any step (iterations, moments), at
     rate ``lr``: what a fresh compile gave each run. Call it after loading a weights file, which brings
     back the optimizer state it was saved with."""

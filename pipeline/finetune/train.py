@@ -46,8 +46,7 @@ def model_path(cfg: Config, n_subset: int | None = None, extra_seed: int | None 
 
 def _predict(model, ds: Dataset, split: str, size: int, batch_size: int):
     """(ids, y_true, y_pred) of one split; unreadable images are left out (and said so). The forward pass is
-    traced once: called eagerly, batch by batch, it took 2.5x as long (20.6 s against 7.5 s for the demo's
-    2,000 test images, twice a fine-tune)."""
+    traced once: called eagerly, batch by batch, it takes several times as long (benchmarks/NOTES.md)."""
     import tensorflow as tf
 
     forward = tf.function(

@@ -1,4 +1,4 @@
-"""How far a forecast is from the truth it extrapolates to, as measured: the widening of every interval.
+"""How far a forecast is from the truth it extrapolates to, as backtests measure it: the widening of every interval.
 
 A fitted curve's own spread (bootstrap, noise) says how sure the fit is, not how wrong the form can be
 beyond the data; plain power laws fitted on small subsets are known to err systematically (Mahmood et

@@ -60,7 +60,7 @@ def ladder(n_full: int, n_classes: int, sizes: tuple[int, ...], points: int, top
 
 
 def seconds(text: str) -> float:
-    """``1h``, ``30m``, ``2.5h``, ``90s`` or a number of seconds."""
+    """A duration in hours, minutes or seconds (``1h``, ``30m``, ``2.5h``), or a number of seconds."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([hms]?)\s*", str(text))
     if not m:
         raise PipelineError(f"--finetune-budget {text!r} is not a duration: use e.g. 30m, 1h or 2.5h")

@@ -19,7 +19,7 @@ SMALL_SUBGROUP = 20
 
 
 def ratio_text(ratio: float) -> str:
-    """'412× faster' / '2.1× slower' from fine-tune seconds / method seconds."""
+    """'N× faster' / 'N× slower' from fine-tune seconds / method seconds."""
     if not np.isfinite(ratio) or ratio <= 0:
         return ""
     if ratio >= 1:
@@ -175,7 +175,7 @@ def comparison_table(results: pd.DataFrame, with_meta: bool = False) -> pd.DataF
 
 
 def vs_finetune(df: pd.DataFrame) -> list[str]:
-    """'+1.0 pt, 5.9× faster' per row (again after the paired Δ replaces the unpaired one)."""
+    """'+D pt, N× faster' per row (again after the paired Δ replaces the unpaired one)."""
     return [
         "" if not np.isfinite(d) else f"{d:+.1f} pt, {ratio_text(r)}" for d, r in zip(df["delta_pt"], df["time_ratio"])
     ]
@@ -203,7 +203,7 @@ def best_head(table: pd.DataFrame, backbone: str | None = None) -> pd.Series | N
 
 
 def ci_text(lo, hi, signed: bool = False) -> str:
-    """'0.872 … 0.899' for an accuracy, '-0.1 … +2.2' for a difference in points; '' when unknown."""
+    """'low … high' for an accuracy, signed for a difference in points; '' when unknown."""
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return ""
     f = "{:+.1f}" if signed else "{:.3f}"

@@ -6,8 +6,8 @@ The (position, path) items still to do flow through ``decode`` (the local engine
 ``Embed``, a stateful class run as an ``ActorPoolStrategy`` pool (one GPU per actor when the cluster has
 GPUs; TensorFlow's thread pools and GPU memory growth set inside the actor). With GPUs, decoding is its
 own CPU stage, so the nodes' cores keep the GPUs fed; without them the forward pass needs every core and
-decoding is ~2% of its cost, so each actor decodes its own batch (a separate stage would add a process
-importing TensorFlow and float32 images through the object store: measured in NOTES.md).
+decoding is a small share of its cost, so each actor decodes its own batch (a separate stage would add a
+process importing TensorFlow and float32 images through the object store; benchmarks/NOTES.md).
 The model travels as its Keras config and weights, so workers need the package, not the weights file.
 Ray Data does not keep order: every row carries its position and a reorder buffer yields the contiguous
 prefix, which ``extract`` writes exactly as it writes the local engine's batches, so ``next_index`` stays
@@ -77,8 +77,8 @@ def plan_pool(nodes: list[dict], settings) -> Pool:
 
 @functools.cache
 def _loader(size: int):
-    """The local engine's decoding ops as one traced function per worker process (a tf.data pipeline
-    per batch cost ~70 ms of set-up per 32 images, in series with the forward pass)."""
+    """The local engine's decoding ops as one traced function per worker process (a tf.data pipeline per
+    batch pays its set-up every batch, in series with the forward pass)."""
     import tensorflow as tf
 
     from pipeline.data import load_image
@@ -196,7 +196,7 @@ def batches(paths: list[str], size: int, settings, model, onnx: Path | None = No
 def _pipeline(ray, paths: list[str], size: int, bs: int, plan: Pool, model, onnx: Path | None):
     """The Ray Data pipeline: items -> [decode tasks] -> the ``Embed`` actor pool."""
     # one block per batch, and each stage takes whole blocks: a batch_size that cut across blocks left
-    # remainders (measured: 28 calls of 3 images beside 28 of 32 on 1,000 images)
+    # small remainder batches beside the full ones
     items = ray.data.from_items(
         [{"k": k, "path": p} for k, p in enumerate(paths)], override_num_blocks=-(-len(paths) // bs)
     )
