@@ -225,9 +225,7 @@ def _prose(source: str):
 def lab_numbers(source: str) -> list[str]:
     found = []
     for line, text in _prose(source):
-        hits = [
-            m for m in LAB_NUMBER.finditer(text) if not any(a in text[m.start() : m.end() + 8] for a in LAB_ALLOWED)
-        ]
+        hits = [m for m in LAB_NUMBER.finditer(text) if not any(a in text[m.start() : m.end() + 8] for a in ALLOWED)]
         if hits:
             found.append(f"{line}: {text[max(0, hits[0].start() - 30) : hits[0].end() + 30]!r}")
     return found
