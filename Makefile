@@ -32,7 +32,7 @@ COMMON := --dataset $(DATA) --artifacts $(ARTIFACTS) $(CFG)
 STAMP  := $(VENV)/.installed-$(TF)$(if $(EXTRAS),-$(subst $(space),-,$(EXTRAS)))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data extract svm finetune forecast budgeted-finetune report demo curve sweep predict export test lint docs bench clean
+.PHONY: help setup data extract svm finetune forecast budgeted-finetune report demo curve sweep predict export test test-fast lint docs bench clean
 
 help: ## list targets and variables
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -97,6 +97,9 @@ sweep: data ## extract + svm (+ finetune with FINETUNE=1) for each of BACKBONES=
 
 test: setup ## run the test suite (fast: tiny backbones and generated images)
 	$(BIN)/python -m pytest -q
+
+test-fast: setup ## the edit loop: every test that trains no model, starts no Ray and runs no subprocess
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: data ## extraction ratios (ENGINE=ray: ray vs local too), fine-tune input pipeline ÷ in-memory steps, heads-vs-finetune cost, heads at scale, exported runtimes
 	$(BIN)/python benchmarks/extract_throughput.py --backbone $(BACKBONE) --artifacts $(ARTIFACTS) --source data/$(DATA)/train --engine $(ENGINE)

@@ -107,6 +107,7 @@ def test_missing_weights_file_is_one_line_and_debug_shows_the_traceback(presplit
     assert "Traceback" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_api_example_in_the_docs_runs_on_the_tiny_backbone(tmp_path, presplit, monkeypatch):
     """docs/api.md's example, run as written with the tiny backbone, the generated images and a tiny recipe."""
     import re

@@ -10,6 +10,9 @@ from pipeline.extract import stage as extract
 from pipeline.extract.cache.reader import load_features
 from pipeline.report.curve import curve_points
 
+pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
+
+
 
 def test_subsets_are_stratified_nested_and_keep_two_per_class():
     labels = np.array([0] * 90 + [1] * 9 + [2] * 1)

@@ -9,6 +9,9 @@ import pytest
 from pipeline import finetune, results
 from pipeline.finetune.record import TIE_TO_LARGER, SearchRecord
 
+pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
+
+
 
 @pytest.fixture
 def ft_cfg(cfg):

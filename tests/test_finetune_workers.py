@@ -19,6 +19,9 @@ pytest.importorskip("ray")
 
 FLAGS = ["--epochs-head", "1", "--lr-grid", "0.001", "0.01", "--batch-size", "4", "--augment", "flip"]
 
+pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
+
+
 
 @pytest.fixture
 def setup(tmp_path):

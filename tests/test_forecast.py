@@ -242,6 +242,7 @@ def _trained(monkeypatch, kill_at: str | None = None):
     return seen
 
 
+@pytest.mark.slow
 def test_the_stage_measures_the_ladder_forecasts_and_reuses_every_point(ladder_run, monkeypatch, capsys):
     cfg, (full, double) = ladder_run
     table = results.read_results(results.results_path(cfg.artifacts, "ladder"))
@@ -263,6 +264,7 @@ def test_the_stage_measures_the_ladder_forecasts_and_reuses_every_point(ladder_r
     assert ("images is forecast at" in out or "Cannot tell yet" in out) and "Measured error of such forecasts" in out
 
 
+@pytest.mark.slow
 def test_over_its_budget_the_stage_prints_the_command_and_does_not_fine_tune(ladder_cfg, monkeypatch, capsys):
     ladder_cfg.forecast.finetune_budget = "1s"
     trained = _trained(monkeypatch)
@@ -281,6 +283,7 @@ def test_over_its_budget_the_stage_prints_the_command_and_does_not_fine_tune(lad
     assert 60 in set(table.loc[table["method"] == "finetune", "n_train"])
 
 
+@pytest.mark.slow
 def test_an_interrupted_ladder_resumes_and_trains_nothing_twice(ladder_cfg, monkeypatch):
     models = Path(ladder_cfg.artifacts) / "models" / "ladder"
     for f in [*models.glob("*-n12*"), *models.glob("*-n24*")]:  # as if the run had stopped after its first size
@@ -296,6 +299,7 @@ def test_an_interrupted_ladder_resumes_and_trains_nothing_twice(ladder_cfg, monk
                        ("tiny_cnn-finetuned-n24.work", 2)]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("ladder", "message"), [((6, 12), "at least 3 sizes"), ((6, 12, 60), "not below")])
 def test_a_bad_ladder_writes_nothing(ladder_cfg, ladder, message):
     def files():
@@ -308,6 +312,7 @@ def test_a_bad_ladder_writes_nothing(ladder_cfg, ladder, message):
     assert files() == before
 
 
+@pytest.mark.slow
 def test_make_demo_on_a_users_folder_stops_after_the_forecast_when_over_budget(tmp_path):
     """`make demo DATA=<folder>` forecasts before it fine-tunes; over BUDGET it prints the forecast and the
     command for the full fine-tune, runs nothing more, and still writes the report with the forecast in it."""

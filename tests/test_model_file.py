@@ -12,6 +12,9 @@ from pipeline import finetune, heads
 from pipeline.errors import PipelineError
 from pipeline.extract import stage as extract
 
+pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
+
+
 
 def _user_model():
     inputs = keras.Input((16, 16, 3))

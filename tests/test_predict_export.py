@@ -24,6 +24,9 @@ ROOT = Path(__file__).parent.parent
 LINEAR = ["ridge@all", "logreg@all", "linear_svm@all"]
 WITHOUT_PIPELINE = str(Path(__file__).parent / "without_pipeline.py")
 
+pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
+
+
 
 @pytest.fixture
 def fitted(cfg):

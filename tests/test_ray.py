@@ -11,6 +11,9 @@ from pipeline.extract import stage as extract
 from pipeline.extract.cache.key import read_key
 from pipeline.extract.cache.writer import CacheWriter
 
+pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
+
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():

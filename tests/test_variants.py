@@ -20,6 +20,9 @@ from pipeline.errors import PipelineError
 from pipeline.extract import stage as extract
 from pipeline.extract.cache import variants
 
+pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
+
+
 
 def _features(cfg) -> Path:
     return Path(cfg.artifacts) / "features" / "toy"
