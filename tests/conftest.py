@@ -79,6 +79,13 @@ def cfg(tmp_path, presplit) -> Config:
     return c
 
 
+def pytest_collection_modifyitems(items):
+    """scikit-learn's contract checks of the Keras MLP train a network each: not in `make test-fast`."""
+    for item in items:
+        if "KerasMLP" in item.nodeid:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _info_logs(caplog):
     import logging

@@ -5,12 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import CELEBA_ATTRIBUTES, TINY, make_celeba_like
 
 from pipeline import cli, heads, results
 from pipeline.config import Config
 from pipeline.data import load_labelled
 from pipeline.extract import stage as extract
+
+pytestmark = pytest.mark.slow  # runs the extraction, a converter or a second process: not in `make test-fast`
 
 
 def test_labels_come_from_the_table_and_extra_rows_are_ignored_with_a_warning(tmp_path, caplog):

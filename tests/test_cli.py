@@ -63,6 +63,7 @@ def test_unknown_toml_key_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("error: unknown option config.extract.batchsize") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_cli_extract_end_to_end_and_cache_hit(presplit, tmp_path, capsys):
     argv = extract_argv(presplit, tmp_path / "a", "none", "--batch-size", "8")
     assert main(argv) == 0

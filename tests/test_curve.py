@@ -13,7 +13,6 @@ from pipeline.report.curve import curve_points
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
 
 
-
 def test_subsets_are_stratified_nested_and_keep_two_per_class():
     labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
     small, large = nested_subset(labels, 10, seed=3), nested_subset(labels, 50, seed=3)

@@ -59,6 +59,7 @@ print("tensorflow imported:", "tensorflow" in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_an_extraction_with_its_model_already_converted_never_imports_tensorflow(tmp_path, presplit):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("tf2onnx")

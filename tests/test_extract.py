@@ -9,6 +9,8 @@ from pipeline.errors import PipelineError
 from pipeline.extract import stage as extract
 from pipeline.extract.cache.writer import CacheWriter
 
+pytestmark = pytest.mark.slow  # runs the extraction, a converter or a second process: not in `make test-fast`
+
 
 def _read(path):
     with h5py.File(path, "r") as f:

@@ -12,7 +12,6 @@ from pipeline.finetune.record import TIE_TO_LARGER, SearchRecord
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
 
 
-
 @pytest.fixture
 def ft_cfg(cfg):
     cfg.finetune.epochs_head = 1

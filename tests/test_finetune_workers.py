@@ -22,7 +22,6 @@ FLAGS = ["--epochs-head", "1", "--lr-grid", "0.001", "0.01", "--batch-size", "4"
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
 
 
-
 @pytest.fixture
 def setup(tmp_path):
     from conftest import _build_tiny, write_images

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipeline import heads
@@ -16,6 +17,8 @@ _spec = importlib.util.spec_from_file_location(
 )
 levers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(levers)
+
+pytestmark = pytest.mark.slow  # runs the extraction, a converter or a second process: not in `make test-fast`
 
 
 def test_flip_mirrors_every_image_under_the_same_name(presplit, tmp_path):

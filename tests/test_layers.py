@@ -24,6 +24,8 @@ from pipeline.heads import layer_select
 N = {"train": 150, "val": 60, "test": 90}
 CLASSES = ["a", "b", "c"]
 
+pytestmark = pytest.mark.slow  # runs the extraction, a converter or a second process: not in `make test-fast`
+
 
 def _tapped_cache(root, views=0, seed=0):
     rng = np.random.default_rng(seed)

@@ -9,12 +9,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
 from pipeline import lock
 from pipeline.extract import stage as extract
 from pipeline.extract.cache.reader import load_features
 
 HANG_GUARD = 300  # seconds: only a broken lock gets near it; the test never waits on time otherwise
+
+pytestmark = pytest.mark.slow  # runs the extraction, a converter or a second process: not in `make test-fast`
 
 
 class _Said(logging.Handler):

@@ -15,7 +15,6 @@ from pipeline.extract import stage as extract
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
 
 
-
 def _user_model():
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="c1")(inputs)

@@ -27,7 +27,6 @@ WITHOUT_PIPELINE = str(Path(__file__).parent / "without_pipeline.py")
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
 
 
-
 @pytest.fixture
 def fitted(cfg):
     """Cache, the default heads on last and all, and a report (which records the verdict's choice)."""

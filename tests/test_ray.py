@@ -14,7 +14,6 @@ from pipeline.extract.cache.writer import CacheWriter
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
 
 
-
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray

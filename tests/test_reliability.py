@@ -32,7 +32,6 @@ _UPSERTER = textwrap.dedent(
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
 
 
-
 def test_concurrent_upserts_lose_no_row(tmp_path):
     """Two processes adding 200 distinct rows each to one table at the same time: all 400 are there."""
     path, go = tmp_path / "results" / "d.csv", tmp_path / "go"

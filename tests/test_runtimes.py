@@ -13,6 +13,8 @@ from pipeline import heads
 from pipeline.extract import runtimes
 from pipeline.extract import stage as extract
 
+pytestmark = pytest.mark.slow  # runs the extraction, a converter or a second process: not in `make test-fast`
+
 
 def _arrays(path):
     with h5py.File(path, "r") as f:

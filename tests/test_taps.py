@@ -10,6 +10,8 @@ from pipeline.backbones import taps
 from pipeline.errors import PipelineError
 from pipeline.extract import stage as extract
 
+pytestmark = pytest.mark.slow  # runs the extraction, a converter or a second process: not in `make test-fast`
+
 
 def _taps(path):
     with h5py.File(path, "r") as f:

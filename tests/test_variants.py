@@ -23,7 +23,6 @@ from pipeline.extract.cache import variants
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
 
 
-
 def _features(cfg) -> Path:
     return Path(cfg.artifacts) / "features" / "toy"
 

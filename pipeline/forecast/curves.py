@@ -79,12 +79,14 @@ class Form:
 FORMS = {f.name: f for f in (Form("pow2", 2), Form("pow3", 3), Form("mmf4", 4))}
 
 
-def fit(form: Form, pts: Points, scale: float) -> np.ndarray | None:
-    """The form's parameters by weighted least squares, or None when it has more parameters than sizes."""
+def fit(form: Form, pts: Points, scale: float, start: np.ndarray | None = None) -> np.ndarray | None:
+    """The form's parameters by weighted least squares, or None when it has more parameters than sizes.
+    ``start``: one starting point instead of the grid (a bootstrap refit starts from the fit it perturbs)."""
     if len(pts.sizes) < form.n_params:
         return None
     x, e, w = pts.n / scale, 1 - pts.acc, 1 / np.maximum(pts.sd, 1e-4)
     starts, bounds = form.starts(e)
+    starts = starts if start is None else [start]
     best = None
     for p0 in starts:
         p0 = np.clip(p0, np.array(bounds[0]) + 1e-9, np.array(bounds[1]) - 1e-9)
@@ -124,12 +126,13 @@ def form_weights(pts: Points) -> dict[str, float]:
 class Ensemble:
     """The weighted forms fitted to ``pts``; ``accuracy(n)`` is their weighted forecast."""
 
-    def __init__(self, pts: Points, weights: dict[str, float] | None = None):
+    def __init__(self, pts: Points, weights: dict[str, float] | None = None, near: Ensemble | None = None):
         if len(pts.sizes) < 2:
             raise ValueError("a learning curve needs at least two training sizes")
         self.pts, self.scale = pts, float(pts.sizes.max())
         self.weights = weights if weights is not None else form_weights(pts)
-        fitted = {k: fit(FORMS[k], pts, self.scale) for k in self.weights}
+        starts = near.params if near is not None else {}
+        fitted = {k: fit(FORMS[k], pts, self.scale, starts.get(k)) for k in self.weights}
         self.params = {k: p for k, p in fitted.items() if p is not None}
         total = sum(self.weights[k] for k in self.params)
         self.weights = {k: self.weights[k] / total for k in self.params}
@@ -145,7 +148,7 @@ class Ensemble:
         out = []
         for _ in range(draws):
             acc = np.clip(self.pts.acc + self.pts.sd * rng.standard_normal(len(self.pts.acc)), 1e-4, 1 - 1e-4)
-            out.append(Ensemble(self.pts.with_acc(acc), self.weights).accuracy(n))
+            out.append(Ensemble(self.pts.with_acc(acc), self.weights, near=self).accuracy(n))
         return np.array(out)
 
 
