@@ -243,6 +243,7 @@ def _short_params(params) -> str:
     except (TypeError, ValueError):
         return ""
     p.pop("layers", None)
+    p.pop("version", None)  # the params record's format, not a setting
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
 
 
