@@ -27,7 +27,7 @@ from pipeline.heads.compose import make_pipeline
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class HeadResult:
     head: str
     features: str
@@ -159,6 +159,14 @@ def fit_head(
     pred = best.predict(test.X)
     params = {_param_name(k): v for k, v in best_params.items()}
     res = HeadResult(
-        head, features, params, val_acc, results.scores(test.y, pred), tune_seconds, fit_seconds, n_fit, pred
+        head=head,
+        features=features,
+        params=params,
+        val_accuracy=val_acc,
+        scores=results.scores(test.y, pred),
+        tune_seconds=tune_seconds,
+        fit_seconds=fit_seconds,
+        n_train=n_fit,
+        test_pred=pred,
     )
     return best, res

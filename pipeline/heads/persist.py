@@ -85,18 +85,9 @@ def write_record(stem: Path, r: HeadResult, fs, cfg: Config, encoding: MetaEncod
 
 
 def from_record(saved: dict) -> HeadResult:
+    names = ("head", "features", "params", "val_accuracy", "scores", "tune_seconds", "fit_seconds", "n_train")
     return HeadResult(
-        saved["head"],
-        saved["features"],
-        saved["params"],
-        saved["val_accuracy"],
-        saved["scores"],
-        saved["tune_seconds"],
-        saved["fit_seconds"],
-        saved["n_train"],
-        None,
-        saved["layers"],
-        saved["layer_names"],
+        **{k: saved[k] for k in names}, test_pred=None, layers=saved["layers"], layer_names=saved["layer_names"]
     )
 
 

@@ -249,17 +249,17 @@ def _run_streaming(
         if p.label != layer_select.LAST:
             params["layers"] = list(layers)
         r = HeadResult(
-            "linear_probe",
-            "image",
-            params,
-            res.val_accuracy,
-            results.scores(test.labels, pred),
-            res.seconds,
-            0.0,
-            streams["train"].n,
-            pred,
-            p.label,
-            list(layers),
+            head="linear_probe",
+            features="image",
+            params=params,
+            val_accuracy=res.val_accuracy,
+            scores=results.scores(test.labels, pred),
+            tune_seconds=res.seconds,
+            fit_seconds=0.0,
+            n_train=streams["train"].n,
+            test_pred=pred,
+            layers=p.label,
+            layer_names=list(layers),
         )
         stem = out_dir / p.name
         pred_path = save_staged(stem, ".keras", res.model.save, test.ids(), test.labels, pred, info.class_names)
