@@ -92,25 +92,33 @@ def plot(f: Forecast, band: pd.DataFrame, results: pd.DataFrame, path: Path, dat
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
     ax.plot(band["n"], band["accuracy"], color="C3", label="fine-tune: forecast")
     ax.fill_between(band["n"], band["low"], band["high"], color="C3", alpha=0.15, label=f"{LEVEL:.0%} interval")
-    ax.plot(band["n"], band["head"], color="C0", linestyle="--", label=f"{f.best_head} (measured, interpolated)")
+    ax.plot(band["n"], band["head"], color="C0", linestyle="--", label=f"{f.best_head} (measured; fitted beyond)")
     ft = results[(results["method"] == "finetune") & (results["backbone"].astype(str) == f.backbone)]
-    small = ft[ft["n_train"] < f.n_full]
-    ax.scatter(small["n_train"], small["test_accuracy"], marker="*", s=90, color="C3", zorder=3, label="fine-tunes run")
+    used = ft["n_train"].isin([float(s) for s in f.measured_sizes.split()])
+    ax.scatter(ft.loc[used, "n_train"], ft.loc[used, "test_accuracy"], marker="*", s=90, color="C3", zorder=3,
+               label="fine-tunes it rests on")  # fmt: skip
+    other = ft[~used & (ft["n_train"] < f.n_full)]
+    if len(other):
+        ax.scatter(other["n_train"], other["test_accuracy"], marker="*", s=60, facecolors="none",
+                   edgecolors="grey", zorder=3, label="other fine-tunes (not used)")  # fmt: skip
     if not math.isnan(f.measured_accuracy):
         ax.scatter([f.n_full], [f.measured_accuracy], marker="*", s=160, color="k", zorder=4, label="full, measured")
     ax.axvline(f.n_full, color="grey", linewidth=1)
-    ax.text(f.n_full, ax.get_ylim()[0], " your data", color="grey", fontsize=8, va="bottom")
     if math.isfinite(f.crossover_n):
         lo = f.crossover_low if math.isfinite(f.crossover_low) else band["n"].min()
         hi = f.crossover_high if math.isfinite(f.crossover_high) else band["n"].max()
         ax.axvspan(lo, hi, color="C2", alpha=0.1, label="crossover range")
         ax.axvline(f.crossover_n, color="C2", linestyle=":", label="crossover")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(plt.LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.text(f.n_full, ax.get_ylim()[1], " your data", color="grey", fontsize=8, va="top")
     ax.set_xlabel("training images (log scale)")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{dataset}: fine-tune forecast against the best head", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

@@ -76,8 +76,9 @@ SPREAD_COLUMNS = ["backbone", "n_train", "seeds", "mean", "sd", "min", "max", "a
 
 
 def seed_spread(results: pd.DataFrame) -> pd.DataFrame:
-    """Per backbone, the fine-tune's test accuracy over its training seeds at its largest training set: the
-    configured seed's row and the ``--seeds`` extra rows. Only where there is more than one seed."""
+    """Per backbone, the fine-tune's test accuracy over its training seeds at the largest training set that has
+    several: the configured seed's row and the ``--seeds`` extra rows (the verdict quotes it only when that is
+    the compared size)."""
     rows = []
     for (backbone, n), group in results[results["method"] == "finetune"].groupby(["backbone", "n_train"]):
         if not extra_seed(group).any():

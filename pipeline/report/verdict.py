@@ -141,8 +141,9 @@ def verdict(table: pd.DataFrame, spread: pd.DataFrame | None = None) -> list[str
         if head["features"] != "image":
             lines.extend(_image_only(table, b, head))
         lines.append(_baseline(f))
-        if spread is not None and (spread["backbone"] == b).any():
-            lines.append(_seeds(spread[spread["backbone"] == b].iloc[0], head))
+        same = spread[(spread["backbone"] == b) & (spread["n_train"] == f["n_train"])] if spread is not None else []
+        if len(same):  # the seeds of the compared fine-tune only, not of a smaller curve or forecast point
+            lines.append(_seeds(same.iloc[0], head))
         dense = ok[(ok["backbone"] == b) & (ok["method"] == "frozen_dense")]
         if len(dense):
             d = dense.iloc[0]
