@@ -12,7 +12,7 @@ import pandas as pd
 from pipeline.forecast import record
 from pipeline.forecast.record import LEVEL, Forecast
 from pipeline.forecast.text import duration, sentence
-from pipeline.report.plots import pyplot, save_figure
+from pipeline.report.plots import log_x_axes, pyplot, save_figure
 
 
 def read(art: Path, dataset: str) -> tuple[list[Forecast], pd.DataFrame]:
@@ -109,15 +109,11 @@ def plot(f: Forecast, band: pd.DataFrame, results: pd.DataFrame, path: Path, dat
         hi = f.crossover_high if math.isfinite(f.crossover_high) else band["n"].max()
         ax.axvspan(lo, hi, color="C2", alpha=0.1, label="crossover range")
         ax.axvline(f.crossover_n, color="C2", linestyle=":", label="crossover")
-    ax.set_xscale("log")
+    log_x_axes(ax, "training images (log scale)", f"{dataset}: fine-tune forecast against the best head")
     ax.xaxis.set_major_locator(plt.LogLocator(subs=(1, 2, 5)))
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.text(f.n_full, ax.get_ylim()[1], " your data", color="grey", fontsize=8, va="top")
-    ax.set_xlabel("training images (log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{dataset}: fine-tune forecast against the best head", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     save_figure(fig, path)

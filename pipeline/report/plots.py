@@ -27,6 +27,15 @@ def pyplot():
     return plt
 
 
+def log_x_axes(ax, xlabel: str, title: str, ylabel: str = "test accuracy") -> None:
+    """The house style of an accuracy plot against a log-scaled x axis."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 MARKERS = {"finetune": "*", "frozen_dense": "h", **{name: spec.marker for name, spec in REGISTRY.items()}}
 
 
@@ -75,11 +84,11 @@ def accuracy_vs_time_figure(table: pd.DataFrame, dataset: str):
     if (ok["features"] != "image").any():
         for f, fill in fills.items():
             ax.plot([], [], "o", color="grey", fillstyle=fill, label=f"features: {f}")
-    ax.set_xscale("log")
-    ax.set_xlabel("total training seconds (log scale; heads include feature extraction)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{dataset}: accuracy vs training time (bars: 95% bootstrap CI over test images)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
+    log_x_axes(
+        ax,
+        "total training seconds (log scale; heads include feature extraction)",
+        f"{dataset}: accuracy vs training time (bars: 95% bootstrap CI over test images)",
+    )
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     if labels:
