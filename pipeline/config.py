@@ -226,8 +226,8 @@ class ForecastConfig:
     ladder: tuple[int, ...] = _opt(
         (), "training sizes of the small fine-tunes (default: a doubling ladder ending at --ladder-top of the data)"
     )
-    ladder_points: int = _opt(3, "default ladder: this many sizes, each twice the one before")
-    ladder_top: float = _opt(0.2, "default ladder: its largest size as a fraction of the training split")
+    ladder_points: int = _opt(3, "sizes of the generated ladder, each twice the one before")
+    ladder_top: float = _opt(0.2, "the generated ladder's largest size, as a fraction of the training split")
     ladder_seeds: int = _opt(2, "training seeds at the smallest size, so the seed-to-seed noise is measured")
     finetune_budget: str | None = _opt(
         None,
