@@ -9,6 +9,8 @@ fit extrapolates honestly, or when the interval holds the best head's accuracy: 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 from scipy.stats import norm
@@ -44,6 +46,9 @@ class Curves:
         self.grid = grid
         self.boot_sd = self.ft.bootstrap(grid, draws=draws).std(axis=0)
         self.head_fit = Ensemble(ev.head_curve) if len(ev.head_curve.sizes) >= 2 else None
+        pts = ev.head_curve
+        self.head_sizes = pts.sizes
+        self.head_means = np.array([pts.at(s).mean() for s in self.head_sizes])
 
     def accuracy(self, n) -> np.ndarray:
         return self.ft.accuracy(n)
@@ -60,20 +65,23 @@ class Curves:
 
     def head(self, n: float) -> float:
         """The best head's accuracy: measured where it was (log-interpolated between sizes), else its fit."""
-        pts = self.ev.head_curve
-        sizes = pts.sizes
-        means = np.array([pts.at(s).mean() for s in sizes])
+        sizes = self.head_sizes
         if self.head_fit is None or sizes[0] <= n <= sizes[-1]:
-            return float(np.interp(np.log(n), np.log(sizes), means))
+            return float(np.interp(np.log(n), np.log(sizes), self.head_means))
         return float(self.head_fit.accuracy(n)[0])
 
     def p_beats(self, n: float) -> float:
         return float(norm.cdf((float(self.accuracy(n)[0]) - self.head(n)) / max(self.sd(n), 1e-9)))
 
+    @functools.cached_property
+    def p_grid(self) -> np.ndarray:
+        """P(fine-tune beats the head) at every size of the grid: the crossover and the band both read it."""
+        return np.array([self.p_beats(n) for n in self.grid])
+
 
 def crossover(curves: Curves) -> tuple[float, float, float]:
     """Where P(fine-tune beats the head) first reaches one half, and where it reaches (1 ± LEVEL) / 2."""
-    p = np.array([curves.p_beats(n) for n in curves.grid])
+    p = curves.p_grid
 
     def first(level: float) -> float:
         above = np.nonzero(p >= level)[0]
@@ -92,10 +100,10 @@ def build(ev: Evidence, cases: list[calibration.Case], top: float, draws: int = 
 def band(curves: Curves) -> pd.DataFrame:
     """The forecast curve with its interval and the head beside it, at every size of the grid (for the plot)."""
     rows = []
-    for n in curves.grid:
+    for n, p in zip(curves.grid, curves.p_grid):
         acc, half = float(curves.accuracy(n)[0]), Z * curves.sd(n)
         rows.append({"n": n, "accuracy": acc, "low": acc - half, "high": acc + half, "head": curves.head(n),
-                     "p_beats_head": curves.p_beats(n)})  # fmt: skip
+                     "p_beats_head": p})  # fmt: skip
     return pd.DataFrame(rows)
 
 
