@@ -39,38 +39,49 @@ def crossover_text(f: Forecast, smallest: int) -> str:
     return f"Fine-tuning starts to pay at about {_n(f.crossover_n)} images ({lo} … {hi})."
 
 
-def sentence(full: Forecast, double: Forecast, sizes: list[int]) -> str:
-    """The answer first: "Fine-tuning all N images is forecast at A (low … high), ± against the best head,
-    for about T on this machine", then the crossover, twice the data, and the forecast's measured error."""
+def headline(full: Forecast, sizes: list[int]) -> str:
+    """The answer in one sentence: "Fine-tuning all N images is forecast at A (low … high), ± against the
+    best head, for about T on this machine", or "Cannot tell yet …" with the next size to run."""
     gap = (full.accuracy - full.best_head_accuracy) * 100
     what = f"Fine-tuning all {full.target_n:,} images"
     if full.decided:
-        head = (
+        return (
             f"{what} is forecast at {interval(full)}, {gap:+.1f} pt against {full.best_head} "
             f"({full.best_head_accuracy:.3f}; P(fine-tune better) = {full.p_beats_head:.2f}), "
             f"for about {duration(full.cost_seconds)} on this machine; this forecast cost "
             f"{duration(full.forecast_seconds)}."
         )
-    else:
-        head = (
-            f"Cannot tell yet whether {what[0].lower() + what[1:]} beats {full.best_head} "
-            f"({full.best_head_accuracy:.3f}): forecast {interval(full)}, about {duration(full.cost_seconds)} "
-            f"on this machine; this forecast cost {duration(full.forecast_seconds)}."
+    head = (
+        f"Cannot tell yet whether {what[0].lower() + what[1:]} beats {full.best_head} "
+        f"({full.best_head_accuracy:.3f}): forecast {interval(full)}, about {duration(full.cost_seconds)} "
+        f"on this machine; this forecast cost {duration(full.forecast_seconds)}."
+    )
+    if math.isfinite(full.next_n):
+        head += (
+            f" Fine-tune {int(full.next_n):,} images next (about {duration(full.next_seconds)}): "
+            f"--ladder {' '.join(map(str, sizes))} {int(full.next_n)}."
         )
-        if math.isfinite(full.next_n):
-            head += (
-                f" Fine-tune {int(full.next_n):,} images next (about {duration(full.next_seconds)}): "
-                f"--ladder {' '.join(map(str, sizes))} {int(full.next_n)}."
-            )
-    lines = [head, crossover_text(full, sizes[0])]
-    lines.append(
-        f"With twice the labelled images ({double.target_n:,}): {interval(double)}"
-        f"{'' if double.decided else ', cannot tell yet'}."
+    return head
+
+
+def backtest_error(f: Forecast) -> str:
+    """The error such forecasts were measured to make, which every forecast is printed with."""
+    return (
+        f"Measured error of such forecasts at {f.ratio:.0f}× extrapolation: ±{f.extrapolation_sd * 100:.1f} pt "
+        f"(sd, from {f.backtest_cases} backtest{'s' if f.backtest_cases != 1 else ''}), included in the interval."
     )
-    lines.append(
-        f"Measured error of such forecasts at {full.ratio:.0f}× extrapolation: ±{full.extrapolation_sd * 100:.1f} pt "
-        f"(sd, from {full.backtest_cases} backtest{'s' if full.backtest_cases != 1 else ''}), included in the interval."
-    )
+
+
+def sentence(full: Forecast, double: Forecast | None, sizes: list[int]) -> str:
+    """The headline, then the crossover, twice the data, the forecast's measured error and, once the full
+    fine-tune has run, the forecast against it."""
+    lines = [headline(full, sizes), crossover_text(full, sizes[0])]
+    if double is not None:
+        lines.append(
+            f"With twice the labelled images ({double.target_n:,}): {interval(double)}"
+            f"{'' if double.decided else ', cannot tell yet'}."
+        )
+    lines.append(backtest_error(full))
     if math.isfinite(full.measured_accuracy):
         err = (full.measured_accuracy - full.accuracy) * 100
         lines.append(

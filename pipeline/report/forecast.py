@@ -11,7 +11,7 @@ import pandas as pd
 
 from pipeline.forecast import record
 from pipeline.forecast.record import LEVEL, Forecast
-from pipeline.forecast.text import duration, sentence
+from pipeline.forecast.text import backtest_error, duration, headline, sentence
 from pipeline.report.plots import log_x_axes, pyplot, save_figure
 
 
@@ -45,8 +45,8 @@ def verdict_lines(records: list[Forecast], measured_full: set[str]) -> list[str]
     for f, _ in _pairs(records):
         if f.backbone in measured_full:
             continue
-        text = sentence(f, f, [int(s) for s in f.measured_sizes.split()]).splitlines()
-        lines.append(f"**Forecast, not measured** ({f.backbone}): {text[0]} {text[-1]}")
+        sizes = [int(s) for s in f.measured_sizes.split()]
+        lines.append(f"**Forecast, not measured** ({f.backbone}): {headline(f, sizes)} {backtest_error(f)}")
     return lines
 
 
@@ -69,7 +69,7 @@ def sections(records: list[Forecast], band: pd.DataFrame, results: pd.DataFrame,
     records = with_measured(records, results)
     for f, double in _pairs(records):
         sizes = [int(s) for s in f.measured_sizes.split()]
-        text = sentence(f, double or f, sizes).replace("\n", " ")
+        text = sentence(f, double, sizes).replace("\n", " ")
         label = f" ({f.backbone})" if len({r.backbone for r in records}) > 1 else ""
         out.append(
             (
