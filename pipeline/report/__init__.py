@@ -108,6 +108,7 @@ def run(cfg: Config) -> Path:
         ds = from_config(cfg)
         meta = load_metadata(cfg.metadata_path, ds.all_ids(), cfg.data.id_column, ds.name)
 
+    measured = res  # as the stages wrote it: the forecast's plot reads its seeds and its subsets from it
     res = beside_their_finetune(res)
     spread = seed_spread(res)
     res = res[~extra_seed(res)]  # the extra seeds are a spread of the fine-tune, not methods of their own
@@ -121,7 +122,7 @@ def run(cfg: Config) -> Path:
         (out_dir / "choice.json").unlink(missing_ok=True)
     main = display_table(table)
     main.attrs["css"] = "main"
-    sections = _comparison_sections(table, main, res, art, dataset, out_dir, spread)
+    sections = _comparison_sections(table, main, res, art, dataset, out_dir, spread, measured)
     models = _evaluated(table, preds, art, dataset)
     records = {m.name: _read_json(m.path.with_name(m.path.name.replace(".predictions.csv", ".json"))) for m in models}
     class_names = next((r["class_names"] for r in records.values() if r and "class_names" in r), None)
@@ -149,7 +150,7 @@ def _scored_table(res: pd.DataFrame, art: Path, dataset: str, with_meta: bool):
     return table, preds
 
 
-def _comparison_sections(table, main, res, art: Path, dataset: str, out_dir: Path, spread) -> list:
+def _comparison_sections(table, main, res, art: Path, dataset: str, out_dir: Path, spread, measured) -> list:
     """Verdict, comparison table, accuracy-vs-time plot, seeds, best per backbone, learning curve, layers,
     details."""
     sections: list[tuple[str, object]] = [("", Verdict(verdict(table, spread)))]
@@ -188,7 +189,7 @@ def _comparison_sections(table, main, res, art: Path, dataset: str, out_dir: Pat
             ("Learning curve", " ".join(text + ([note] if note else [])) or "Test accuracy vs training images.")
         )
         sections.append(("", png))
-    sections += _forecast_sections(sections[0][1], table, art, dataset, out_dir)
+    sections += _forecast_sections(sections[0][1], table, measured, art, dataset, out_dir)
     sections += layer_sections(art / "heads" / dataset, out_dir)
     details = details_table(table)
     details.attrs["css"] = "details"
@@ -196,15 +197,15 @@ def _comparison_sections(table, main, res, art: Path, dataset: str, out_dir: Pat
     return sections
 
 
-def _forecast_sections(verdict_lines: list[str], table, art: Path, dataset: str, out_dir: Path) -> list:
+def _forecast_sections(verdict_lines: list[str], table, measured, art: Path, dataset: str, out_dir: Path) -> list:
     """The forecast's section; its answer joins the verdict where no full-size fine-tune was run."""
     records, band = forecast.read(art, dataset)
     if not records:
         return []
     ok = table[(table["method"] == "finetune") & (table["status"] == "ok")]
-    measured = set(ok["backbone"].astype(str).str.split("@").str[0])
-    verdict_lines.extend(forecast.verdict_lines(records, measured))
-    return forecast.sections(records, band, read_results(results_path(art, dataset)), out_dir, dataset)
+    fine_tuned_in_full = set(ok["backbone"].astype(str).str.split("@").str[0])
+    verdict_lines.extend(forecast.verdict_lines(records, fine_tuned_in_full))
+    return forecast.sections(records, band, measured, out_dir, dataset)
 
 
 def _evaluated(table: pd.DataFrame, preds: dict, art: Path, dataset: str) -> list[Evaluated]:
