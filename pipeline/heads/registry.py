@@ -102,6 +102,22 @@ def _rbf_bytes(n, n_val, width, h):
 
 
 _LINEAR_SETTINGS = ("c_grid", "exact_max_size", "batch_size", "max_iter")
+
+
+def _linear(name: str, factory: Callable, marker: str) -> HeadSpec:
+    """logreg and linear_svm: one C grid, the same solvers and memory, foldable into a Dense layer."""
+    return HeadSpec(
+        name=name,
+        factory=factory,
+        grid_param="C",
+        grid_setting="c_grid",
+        settings=_LINEAR_SETTINGS,
+        marker=marker,
+        foldable=True,
+        working_bytes=_exact_solver_bytes,
+    )
+
+
 REGISTRY: dict[str, HeadSpec] = {
     s.name: s
     for s in (
@@ -115,26 +131,8 @@ REGISTRY: dict[str, HeadSpec] = {
             foldable=True,
             working_bytes=lambda n, n_val, width, h: 3 * width * width * 8,
         ),
-        HeadSpec(
-            name="logreg",
-            factory=_logreg,
-            grid_param="C",
-            grid_setting="c_grid",
-            settings=_LINEAR_SETTINGS,
-            marker="^",
-            foldable=True,
-            working_bytes=_exact_solver_bytes,
-        ),
-        HeadSpec(
-            name="linear_svm",
-            factory=_linear_svm,
-            grid_param="C",
-            grid_setting="c_grid",
-            settings=_LINEAR_SETTINGS,
-            marker="s",
-            foldable=True,
-            working_bytes=_exact_solver_bytes,
-        ),
+        _linear("logreg", _logreg, "^"),
+        _linear("linear_svm", _linear_svm, "s"),
         HeadSpec(
             name="rbf_svm",
             factory=_rbf_svm,
