@@ -159,3 +159,27 @@ def test_the_fine_tunes_params_are_one_typed_record_and_a_planted_rename_fails()
     legacy = {k: v for k, v in params.items() if k not in ("version", "devices", "schedule")}  # an older row
     old = FinetuneParams.from_params(legacy)
     assert old.capped and old.devices is None and old.replicas == 1 and old.search == search
+
+
+def test_the_work_folders_state_resumes_only_when_it_matches_the_inputs_and_this_layout(tmp_path):
+    from pipeline.finetune.state import FILE, FrozenScore, RunState
+
+    work = tmp_path / "m.work"
+    state = RunState.start(work, "key", resume=True)
+    assert state == RunState(inputs_key="key") and work.is_dir()
+    state.end_phase(1.5, 2, 1, 0.5)
+    state.frozen = FrozenScore(scores={"test_accuracy": 0.5}, n_test=4)
+    state.search = SearchRecord(rungs=[{"0.001": 0.4}], rung_epochs=[0.34], seconds=2.0)
+    state.save(work)
+    (work / "phase1.done.weights.h5").write_text("")
+    assert RunState.start(work, "key", resume=True) == state  # typed all the way back
+    assert (work / "phase1.done.weights.h5").exists()
+    assert RunState.start(work, "key", resume=False) == RunState(inputs_key="key")
+    assert list(work.iterdir()) == []  # not resuming: nothing of the old run is left to be mistaken for it
+    state.save(work)
+    assert RunState.start(work, "other inputs", resume=True) == RunState(inputs_key="other inputs")
+    state.save(work)
+    saved = json.loads((work / FILE).read_text())
+    saved["phase_secs"] = saved.pop("phase_seconds")  # a planted rename: another version's work folder
+    (work / FILE).write_text(json.dumps(saved))
+    assert RunState.start(work, "key", resume=True) == RunState(inputs_key="key")

@@ -5,7 +5,6 @@ until early stopping with a learning-rate schedule (``search``)."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 import warnings
@@ -16,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import backbones, resources
-from pipeline.artifacts import write_json_atomic
 from pipeline.finetune import inputs, search
+from pipeline.finetune.job import Job
 from pipeline.finetune.model import build_model, optimizer_named, set_trainable
 from pipeline.finetune.record import SearchRecord
+from pipeline.finetune.state import RunState
 from pipeline.finetune.weights import load as load_weights
 from pipeline.finetune.weights import save as save_weights
 
@@ -71,7 +71,7 @@ def fit_phase(
     return time.perf_counter() - t0 + done.earlier_seconds, done.ran, done.best_epoch, done.best_val
 
 
-def splits(job, work: Path, batch: int, dist: Workers | None = None):
+def splits(job: Job, work: Path, batch: int, dist: Workers | None = None):
     """Training (shuffled afresh each epoch by the job's seed) and validation batches of ``batch`` images (the
     global batch: per device x devices), decoded once. Under ``dist`` each worker decodes only its shard of
     each split (every ``workers``-th image from its index), padded with weight-0 repeats to the largest
@@ -113,50 +113,50 @@ class Workers:
     example: tuple | None = None  # one local batch, to build the model from (``workers.patch_keras``)
 
 
-def train(job, work: Path, state: dict, after_phase_one: Callable, dist: Workers | None = None):
-    """Both phases of ``job`` (``train._Job``); ``after_phase_one(job, model, work, state)`` scores and saves
-    phase 1's model as ``frozen_dense``. A finished phase's weights are reloaded, an interrupted one continues
-    from its last epoch. ``dist``: this process is one of several workers. Returns (model, gpu)."""
-    import keras
+class Trainer:
+    """Both phases of one fine-tune, driven from above: construct (the network is built and the images
+    decoded), then ``phase_one()``, then ``phase_two()``. Progress is in attributes: ``model``, ``gpu`` and
+    ``state`` (saved to the work folder after every step, so a killed run resumes: a finished phase's
+    weights are reloaded, an interrupted one continues from its last epoch). ``dist``: this process is one
+    of several Ray workers."""
 
-    cfg, ft = job.cfg, job.cfg.finetune
-    if dist:
-        strategy, replicas = dist.strategy, dist.strategy.num_replicas_in_sync
-        how = f"MultiWorkerMirroredStrategy over {dist.workers} Ray workers"
-    else:
-        strategy, replicas, how = backbones.strategy(ft.devices)
-    batch = ft.batch_size * replicas  # the global batch: per device x devices
-    with backbones.device_policy(cfg.backbone.mixed_precision) as gpu, strategy.scope():
-        base = backbones.build_backbone(job.spec, job.weights, job.size, job.seed)
-        keras.utils.set_random_seed(job.seed)
-        model = build_model(base, job.spec, len(job.ds.class_names), ft.augment, job.seed, ft.dropout)
-    state["devices"] = {
-        "replicas": replicas,
-        "strategy": how,
-        "global_batch": batch,
-        "workers": dist.workers if dist else 1,
-    }
-    log.info(
-        "fine-tuning %s on %s (%s, %dpx) on %s (%s, global batch %d): %d epochs (head), then up to %d (all of it)",
-        job.spec.name,
-        job.ds.summary(),
-        job.weights.describe(),
-        job.size,
-        "GPU" if gpu else "CPU",
-        how,
-        batch,
-        ft.epochs_head,
-        ft.epochs_finetune,
-    )
-    data, steps = splits(job, work, batch, dist)
-    if dist:
-        from pipeline.finetune.workers import patch_keras
+    def __init__(self, job: Job, work: Path, state: RunState, dist: Workers | None = None):
+        import keras
 
-        patch_keras(model, dist.example)
-    with strategy.scope():  # the optimizers (compiled per phase and per searched rate) are built under it too
-        _phase_one(job, model, base, data, work, state, after_phase_one)
-        _phase_two(job, model, base, data, steps, work, state)
-    return model, gpu
+        ft = job.cfg.finetune
+        if dist:
+            self.strategy, replicas = dist.strategy, dist.strategy.num_replicas_in_sync
+            how = f"MultiWorkerMirroredStrategy over {dist.workers} Ray workers"
+        else:
+            self.strategy, replicas, how = backbones.strategy(ft.devices)
+        batch = ft.batch_size * replicas  # the global batch: per device x devices
+        with backbones.device_policy(job.cfg.backbone.mixed_precision) as gpu, self.strategy.scope():
+            self.base = backbones.build_backbone(job.spec, job.weights, job.size, job.seed)
+            keras.utils.set_random_seed(job.seed)
+            self.model = build_model(self.base, job.spec, len(job.ds.class_names), ft.augment, job.seed, ft.dropout)
+        self.job, self.work, self.state, self.gpu = job, work, state, gpu
+        workers = dist.workers if dist else 1
+        state.devices = {"replicas": replicas, "strategy": how, "global_batch": batch, "workers": workers}
+        log.info(
+            "fine-tuning %s on %s (%s, %dpx) on %s (%s, global batch %d): %d epochs (head), then up to %d (all of it)",
+            job.spec.name, job.ds.summary(), job.weights.describe(), job.size, "GPU" if gpu else "CPU", how, batch,
+            ft.epochs_head, ft.epochs_finetune,
+        )  # fmt: skip
+        self.data, self.steps = splits(job, work, batch, dist)
+        if dist:
+            from pipeline.finetune.workers import patch_keras
+
+            patch_keras(self.model, dist.example)
+
+    def phase_one(self) -> None:
+        """The new head on the frozen backbone (skipped when already done, or with no head epochs)."""
+        with self.strategy.scope():  # the optimizers (compiled per phase and per searched rate) are built under it
+            _phase_one(self.job, self.model, self.base, self.data, self.work, self.state)
+
+    def phase_two(self) -> None:
+        """Every backbone layer: the learning-rate search, then the chosen rate to early stopping."""
+        with self.strategy.scope():
+            _phase_two(self.job, self.model, self.base, self.data, self.steps, self.work, self.state)
 
 
 def _done(model, path: Path, phase: int) -> bool:
@@ -196,26 +196,19 @@ def _uniform_or_all(value: np.ndarray):
     return value.flat[0] if value.size and (value == value.flat[0]).all() else value
 
 
-def _record(state: dict, work: Path, seconds: float, ran: int, best_epoch: int, best_val: float) -> None:
-    for k, v in zip(("phase_seconds", "epochs_run", "best_epochs", "best_val"), (seconds, ran, best_epoch, best_val)):
-        state[k].append(v)
-    write_json_atomic(work / "state.json", state)
-
-
-def _phase_one(job, model, base, data, work: Path, state: dict, after: Callable) -> None:
+def _phase_one(job: Job, model, base, data, work: Path, state: RunState) -> None:
     ft = job.cfg.finetune
     set_trainable(base, 1, ft.unfreeze_layers)
     _compile(model, ft, ft.learning_rate)
     done = work / "phase1.done.weights.h5"
     if not _done(model, done, 1) and ft.epochs_head > 0:
         log.info("phase 1: backbone frozen, learning rate %g", ft.learning_rate)
-        _record(state, work, *fit_phase(model, 1, ft.epochs_head, *data, ft, work))
+        state.end_phase(*fit_phase(model, 1, ft.epochs_head, *data, ft, work))
+        state.save(work)
         save_weights(model, done)
-    if ft.epochs_head > 0 and "frozen" not in state:
-        after(job, model, work, state)
 
 
-def _search_rate(job, model, data, steps: int, work: Path, state: dict, record: SearchRecord, restart) -> float:
+def _search_rate(job: Job, model, data, steps: int, work: Path, state: RunState, restart) -> float:
     """Phase 2's learning rate (``search.choose_lr``): each candidate's rung trained here from the phase-1
     weights or its own rung before, annealed over its budget (below one epoch: that share of an epoch's
     shuffled batches), its weights and the record kept in the work folder so a kill resumes the search."""
@@ -223,9 +216,10 @@ def _search_rate(job, model, data, steps: int, work: Path, state: dict, record: 
     start = work / "phase2.start.weights.h5"
     budgets = search.rung_budgets(ft.search_epochs, ft.search_rungs, ft.epochs_finetune)
 
+    record = state.search
+
     def save() -> None:
-        state["search"] = dataclasses.asdict(record)
-        write_json_atomic(work / "state.json", state)
+        state.save(work)
 
     def try_lr(lr: float, rung: int) -> tuple[float, float]:
         load_weights(model, start if rung == 1 else search.weights_file(work, lr, rung - 1))
@@ -242,7 +236,7 @@ def _search_rate(job, model, data, steps: int, work: Path, state: dict, record: 
     return search.choose_lr(try_lr, ft.lr_grid, record, save, len(job.ds.splits["val"]), budgets)
 
 
-def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> None:
+def _phase_two(job: Job, model, base, data, steps: int, work: Path, state: RunState) -> None:
     """The learning-rate search from the phase-1 weights, then the best value trained on to early stopping.
     ``steps``: training steps per epoch, over which each search run anneals its rate."""
     ft = job.cfg.finetune
@@ -256,12 +250,12 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
     if not start.exists():
         save_weights(model, start)
     restart = compile_once(model, ft, float(ft.lr_grid[0]))
-    record = SearchRecord.from_dict(state["search"]) if "search" in state else SearchRecord()
-    lr = _search_rate(job, model, data, steps, work, state, record, restart)
     searched = len(ft.lr_grid) > 1
+    state.search = state.search or SearchRecord()
+    lr = _search_rate(job, model, data, steps, work, state, restart)
     weights, search_val, initial = start, 0.0, 0
     if searched:
-        weights, search_val, trained = search.outcome(record, work, lr)
+        weights, search_val, trained = search.outcome(state.search, work, lr)
         initial = max(1, round(trained))
     load_weights(model, weights)
     restart(lr)
@@ -282,9 +276,11 @@ def _phase_two(job, model, base, data, steps: int, work: Path, state: dict) -> N
         load_weights(model, weights)
         best_epoch, best_val = initial, search_val
     if searched:
-        search.check_final(record, best_val)
-        state["search"] = dataclasses.asdict(record)
-    state["learning_rate_finetune"] = lr
-    state["stop"] = search.stop_reason(initial + ran, ft.epochs_finetune)
-    _record(state, work, seconds, initial + ran, best_epoch, best_val)
+        search.check_final(state.search, best_val)
+    else:
+        state.search = None
+    state.learning_rate_finetune = lr
+    state.stop = search.stop_reason(initial + ran, ft.epochs_finetune)
+    state.end_phase(seconds, initial + ran, best_epoch, best_val)
+    state.save(work)
     save_weights(model, done)

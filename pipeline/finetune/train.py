@@ -4,7 +4,6 @@ checkpoints, backup-and-restore for resume), one test pass, the `finetune` and `
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -18,7 +17,9 @@ from pipeline.config import Config
 from pipeline.data import Dataset, from_config, image_dataset, nested_subset
 from pipeline.data.augment import AUGMENT_SEEDS
 from pipeline.finetune import phases
-from pipeline.finetune.record import FinetuneParams, SearchRecord
+from pipeline.finetune.job import Job, model_path
+from pipeline.finetune.record import FinetuneParams
+from pipeline.finetune.state import FrozenScore, RunState
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,6 @@ class FinetuneResult:
     @property
     def train_seconds(self) -> float:
         return float(sum(self.phase_seconds) + self.search_seconds)
-
-
-def model_path(cfg: Config, n_subset: int | None = None, extra_seed: int | None = None) -> Path:
-    """``extra_seed``: a training seed beyond the configured one (``--seeds``), named ``-seed<N>``."""
-    seed = f"-seed{extra_seed}" if extra_seed is not None else ""
-    name = f"{backbones.name_for(cfg.backbone.backbone)}-finetuned{results.subset_suffix(n_subset)}{seed}.keras"
-    return Path(cfg.artifacts) / "models" / cfg.dataset_name / name
 
 
 def _predict(model, ds: Dataset, split: str, size: int, batch_size: int):
@@ -87,37 +81,6 @@ def _inputs_key(cfg: Config, ds: Dataset, spec, weights, size: int, extra_seed: 
     )
 
 
-@dataclass
-class _Job:
-    """One fine-tune: its data, backbone, weights and where its artifacts go."""
-
-    cfg: Config
-    ds: Dataset
-    spec: backbones.BackboneSpec
-    size: int
-    weights: backbones.Weights
-    out: Path  # the fine-tuned model; its stem names the predictions and the record
-    n_subset: int | None = None  # a learning-curve point's training images (None: the whole split)
-    extra_seed: int | None = None  # a training seed beyond the configured one (``--seeds``)
-
-    def with_seed(self, seed: int) -> _Job:
-        """The same fine-tune (data, weights) under another training seed, with its own artifacts."""
-        return dataclasses.replace(self, out=model_path(self.cfg, self.n_subset, seed), extra_seed=seed)
-
-    @property
-    def seed(self) -> int:
-        """The training seed: initialisation, augmentation draws, shuffling."""
-        return self.cfg.data.seed if self.extra_seed is None else self.extra_seed
-
-    @property
-    def stem(self) -> Path:
-        return self.out.with_suffix("")
-
-    @property
-    def frozen_stem(self) -> Path:
-        return self.stem.with_name(self.stem.name.replace("-finetuned", "-frozen_dense"))
-
-
 def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None) -> FinetuneResult:
     """Fine-tune, evaluate once on test, save the model and `finetune` + `frozen_dense` results rows; with
     ``--seeds N``, N-1 more times with training seeds seed+1, ... (same data), each its own rows.
@@ -133,7 +96,7 @@ def run(cfg: Config, dataset: Dataset | None = None, n_subset: int | None = None
     return first
 
 
-def _fine_tune(job: _Job, n_subset: int | None, seed: int | None = None) -> FinetuneResult:
+def _fine_tune(job: Job, n_subset: int | None, seed: int | None = None) -> FinetuneResult:
     """One training seed: the saved result when up to date, else trained here or on Ray workers."""
     reused = _reused(job)
     if reused is not None:
@@ -141,7 +104,7 @@ def _fine_tune(job: _Job, n_subset: int | None, seed: int | None = None) -> Fine
     if job.cfg.finetune.engine == "ray" and job.cfg.finetune.workers > 1:
         from pipeline.finetune import workers
 
-        return workers.run(job.cfg, _work(job), run_as_worker, job.cfg, n_subset, seed)
+        return workers.run(job.cfg, job.work, run_as_worker, job.cfg, n_subset, seed)
     return _train_and_save(job)
 
 
@@ -155,14 +118,10 @@ def run_as_worker(cfg: Config, n_subset: int | None, seed: int | None, strategy,
     from pipeline.finetune.workers import worker_dir
 
     dist = phases.Workers(strategy, index, n)
-    return _train_and_save(job, dist, worker_dir(_work(job), index))
+    return _train_and_save(job, dist, worker_dir(job.work, index))
 
 
-def _work(job: _Job) -> Path:
-    return job.out.with_name(job.out.stem + ".work")
-
-
-def _reused(job: _Job) -> FinetuneResult | None:
+def _reused(job: Job) -> FinetuneResult | None:
     """The saved result when its inputs match this job's and its files are all there (rows re-filed)."""
     cfg = job.cfg
     saved = uptodate.reusable(job.stem.with_suffix(".json"), _key(job), *_files(job), force=cfg.force)
@@ -181,34 +140,30 @@ def _reused(job: _Job) -> FinetuneResult | None:
     )
 
 
-def _key(job: _Job) -> str:
+def _key(job: Job) -> str:
     return _inputs_key(job.cfg, job.ds, job.spec, job.weights, job.size, job.extra_seed)
 
 
-def _files(job: _Job) -> list[Path]:
+def _files(job: Job) -> list[Path]:
     frozen = [_pred(job.frozen_stem), job.frozen_stem.with_suffix(".keras")] if job.cfg.finetune.epochs_head > 0 else []
     return [job.out, _pred(job.stem)] + frozen
 
 
-def _train_and_save(job: _Job, dist: phases.Workers | None = None, work: Path | None = None) -> FinetuneResult | None:
+def _train_and_save(job: Job, dist: phases.Workers | None = None, work: Path | None = None) -> FinetuneResult | None:
     """One training seed, trained here (or as one of several Ray workers); the result on the chief, None on
     the other workers, which write nothing of their own."""
     cfg = job.cfg
     ft = cfg.finetune
     frozen_model = job.frozen_stem.with_suffix(".keras")
     key = _key(job)
-    work = writable_dir(work or _work(job))
-    state = _fresh_state(key)
-    if (work / "state.json").exists():
-        state.update(json.loads((work / "state.json").read_text()))
-    if not ft.resume or state["inputs_key"] != key:  # never resume a run made with other inputs
-        if ft.resume:
-            log.warning("notice: %s was started with other settings; starting over", work.name)
-        shutil.rmtree(work)
-        work.mkdir()
-        state = _fresh_state(key)
-    model, gpu = phases.train(job, work, state, score_frozen_dense, dist)
-    val_acc = state["best_val"][-1] if state["best_val"] else float("nan")
+    work = writable_dir(work or job.work)
+    state = RunState.start(work, key, ft.resume)  # never resumes a run made with other inputs
+    trainer = phases.Trainer(job, work, state, dist)
+    trainer.phase_one()
+    if ft.epochs_head > 0 and state.frozen is None:
+        score_frozen_dense(job, trainer.model, work, state)
+    trainer.phase_two()
+    model, gpu = trainer.model, trainer.gpu
     ids, y_true, y_pred = _predict(model, job.ds, "test", job.size, ft.batch_size)
     if dist and dist.index:  # every worker runs what the chief runs (the strategy's reductions need them all)
         model.save(work / "model.keras")  # but into its own folder, which the driver removes
@@ -217,12 +172,13 @@ def _train_and_save(job: _Job, dist: phases.Workers | None = None, work: Path | 
     uptodate.invalidate(job.stem.with_suffix(".json"))
     with atomic_path(job.out, ".keras") as tmp:
         model.save(tmp)
+    search_seconds = state.search.seconds if state.search else 0.0
     res = FinetuneResult(
-        job.out, float(val_acc), scores, state["phase_seconds"], state["epochs_run"], _search(state).seconds
+        job.out, float(state.val_accuracy), scores, state.phase_seconds, state.epochs_run, search_seconds
     )
     results.write_predictions(_pred(job.stem), ids, y_true, y_pred, job.ds.class_names)
     rows = [_finetune_row(job, res, state, len(y_true))]
-    if "frozen" in state and state["phase_seconds"]:
+    if state.frozen is not None and state.phase_seconds:
         (work / "frozen_dense.predictions.csv").replace(_pred(job.frozen_stem))
         if (work / "frozen_dense.keras").exists():  # absent only in a work folder resumed from an older version
             (work / "frozen_dense.keras").replace(frozen_model)
@@ -242,7 +198,7 @@ def _train_and_save(job: _Job, dist: phases.Workers | None = None, work: Path | 
             phase_seconds=res.phase_seconds,
             search_seconds=res.search_seconds,
             epochs_run=res.epochs_run,
-            best_epochs=state["best_epochs"],
+            best_epochs=state.best_epochs,
             class_names=job.ds.class_names,
             device="GPU" if gpu else "CPU",
             rows=rows,
@@ -257,16 +213,7 @@ def _train_and_save(job: _Job, dist: phases.Workers | None = None, work: Path | 
     return res
 
 
-def _search(state: dict) -> SearchRecord:
-    return SearchRecord.from_dict(state["search"]) if "search" in state else SearchRecord()
-
-
-def _fresh_state(key: str) -> dict:
-    """A work folder's progress before any phase: seconds, epochs run, best epochs and val per phase."""
-    return {"phase_seconds": [], "epochs_run": [], "best_epochs": [], "best_val": [], "inputs_key": key}
-
-
-def _job(cfg: Config, dataset: Dataset | None, n_subset: int | None) -> _Job:
+def _job(cfg: Config, dataset: Dataset | None, n_subset: int | None) -> Job:
     ds = dataset or from_config(cfg)
     if n_subset is not None and n_subset >= len(ds.splits["train"]):
         n_subset = None
@@ -276,34 +223,34 @@ def _job(cfg: Config, dataset: Dataset | None, n_subset: int | None) -> _Job:
     spec = backbones.from_config(cfg.backbone)
     size = cfg.backbone.input_size or spec.input_size
     weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
-    return _Job(cfg, ds, spec, size, weights, model_path(cfg, n_subset), n_subset)
+    return Job(cfg, ds, spec, size, weights, model_path(cfg, n_subset), n_subset)
 
 
-def score_frozen_dense(job: _Job, model, work: Path, state: dict) -> None:
+def score_frozen_dense(job: Job, model, work: Path, state: RunState) -> None:
     """The Keras-guide recipe (frozen backbone + dense head, backbone run every epoch): its own method."""
     ids, y_true, y_pred = _predict(model, job.ds, "test", job.size, job.cfg.finetune.batch_size)
     results.write_predictions(_pred(work / "frozen_dense"), ids, y_true, y_pred, job.ds.class_names)
     with atomic_path(work / "frozen_dense.keras", ".keras") as tmp:  # so `predict` can apply it too
         model.save(tmp)
-    state["frozen"] = {"scores": results.scores(y_true, y_pred), "n_test": len(y_true)}
-    write_json_atomic(work / "state.json", state)
+    state.frozen = FrozenScore(scores=results.scores(y_true, y_pred), n_test=len(y_true))
+    state.save(work)
 
 
-def _finetune_row(job: _Job, res: FinetuneResult, state: dict, n_test: int) -> dict:
+def _finetune_row(job: Job, res: FinetuneResult, state: RunState, n_test: int) -> dict:
     ft = job.cfg.finetune
     params = FinetuneParams(
         epochs=[ft.epochs_head, ft.epochs_finetune],
         epochs_run=res.epochs_run,
-        best_epochs=state["best_epochs"],
-        stop=state.get("stop"),
+        best_epochs=state.best_epochs,
+        stop=state.stop,
         unfreeze_layers=ft.unfreeze_layers,
         learning_rate=ft.learning_rate,
-        learning_rate_finetune=state.get("learning_rate_finetune"),
-        search=_search(state) if len(ft.lr_grid) > 1 else None,
+        learning_rate_finetune=state.learning_rate_finetune,
+        search=state.search if len(ft.lr_grid) > 1 else None,
         search_epochs=ft.search_epochs if len(ft.lr_grid) > 1 else 0,
         search_seconds=round(res.search_seconds, 1),
         schedule=ft.schedule,
-        devices=state.get("devices"),
+        devices=state.devices,
         phase_seconds=[round(s, 1) for s in res.phase_seconds],
     ).to_params()
     return _row(
@@ -311,21 +258,18 @@ def _finetune_row(job: _Job, res: FinetuneResult, state: dict, n_test: int) -> d
     )
 
 
-def _frozen_row(job: _Job, state: dict) -> dict:
+def _frozen_row(job: Job, state: RunState) -> dict:
     params = {
-        "epochs_run": state["epochs_run"][0],
-        "best_epoch": state["best_epochs"][0],
+        "epochs_run": state.epochs_run[0],
+        "best_epoch": state.best_epochs[0],
         "learning_rate": job.cfg.finetune.learning_rate,
     }
-    frozen = state["frozen"]
-    seconds = state["phase_seconds"][0]
-    return _row(
-        job, "frozen_dense", state["best_val"][0], frozen["scores"], seconds, frozen["n_test"], params, job.frozen_stem
-    )
+    frozen, seconds = state.frozen, state.phase_seconds[0]
+    return _row(job, "frozen_dense", state.best_val[0], frozen.scores, seconds, frozen.n_test, params, job.frozen_stem)
 
 
 def _row(
-    job: _Job, method: str, val: float, scores: dict, seconds: float, n_test: int, params, stem, tune: float = 0.0
+    job: Job, method: str, val: float, scores: dict, seconds: float, n_test: int, params, stem, tune: float = 0.0
 ) -> dict:
     """``seconds``: everything the method cost, ``tune`` of it the learning-rate search."""
     return results.row(
