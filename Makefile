@@ -22,6 +22,8 @@ FORMAT    ?= keras
 # a user's folder: `make demo` forecasts the full fine-tune first and runs it only within this budget
 BUDGET    ?= 1h
 EMBEDDED  := fashion-mnist elpv
+# `make test`: one pytest worker a core, at most this many (each holds a TensorFlow of its own)
+TEST_WORKERS ?= 4
 
 RUN    := $(BIN)/python -m pipeline
 space  := $(subst ,, )
@@ -95,11 +97,11 @@ sweep: data ## extract + svm (+ finetune with FINETUNE=1) for each of BACKBONES=
 	done
 	$(RUN) report $(COMMON)
 
-test: setup ## run the test suite (fast: tiny backbones and generated images)
-	$(BIN)/python -m pytest -q
+test: setup ## run the test suite (tiny backbones and generated images; one pytest worker a core, up to TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n auto --maxprocesses $(TEST_WORKERS)
 
 test-fast: setup ## the edit loop: every test that trains no model, starts no Ray and runs no subprocess
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --maxprocesses $(TEST_WORKERS)
 
 bench: data ## extraction ratios (ENGINE=ray: ray vs local too), fine-tune input pipeline ÷ in-memory steps, heads-vs-finetune cost, heads at scale, exported runtimes
 	$(BIN)/python benchmarks/extract_throughput.py --backbone $(BACKBONE) --artifacts $(ARTIFACTS) --source data/$(DATA)/train --engine $(ENGINE)

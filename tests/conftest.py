@@ -53,13 +53,38 @@ def write_images(folder: Path, n_per_class: int, classes=("red", "green", "blue"
     return folder
 
 
-@pytest.fixture
-def presplit(tmp_path) -> Path:
-    """data/toy/{train,val,test}/<class>/*.png"""
-    root = tmp_path / "data" / "toy"
+def toy_presplit(base: Path) -> Path:
+    """base/data/toy/{train,val,test}/<class>/*.png"""
+    root = base / "data" / "toy"
     for k, (split, n) in enumerate((("train", 6), ("val", 3), ("test", 3))):
         write_images(root / split, n, seed=k)
     return root
+
+
+def toy_config(base: Path) -> Config:
+    """The tiny backbone on ``toy_presplit(base)``'s images, artifacts in base/artifacts."""
+    c = Config()
+    c.artifacts = str(base / "artifacts")
+    c.data.dataset = str(base / "data" / "toy")
+    c.backbone.backbone = TINY
+    c.backbone.weights = "none"
+    c.extract.batch_size = 4
+    return c
+
+
+def copy_of(built: Path, base: Path) -> Config:
+    """A test's own copy of a tree that a module-scoped fixture built once (images and artifacts, their
+    timestamps kept, so every cache and record stays up to date): the test may change it freely."""
+    import shutil
+
+    shutil.copytree(built, base, dirs_exist_ok=True, symlinks=True)
+    return toy_config(base)
+
+
+@pytest.fixture
+def presplit(tmp_path) -> Path:
+    """data/toy/{train,val,test}/<class>/*.png"""
+    return toy_presplit(tmp_path)
 
 
 @pytest.fixture
@@ -70,13 +95,7 @@ def flat(tmp_path) -> Path:
 
 @pytest.fixture
 def cfg(tmp_path, presplit) -> Config:
-    c = Config()
-    c.artifacts = str(tmp_path / "artifacts")
-    c.data.dataset = str(presplit)
-    c.backbone.backbone = TINY
-    c.backbone.weights = "none"
-    c.extract.batch_size = 4
-    return c
+    return toy_config(tmp_path)
 
 
 def pytest_collection_modifyitems(items):

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import copy_of, toy_config, toy_presplit
 from pipeline import heads, report
 from pipeline.apply import export, methods, predict
 from pipeline.data import image_dataset
@@ -27,13 +28,22 @@ WITHOUT_PIPELINE = str(Path(__file__).parent / "without_pipeline.py")
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
 
 
-@pytest.fixture
-def fitted(cfg):
-    """Cache, the default heads on last and all, and a report (which records the verdict's choice)."""
+@pytest.fixture(scope="module")
+def _fitted_once(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("fitted")
+    toy_presplit(base)
+    cfg = toy_config(base)
     extract.run(cfg)
     heads.run(cfg)
     report.run(cfg)
-    return cfg
+    return base
+
+
+@pytest.fixture
+def fitted(_fitted_once, tmp_path):
+    """Cache, the default heads on last and all, and a report (which records the verdict's choice): built
+    once for the module, each test given its own copy."""
+    return copy_of(_fitted_once, tmp_path)
 
 
 def _test_images(cfg, fs, ids=None):
