@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import copy_of, toy_config, toy_presplit
 from PIL import Image
 
-from conftest import copy_of, toy_config, toy_presplit
 from pipeline import heads, report
 from pipeline.apply import export, methods, predict
 from pipeline.data import image_dataset
