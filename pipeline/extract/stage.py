@@ -140,14 +140,16 @@ class _Models:
 
 def _models(cfg: Config, spec, size: int, weights, key: dict) -> _Models:
     lean = _converted_only(cfg, key)
+    converted = None if lean is not None else _convert_apart(cfg, spec, size, key)
+    if converted:
+        lean = _converted_only(cfg, key)
     if lean is not None:
         return lean
     with backbones.device_policy(cfg.backbone.mixed_precision) as gpu:
-        base = backbones.build_backbone(spec, weights, size, cfg.data.seed)
-        taps = taps_mod.resolve(base, cfg.extract.taps, cfg.extract.tap_grid, spec.name)
+        base, taps = _backbone(cfg, spec, size, weights)
         model = taps_mod.feature_model(spec, base, taps)
         augment = augmentation(cfg.finetune.augment, cfg.data.seed) if cfg.extract.views else None
-    runtime = runtimes.resolve(cfg.extract.runtime, gpu)
+    runtime = "tf" if converted is False else runtimes.resolve(cfg.extract.runtime, gpu)
     if cfg.extract.engine == "ray" and runtime == "openvino":
         log.warning("notice: the Ray engine runs tf or onnx; running the OpenVINO request in TensorFlow")
         runtime = "tf"
@@ -163,15 +165,71 @@ def _models(cfg: Config, spec, size: int, weights, key: dict) -> _Models:
     return _Models(model, forward, runtime, onnx, augmented, taps, dim, gpu)
 
 
-def _converted_only(cfg: Config, key: dict) -> _Models | None:
-    """The lean path: a local CPU pass (no views) whose feature model is already converted runs it alone,
-    without building the Keras model (the build would cost most of the command's own time and memory
-    around the loop). None: build as usual."""
+def _backbone(cfg: Config, spec, size: int, weights):
+    """The frozen backbone and the taps resolved on it."""
+    base = backbones.build_backbone(spec, weights, size, cfg.data.seed)
+    return base, taps_mod.resolve(base, cfg.extract.taps, cfg.extract.tap_grid, spec.name)
+
+
+def _lean_runtime(cfg: Config) -> str | None:
+    """The converted runtime a local CPU pass without views runs alone, None where the Keras model must run."""
     ex = cfg.extract
     if ex.engine != "local" or ex.views or backbones.gpu_visible():
         return None
     runtime = runtimes.resolve(ex.runtime, False)
-    if runtime == "tf":
+    return None if runtime == "tf" else runtime
+
+
+def _convert_apart(cfg: Config, spec, size: int, key: dict) -> bool | None:
+    """A first run on the lean path: a child process builds the Keras feature model, converts it and
+    records its outputs, then exits, so that this process never loads TensorFlow and runs like every later
+    one (TensorFlow's and the converter's memory are the child's alone, and gone before the loop). None
+    where it does not apply (no lean path, or TensorFlow already loaded here: forking would copy its
+    threads' locks, and building here costs no more than the model); False when the conversion failed
+    (said in a notice: the Keras model runs instead)."""
+    import multiprocessing
+    import sys
+
+    runtime = _lean_runtime(cfg)
+    if runtime is None or "tensorflow" in sys.modules:
+        return None
+    path = runtimes.converted_path(Path(cfg.artifacts) / "runtimes", runtimes.model_key(key), runtime)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    child = multiprocessing.get_context("fork").Process(  # safe: no TensorFlow (nor its threads) here yet
+        target=_build_and_convert, args=(cfg, size, path, runtime), name="convert"
+    )
+    child.start()
+    child.join()
+    if child.exitcode == 0 and runtimes.read_outputs(path) is not None:
+        log.info("converted %s to %s (cached at %s)", spec.name, runtimes.NAMES[runtime], path)
+        return True
+    log.warning(
+        "notice: %s cannot be converted for %s (%s); running it in TensorFlow",
+        spec.name,
+        runtime,
+        (runtimes.last_line(path.with_suffix(".log")) or f"exit code {child.exitcode}")[:200],
+    )
+    return False
+
+
+def _build_and_convert(cfg: Config, size: int, path: Path, runtime: str) -> None:
+    """In the child: the portable feature model built, then converted at ``path`` by the fresh process this
+    one becomes, which records its outputs beside it."""
+    runtimes.output_to(path.with_suffix(".log"))
+    spec = backbones.from_config(cfg.backbone)
+    weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
+    with backbones.device_policy(cfg.backbone.mixed_precision):
+        base, taps = _backbone(cfg, spec, size, weights)
+        portable = taps_mod.feature_model(spec, base, taps, portable=True)
+    runtimes.exec_convert(portable, runtimes.outputs_record(taps, int(base.output_shape[-1])), path, runtime)
+
+
+def _converted_only(cfg: Config, key: dict) -> _Models | None:
+    """The lean path: a local CPU pass (no views) whose feature model is already converted runs it alone,
+    without building the Keras model (the build would cost most of the command's own time and memory
+    around the loop). None: build as usual."""
+    runtime = _lean_runtime(cfg)
+    if runtime is None:
         return None
     path = runtimes.converted_path(Path(cfg.artifacts) / "runtimes", runtimes.model_key(key), runtime)
     outputs = runtimes.read_outputs(path)
