@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import copy_of, toy_config, toy_presplit
 
 from pipeline import finetune, results
 from pipeline.finetune.record import TIE_TO_LARGER, SearchRecord
@@ -12,8 +13,7 @@ from pipeline.finetune.record import TIE_TO_LARGER, SearchRecord
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
 
 
-@pytest.fixture
-def ft_cfg(cfg):
+def _tiny_recipe(cfg):
     cfg.finetune.epochs_head = 1
     cfg.finetune.epochs_finetune = 1
     cfg.finetune.steps_per_epoch = 1
@@ -24,24 +24,57 @@ def ft_cfg(cfg):
     return cfg
 
 
+@pytest.fixture
+def ft_cfg(cfg):
+    return _tiny_recipe(cfg)
+
+
 def _backbone_weights(model):
     base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
     return base, [w.copy() for w in base.get_weights()]
 
 
-def test_phase_two_unfreezes_and_changes_the_backbone_while_phase_one_does_not(ft_cfg, monkeypatch):
-    seen = {}
-    real = finetune.phases.fit_phase
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One fine-tune of the tiny recipe, trained once for the tests that only watch or read it: what each
+    phase did to the backbone (trainable weights, weights and BatchNorm statistics before and after) and
+    the first test pass's predictions (phase 1's model), beside the folder it wrote."""
+    base = tmp_path_factory.mktemp("trained")
+    toy_presplit(base)
+    cfg = _tiny_recipe(toy_config(base))
+    seen, first_pred = {}, {}
+    real_fit, real_predict = finetune.phases.fit_phase, finetune.train._predict
 
     def spy(model, phase, *a, **k):
-        base, before = _backbone_weights(model)
-        seen[phase] = {"trainable": len(base.trainable_weights), "before": before}
-        out = real(model, phase, *a, **k)
+        backbone, before = _backbone_weights(model)
+        bn = backbone.get_layer("bn1")
+        mean = bn.moving_mean.numpy().copy()
+        seen[phase] = {"trainable": len(backbone.trainable_weights), "before": before}
+        out = real_fit(model, phase, *a, **k)
         seen[phase]["after"] = _backbone_weights(model)[1]
+        seen[phase]["bn_unchanged"] = np.array_equal(mean, bn.moving_mean.numpy())
         return out
 
-    monkeypatch.setattr(finetune.phases, "fit_phase", spy)
-    res = finetune.run(ft_cfg)
+    def predict_spy(model, ds, split, *a):
+        out = real_predict(model, ds, split, *a)
+        first_pred.setdefault("pred", out[2])  # the first test pass: right after phase 1
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(finetune.phases, "fit_phase", spy)
+        mp.setattr(finetune.train, "_predict", predict_spy)
+        res = finetune.run(cfg)
+    return base, seen, first_pred["pred"], res
+
+
+@pytest.fixture
+def trained_cfg(trained, tmp_path):
+    """A copy of the trained fine-tune's folder, this test's own to change."""
+    return _tiny_recipe(copy_of(trained[0], tmp_path))
+
+
+def test_phase_two_unfreezes_and_changes_the_backbone_while_phase_one_does_not(trained, trained_cfg):
+    _, seen, _, res = trained
     assert seen[1]["trainable"] == 0
     assert all(np.array_equal(a, b) for a, b in zip(seen[1]["before"], seen[1]["after"]))
     assert seen[2]["trainable"] > 0
@@ -49,32 +82,21 @@ def test_phase_two_unfreezes_and_changes_the_backbone_while_phase_one_does_not(f
     assert not np.allclose(seen[2]["before"][conv_kernel], seen[2]["after"][conv_kernel])
     assert len(res.phase_seconds) == 2 and res.train_seconds > 0 and res.epochs_run == [1, 1]
 
-    row = results.read_results(results.results_path(ft_cfg.artifacts, "toy")).iloc[0]
+    row = results.read_results(results.results_path(trained_cfg.artifacts, "toy")).iloc[0]
     assert (row["method"], row["features"], row["n_test"]) == ("finetune", "image", 9)
     assert row["train_seconds"] == pytest.approx(res.train_seconds)
     assert json.loads(row["params"])["epochs_run"] == [1, 1]
-    reloaded = keras.models.load_model(res.model_path)  # preprocessing layer is serialisable
+    path = finetune.model_path(trained_cfg)
+    reloaded = keras.models.load_model(path)  # preprocessing layer is serialisable
     assert reloaded.output_shape == (None, 3)
-    pred = pd.read_csv(res.model_path.with_name("tiny_cnn-finetuned.predictions.csv"))
+    pred = pd.read_csv(path.with_name("tiny_cnn-finetuned.predictions.csv"))
     assert len(pred) == 9 and set(pred.columns) >= {"id", "y_true", "y_pred"}
-    assert not res.model_path.with_name("tiny_cnn-finetuned.work").exists()
+    assert not path.with_name("tiny_cnn-finetuned.work").exists()
 
 
-def test_batchnorm_stays_in_inference_mode_when_unfrozen(ft_cfg, monkeypatch):
-    real = finetune.phases.fit_phase
-    stats = {}
-
-    def spy(model, phase, *a, **k):
-        base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
-        bn = base.get_layer("bn1")
-        before = bn.moving_mean.numpy().copy()
-        out = real(model, phase, *a, **k)
-        stats[phase] = np.array_equal(before, bn.moving_mean.numpy())
-        return out
-
-    monkeypatch.setattr(finetune.phases, "fit_phase", spy)
-    finetune.run(ft_cfg)
-    assert stats == {1: True, 2: True}
+def test_batchnorm_stays_in_inference_mode_when_unfrozen(trained):
+    seen = trained[1]
+    assert {phase: seen[phase]["bn_unchanged"] for phase in seen} == {1: True, 2: True}
 
 
 def test_interrupted_finetune_resumes_after_the_finished_phase(ft_cfg, monkeypatch):
@@ -96,13 +118,13 @@ def test_interrupted_finetune_resumes_after_the_finished_phase(ft_cfg, monkeypat
     assert len(res.phase_seconds) == 2
 
 
-def test_report_of_a_finetuned_model_has_confusion_matrices_and_gradcam(ft_cfg):
+def test_report_of_a_finetuned_model_has_confusion_matrices_and_gradcam(trained_cfg):
     from pipeline import report
 
-    res = finetune.run(ft_cfg)
-    cams, cls = report.gradcam(keras.models.load_model(res.model_path), np.full((2, 16, 16, 3), 100.0, np.float32))
+    model = keras.models.load_model(finetune.model_path(trained_cfg))
+    cams, cls = report.gradcam(model, np.full((2, 16, 16, 3), 100.0, np.float32))
     assert cams.shape == (2, 16, 16) and cams.min() >= 0 and cams.max() <= 1 and cls.shape == (2,)
-    out = report.run(ft_cfg)
+    out = report.run(trained_cfg)
     d = out.parent
     assert (d / "gradcam.png").exists() and (d / "confusion_0_finetune.png").exists()
     text = (d / "report.md").read_text()
@@ -114,27 +136,19 @@ def test_report_of_a_finetuned_model_has_confusion_matrices_and_gradcam(ft_cfg):
     )
 
 
-def test_frozen_dense_is_phase_one_scored_as_its_own_method(ft_cfg, monkeypatch):
-    phase_one_pred = {}
-    real = finetune.train._predict
-
-    def spy(model, ds, split, *a):
-        out = real(model, ds, split, *a)
-        phase_one_pred.setdefault("pred", out[2])  # the first test pass: right after phase 1
-        return out
-
-    monkeypatch.setattr(finetune.train, "_predict", spy)
-    res = finetune.run(ft_cfg)
-    table = results.read_results(results.results_path(ft_cfg.artifacts, "toy")).set_index("method")
+def test_frozen_dense_is_phase_one_scored_as_its_own_method(trained, trained_cfg):
+    _, _, phase_one_pred, res = trained
+    table = results.read_results(results.results_path(trained_cfg.artifacts, "toy")).set_index("method")
     dense = table.loc["frozen_dense"]
     assert dense["train_seconds"] == pytest.approx(res.phase_seconds[0])  # charged phase 1 only
     assert dense["train_seconds"] < table.loc["finetune", "train_seconds"]
-    saved = pd.read_csv(res.model_path.with_name("tiny_cnn-frozen_dense.predictions.csv"))
-    assert (saved["y_pred"].to_numpy() == phase_one_pred["pred"]).all()
+    saved = pd.read_csv(finetune.model_path(trained_cfg).with_name("tiny_cnn-frozen_dense.predictions.csv"))
+    assert (saved["y_pred"].to_numpy() == phase_one_pred).all()
     assert dense["test_accuracy"] == pytest.approx((saved["y_true"] == saved["y_pred"]).mean())
 
 
-def test_unchanged_inputs_reuse_the_fine_tune_and_a_changed_setting_redoes_it(ft_cfg, monkeypatch, capsys):
+def test_unchanged_inputs_reuse_the_fine_tune_and_a_changed_setting_redoes_it(trained_cfg, monkeypatch, capsys):
+    ft_cfg = trained_cfg
     first = finetune.run(ft_cfg)
     before = results.read_results(results.results_path(ft_cfg.artifacts, "toy"))
 
@@ -291,11 +305,11 @@ def test_a_searched_fine_tune_grows_its_rungs_continues_the_chosen_rate_and_is_c
     assert params["epochs_run"][1] == 4 + final[0][4][1]
 
 
-def test_a_fine_tune_that_hits_its_cap_is_flagged_in_its_row_and_the_verdict(ft_cfg):
+def test_a_fine_tune_that_hits_its_cap_is_flagged_in_its_row_and_the_verdict(trained_cfg):
     from pipeline import heads, report
     from pipeline.extract import stage as extract
 
-    finetune.run(ft_cfg)  # one phase-2 epoch of at most one: the cap ended it
+    ft_cfg = trained_cfg  # one phase-2 epoch of at most one: the cap ended it
     extract.run(ft_cfg)
     ft_cfg.heads.heads = ("ridge",)
     heads.run(ft_cfg)
