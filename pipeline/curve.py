@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
 import time
 
@@ -22,9 +21,6 @@ from pipeline.backbones.model_file import name_for
 from pipeline.config import Config
 from pipeline.data import from_config, nested_subset
 from pipeline.errors import PipelineError
-from pipeline.extract import stage as extract
-from pipeline.extract.cache.reader import load_features
-from pipeline.heads import registry
 
 log = logging.getLogger(__name__)
 MIN_PER_CLASS = 2
@@ -74,14 +70,9 @@ def run(cfg: Config) -> list[int]:
     ft_points = sorted({by_fraction[f] for f in ft_fracs if f})
     log.info("learning curve on %s: %s training images (fine-tune at %s)", ds.name, points, ft_points or "none")
 
-    head_cfg = copy.deepcopy(cfg)
-    streamed = [h for h in cfg.heads.heads if registry.get(h).streaming]
+    head_cfg, load, streamed = heads.on_subsets(cfg)
     if streamed:
         log.info("notice: %s stream from the cache and are left out of the curve", ", ".join(streamed))
-    head_cfg.heads.heads = tuple(h for h in cfg.heads.heads if h not in streamed)
-    backbone = name_for(cfg.backbone.backbone)
-    # read the cache once for all points, and only if some point has heads to fit
-    load = functools.cache(lambda: load_features(extract.cache_path(cfg), backbone))
     ft_cfg = copy.deepcopy(cfg)
     ft_cfg.finetune.resume = True  # an interrupted point continues from its last epoch (same inputs only)
     eta = _Eta()

@@ -8,6 +8,7 @@ from pipeline import curve, results
 from pipeline.data import nested_subset
 from pipeline.extract import stage as extract
 from pipeline.extract.cache.reader import load_features
+from pipeline.heads import stage as head_stage
 from pipeline.report.curve import curve_points
 
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
@@ -25,7 +26,7 @@ def test_subsets_are_stratified_nested_and_keep_two_per_class():
 def test_curve_writes_one_row_per_method_and_size_and_a_rerun_replaces_them(cfg, caplog, monkeypatch):
     extract.run(cfg)
     reads = []
-    monkeypatch.setattr(curve, "load_features", lambda *a: reads.append(1) or load_features(*a))
+    monkeypatch.setattr(head_stage, "load_features", lambda *a: reads.append(1) or load_features(*a))
     cfg.heads.heads = ("ridge", "logreg")
     cfg.heads.layers = ("last",)
     cfg.heads.features = ("image",)

@@ -10,7 +10,6 @@ Points already in the results are reused and an interrupted fine-tune resumes, a
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import re
@@ -21,11 +20,9 @@ from pipeline.config import Config
 from pipeline.data import Dataset, from_config, nested_subset
 from pipeline.errors import PipelineError
 from pipeline.extract import stage as extract
-from pipeline.extract.cache.reader import load_features
 from pipeline.forecast import calibration, decide, record
 from pipeline.forecast.evidence import gather
 from pipeline.forecast.text import budget_text, sentence
-from pipeline.heads import registry
 
 log = logging.getLogger(__name__)
 MIN_PER_CLASS = 2
@@ -71,9 +68,7 @@ def _measure(cfg: Config, ds: Dataset, sizes: list[int], n_full: int) -> list[in
     """The heads at every size and the full one, the fine-tune at ``sizes``; returns the subsets' true sizes."""
     labels = ds.splits["train"].labels
     actual = [len(nested_subset(labels, n, cfg.data.seed, MIN_PER_CLASS)) for n in sizes]
-    head_cfg = copy.deepcopy(cfg)
-    head_cfg.heads.heads = tuple(h for h in cfg.heads.heads if not registry.get(h).streaming)
-    load = functools.cache(lambda: load_features(extract.cache_path(cfg), name_for(cfg.backbone.backbone)))
+    head_cfg, load, _ = heads.on_subsets(cfg)
     for n in [*actual, n_full]:
         heads.run(head_cfg, n_subset=n if n < n_full else None, load=load)
     ft_cfg = copy.deepcopy(cfg)

@@ -10,6 +10,15 @@
 
 from pipeline.heads.compose import FEATURE_SETS, BlockWeight, make_classifier, make_pipeline
 from pipeline.heads.fit import HeadResult, fit_head
-from pipeline.heads.stage import run
+from pipeline.heads.stage import on_subsets, run
 
-__all__ = ["FEATURE_SETS", "BlockWeight", "HeadResult", "fit_head", "make_classifier", "make_pipeline", "run"]
+__all__ = [
+    "FEATURE_SETS",
+    "BlockWeight",
+    "HeadResult",
+    "fit_head",
+    "make_classifier",
+    "make_pipeline",
+    "on_subsets",
+    "run",
+]

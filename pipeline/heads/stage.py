@@ -11,7 +11,9 @@ memory budget (``heads.budget``) and load the cache once; ``linear_probe`` (``pi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +86,18 @@ def _plan(cfg: Config, attrs: dict, names: list[str], n_subset: int | None) -> l
                 name = head_name(head, f, label) + results.subset_suffix(n_subset)
                 plan.append(_Planned(head, f, label, layers, name, key))
     return plan
+
+
+def on_subsets(cfg: Config) -> tuple[Config, Callable[[], FeatureSet], list[str]]:
+    """The heads as the learning curve and the forecast fit them, subset after subset: (their config, the
+    cache's features read once for every subset and only if one has heads to fit, the streaming heads left
+    out: they read the whole cache in batches, not a subset of it)."""
+    streamed = [h for h in cfg.heads.heads if registry.get(h).streaming]
+    subset_cfg = copy.deepcopy(cfg)
+    subset_cfg.heads.heads = tuple(h for h in cfg.heads.heads if h not in streamed)
+    backbone = name_for(cfg.backbone.backbone)
+    load = functools.cache(lambda: load_features(extract.cache_path(cfg), backbone))
+    return subset_cfg, load, streamed
 
 
 def run(cfg: Config, n_subset: int | None = None, load: Callable[[], FeatureSet] | None = None) -> list[HeadResult]:
