@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 from pipeline.api import STAGES, TRAINING, run_stage
-from pipeline.config import resolve_config, section_types
+from pipeline.config import flags, resolve_config, section_types
 from pipeline.errors import DISK_FULL, PipelineError
 
 
@@ -49,14 +49,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -
     help_ = "folder for every artifact the pipeline writes (default: artifacts)"
     parser.add_argument("--artifacts", default=None, metavar="DIR", help=help_)
     types_ = section_types()
+    named = flags(sections, set(parser._option_string_actions))  # two sections share a name: the later qualified
     for section in sections:
         cls = types_[section]
         group = parser.add_argument_group(f"{section} options")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            if flag in parser._option_string_actions:  # two sections share a name (batch_size): qualify the later
-                flag = f"--{section}-{f.name.replace('_', '-')}"
+            flag = named[section, f.name]
             tp = _base_type(hints[f.name])
             help_ = f.metadata["help"]
             if f.default is not None and "default" not in help_:

@@ -333,6 +333,21 @@ def section_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
 
 
+def flags(sections: list[str], taken: set[str] = frozenset()) -> dict[tuple[str, str], str]:
+    """Each (section, field)'s flag on a command that takes ``sections`` in that order (after the flags in
+    ``taken``): ``--name``, or ``--section-name`` where an earlier one took the name (``batch_size``)."""
+    out, used = {}, set(taken)
+    types_ = section_types()
+    for section in sections:
+        for f in dataclasses.fields(types_[section]):
+            flag = "--" + f.name.replace("_", "-")
+            if flag in used:
+                flag = f"--{section}-{f.name.replace('_', '-')}"
+            used.add(flag)
+            out[section, f.name] = flag
+    return out
+
+
 def _apply(obj, values: dict[str, Any], where: str, given: list[str] | None = None) -> None:
     """Set ``values`` (a TOML table) on ``obj``; the dotted names set are appended to ``given``."""
     names = {f.name for f in dataclasses.fields(obj)}

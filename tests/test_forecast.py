@@ -373,3 +373,27 @@ def test_the_report_labels_the_forecast_and_sets_it_beside_a_measured_fine_tune(
     out = section.sections(records, band, full, tmp_path, "toy")
     assert out[1][1]["measured"].iloc[0].startswith("0.9300 ("), out[0][1]
     assert "The full fine-tune was run: measured 0.9300" in out[0][1], out[0][1]
+
+
+def test_the_printed_fine_tune_command_parses_back_to_the_forecast_recipe(cfg):
+    """The command printed when the fine-tune is over budget, read by the real parser, gives back every data,
+    backbone and fine-tune setting: flags named as the CLI names them (a name two sections share, a bool)."""
+    import shlex
+    from types import SimpleNamespace
+
+    from pipeline import api
+    from pipeline.cli import build_parser
+    from pipeline.config import resolve_config
+    from pipeline.forecast.text import budget_text
+
+    cfg.finetune.batch_size = 12  # extract and heads have a batch_size too
+    cfg.finetune.augment = ("flip",)
+    cfg.finetune.resume = True
+    cfg.finetune.lr_grid = (1e-3, 1e-2)
+    cfg.backbone.mixed_precision = False
+    text = budget_text(SimpleNamespace(cost_seconds=7200.0), 60.0, cfg)
+    argv = shlex.split(text.splitlines()[-1])
+    assert argv[:4] == ["python", "-m", "pipeline", "finetune"]
+    back = resolve_config(build_parser().parse_args(argv[3:]))
+    for section in api.STAGES["finetune"][1]:
+        assert getattr(back, section) == getattr(cfg, section), section

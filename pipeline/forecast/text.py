@@ -6,6 +6,7 @@ import dataclasses
 import math
 import shlex
 
+from pipeline.config import flags
 from pipeline.forecast.record import LEVEL, Forecast
 
 
@@ -94,16 +95,18 @@ def budget_text(f: Forecast, budget: float, cfg) -> str:
     """Why the full fine-tune was not run, and the exact command that runs it (every setting of the data,
     backbone and fine-tune that differs from its default, so it trains what was forecast)."""
     args = ["python", "-m", "pipeline", "finetune", "--dataset", cfg.data.dataset, "--artifacts", cfg.artifacts]
-    for section in ("data", "backbone", "finetune"):
+    sections = ["data", "backbone", "finetune"]  # the `finetune` command's, in its order
+    named = flags(sections, {"--config", "--artifacts"})
+    for section in sections:
         current = getattr(cfg, section)
         default = type(current)()
         for field in dataclasses.fields(current):
             value = getattr(current, field.name)
             if field.name == "dataset" or value == getattr(default, field.name):
                 continue
-            flag = "--" + field.name.replace("_", "-")
+            flag = named[section, field.name]
             if isinstance(value, bool):
-                args.append(flag if value else "--no-" + field.name.replace("_", "-"))
+                args.append(flag if value else "--no-" + flag.removeprefix("--"))
             elif value is not None:
                 args += [flag, *map(str, value if isinstance(value, tuple) else (value,))]
     return (
