@@ -266,22 +266,22 @@ def main() -> None:
             logging.getLogger("pipeline.extract.engines.ray_data").setLevel(logging.INFO)
             logging.getLogger("pipeline.extract.engines.ray_data").addHandler(first_rows)
         for r in range(args.repeats):  # interleaved, so drift in machine speed hits all of them alike
-            bw, bl = pipeline_extract(folder, tmp / f"art-{r}", args.backbone, args.batch_size, size)
-            runs["b_wall"].append(bw)
-            runs["b"].append(bl)
-            runs["d"].append(
-                pipeline_extract(folder, tmp / f"taps-{r}", args.backbone, args.batch_size, size, ("stages",))[1]
-            )
-            runs["a"].append(raw_forward(model, size, args.batch_size, args.images))
-            for rt in others:
+            for rt in others:  # each pipeline run right after the raw forward it is compared with
                 runs.setdefault(f"a_{rt}", []).append(
                     raw_forward_runtime(spec, base, rt, size, args.batch_size, args.images, tmp / "runtimes")
                 )
+            bw, bl = pipeline_extract(folder, tmp / f"art-{r}", args.backbone, args.batch_size, size)
+            runs["b_wall"].append(bw)
+            runs["b"].append(bl)
             runs.setdefault("a_taps_onnx", []).append(
                 raw_forward_runtime(
                     spec, base, "onnx", size, args.batch_size, args.images, tmp / "runtimes", ("stages",)
                 )
             )
+            runs["d"].append(
+                pipeline_extract(folder, tmp / f"taps-{r}", args.backbone, args.batch_size, size, ("stages",))[1]
+            )
+            runs["a"].append(raw_forward(model, size, args.batch_size, args.images))
             runs["c"].append(keras_idiomatic(model, folder, size, args.batch_size))
             runs["f"].append(decode_only(folder, size, args.batch_size))
             if args.engine == "ray":
@@ -331,6 +331,8 @@ def main() -> None:
         },
         "ratio_b_over_a_tf": round(med["b"] / med["a"], 3),
         "ratio_b_over_best_a": round(med["b"] / max(med["a"], *(med[f"a_{rt}"] for rt in others)), 3),
+        "ratio_b_over_best_a_by_round": _by_round(runs, "b", ["a", *(f"a_{rt}" for rt in others)]),
+        "ratio_d_over_a_taps_by_round": _by_round(runs, "d", ["a_taps_onnx"]),
         "ratio_d_taps_over_a_taps_onnx": round(med["d"] / med["a_taps_onnx"], 3),
         "ratio_b_over_c": round(med["b"] / med["c"], 3),
         "ratio_b_whole_over_b_loop": round(med["b_wall"] / med["b"], 3),
@@ -361,6 +363,12 @@ def main() -> None:
     for line in result["goals"]:
         print(line)
     print(f"-> {path}")
+
+
+def _by_round(runs: dict, b: str, refs: list[str]) -> list[float]:
+    """Each round's ``b`` over the fastest reference measured in the same round (next to it): how much of the
+    spread of the medians' ratio is the machine's drift."""
+    return [round(v / max(runs[k][r] for k in refs), 3) for r, v in enumerate(runs[b])]
 
 
 RSS_GOAL_MB = 1500

@@ -82,7 +82,9 @@ def load(path: str, size: int, out: np.ndarray | None = None) -> np.ndarray | No
         return None
     if gray is not None:  # TensorFlow repeats gray in R, G and B before resizing: resize once, then repeat
         out = np.empty((size, size, 3), np.float32) if out is None else out
-        out[...] = resize(gray, size)
+        plane = resize(gray, size)[:, :, 0]
+        for channel in range(3):  # one strided copy a channel: a broadcast over a last axis of 3 is far slower
+            out[:, :, channel] = plane
         return out
     if rgb is not None:
         return resize(rgb, size, out)
