@@ -104,14 +104,28 @@ def test_the_crossover_is_where_the_fine_tune_passes_a_rising_head():
     assert f.crossover_low <= f.crossover_n <= f.crossover_high or math.isnan(f.crossover_high)
 
 
+def _cost_run(n: int, search_epochs: float = 1.5) -> Run:
+    """A fine-tune whose epoch costs 5 + n/10 s, whose phase 2 runs 3·(n/100)^½ epochs and whose search costs
+    ``search_epochs`` of those epochs."""
+    epochs = round(3 * (n / 100) ** 0.5)
+    return Run(n, 2 + n / 100, search_epochs * (5 + n / 10), (5 + n / 10) * epochs, epochs)
+
+
 def test_the_cost_model_recovers_linear_epochs_and_a_growing_epoch_count():
-    runs = [Run(n, 2 + n / 100, 4 + n / 50, (5 + n / 10) * round(3 * (n / 100) ** 0.5), round(3 * (n / 100) ** 0.5))
-            for n in (100, 400, 1600)]  # fmt: skip
+    runs = [_cost_run(n) for n in (100, 400, 1600)]
     model = CostModel.fit(runs, max_epochs=30)
     for r in runs:
         assert model.seconds(r.n) == pytest.approx(r.seconds, rel=0.02)
+    assert model.search_epochs == pytest.approx(1.5)
     assert model.phase_two_epochs(6400) == pytest.approx(24, rel=0.05)
     assert model.phase_two_epochs(10**6) == 30  # capped at --epochs-finetune
+
+
+def test_a_search_that_needed_one_more_rung_at_one_size_does_not_become_a_slope():
+    runs = [_cost_run(100), _cost_run(400), _cost_run(1600, search_epochs=4.5)]  # a second rung at the largest
+    model = CostModel.fit(runs, max_epochs=30)
+    assert model.search_epochs == pytest.approx(1.5)
+    assert model.seconds(6400) == pytest.approx(_cost_run(6400).seconds, rel=0.05)
 
 
 def test_backtest_cases_calibrate_the_extrapolation_error():

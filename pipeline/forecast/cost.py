@@ -3,7 +3,10 @@
 A fine-tune's seconds are its phase 1, its learning-rate search and its phase-2 epochs. Each phase's
 seconds per epoch grow linearly with the training images (each epoch also scores the fixed validation
 split: the constant term), and the number of phase-2 epochs early stopping lets run grows with the data
-more slowly; it is fitted as a power law of the size and capped at the configured maximum.
+more slowly; it is fitted as a power law of the size and capped at the configured maximum. The search
+trains the same network as phase 2 for budgets counted in epochs, so its cost is counted in phase-2
+epochs too (their median over the measured runs): whether a size needed a second rung is the search's
+noise, and a line through a few such points would turn one extra rung into a slope.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def _linear(n: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 @dataclass(frozen=True)
 class CostModel:
     phase_one: tuple[float, float]
-    search: tuple[float, float]
+    search_epochs: float  # the search's seconds in phase-2 epochs of the same size
     per_epoch: tuple[float, float]
     epochs: tuple[float, float]  # epochs = c · n^d
     max_epochs: int
@@ -58,9 +61,11 @@ class CostModel:
             log_c = float(np.mean(np.log(epochs) - d * np.log(n)))
         else:
             d, log_c = 0.0, float(np.mean(np.log(epochs)))
+        searched = per_epoch > 0
+        search_epochs = np.array([r.search_seconds for r in runs])[searched] / per_epoch[searched]
         return cls(
             _linear(n, np.array([r.phase_one_seconds for r in runs])),
-            _linear(n, np.array([r.search_seconds for r in runs])),
+            float(np.median(search_epochs)) if len(search_epochs) else 0.0,
             _linear(n, per_epoch),
             (float(np.exp(log_c)), d),
             max_epochs,
@@ -76,4 +81,4 @@ class CostModel:
         def at(ab):
             return ab[0] + ab[1] * n
 
-        return at(self.phase_one) + at(self.search) + self.phase_two_epochs(n) * at(self.per_epoch)
+        return at(self.phase_one) + (self.search_epochs + self.phase_two_epochs(n)) * at(self.per_epoch)
