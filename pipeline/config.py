@@ -94,6 +94,11 @@ class ExtractConfig:
         "reused (auto: onnx on CPU when installed, the fastest there, else tf; tf on a GPU)",
         choices=("auto", "tf", "onnx", "openvino"),
     )
+    runtimes_dir: str = _opt(
+        "",
+        "folder of converted models, kept and reused by model (default: ARTIFACTS/runtimes); several artifacts "
+        "folders pointed at one convert each model once",
+    )
     ray_actors: int = _opt(0, "ray: model replicas (default: one per GPU in the cluster, else one per node)")
     ray_decoders: int = _opt(
         -1,

@@ -16,6 +16,7 @@ from pipeline import backbones
 from pipeline.config import Config
 
 TINY = "tiny_cnn"
+SHARED_RUNTIMES: Path | None = None  # set for the session by `_shared_runtimes`
 
 
 def _build_tiny(weights, input_size):
@@ -69,6 +70,7 @@ def toy_config(base: Path) -> Config:
     c.backbone.backbone = TINY
     c.backbone.weights = "none"
     c.extract.batch_size = 4
+    c.extract.runtimes_dir = str(SHARED_RUNTIMES) if SHARED_RUNTIMES else ""
     return c
 
 
@@ -103,6 +105,28 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "KerasMLP" in item.nodeid:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_runtimes(tmp_path_factory):
+    """One folder of converted models for the whole session, both xdist workers included: converting the
+    tiny backbone costs a child process with TensorFlow and the converter, far more than extracting with it,
+    and its conversion is the same in every test that uses ``toy_config``. The tests of conversion itself
+    use their artifacts' own folder (``own_runtimes``)."""
+    global SHARED_RUNTIMES
+    base = tmp_path_factory.getbasetemp()
+    SHARED_RUNTIMES = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-runtimes"
+    SHARED_RUNTIMES.mkdir(exist_ok=True)
+    yield
+    SHARED_RUNTIMES = None
+
+
+@pytest.fixture
+def own_runtimes(cfg):
+    """``cfg`` as a user has it, converting into its own artifacts' ``runtimes/``: for tests that watch a
+    conversion happen."""
+    cfg.extract.runtimes_dir = ""
+    return cfg
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.finetune import workers
+from pipeline.finetune.record import SearchRecord
 
 pytest.importorskip("ray")
 
@@ -53,24 +54,6 @@ def _rows(artifacts: Path):
     return pd.read_csv(artifacts / "results" / "toy.csv")
 
 
-def test_two_workers_train_one_model_and_write_one_row(setup):
-    data, artifacts, model = setup
-    run = subprocess.run(_command(data, artifacts, model, "--epochs-finetune", "2"), capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = _rows(artifacts)
-    assert sorted(rows["method"]) == ["finetune", "frozen_dense"]
-    devices = json.loads(rows.set_index("method").loc["finetune", "params"])["devices"]
-    assert devices == {
-        "replicas": 2,
-        "strategy": "MultiWorkerMirroredStrategy over 2 Ray workers",
-        "global_batch": 8,
-        "workers": 2,
-    }
-    models = artifacts / "models" / "toy"
-    assert (models / "tiny-finetuned.keras").exists()
-    assert sorted(p.name for p in models.iterdir() if "work" in p.name) == []  # every worker's folder removed
-
-
 def test_two_workers_train_like_one_device_at_the_same_global_batch(setup, tmp_path):
     """The equivalence the strategy promises: one device with 24 images a step against two workers with 12
     each, every step a whole epoch (so neither shuffle nor shard order matters), no augmentation or dropout;
@@ -101,10 +84,13 @@ def test_two_workers_train_like_one_device_at_the_same_global_batch(setup, tmp_p
     assert (out["one"][2] == out["two"][2]).sum() >= len(out["one"][2]) - 1
 
 
-def test_an_interrupted_two_worker_run_resumes_from_the_chiefs_checkpoint(setup):
+def test_an_interrupted_two_worker_run_resumes_from_the_chiefs_checkpoint_to_one_model_and_one_row(setup):
+    """Cut short after phase 1, then resumed: the search (two rates, augmented) and phase 2 run on two workers,
+    and the chief alone writes one model and one row, every worker's folder removed."""
     data, artifacts, model = setup
-    work = artifacts / "models" / "toy" / "tiny-finetuned.work"
-    long = ("--epochs-finetune", "6", "--patience", "6", "--lr-grid", "0.01")  # a phase 2 to interrupt
+    models = artifacts / "models" / "toy"
+    work = models / "tiny-finetuned.work"
+    long = ("--epochs-finetune", "6", "--patience", "6")  # a phase 2 to interrupt
     first = subprocess.Popen(
         _command(data, artifacts, model, *long), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -113,15 +99,26 @@ def test_an_interrupted_two_worker_run_resumes_from_the_chiefs_checkpoint(setup)
         time.sleep(0.05)
     first.send_signal(signal.SIGTERM)
     first.communicate(timeout=120)
-    assert not (artifacts / "models" / "toy" / "tiny-finetuned.json").exists()  # it really was cut short
+    assert not (models / "tiny-finetuned.json").exists()  # it really was cut short
     phase_one = json.loads((work / "state.json").read_text())["phase_seconds"][0]
 
     second = subprocess.run(_command(data, artifacts, model, *long, "--resume"), capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "phase 1 already done" in second.stdout + second.stderr
-    record = json.loads((artifacts / "models" / "toy" / "tiny-finetuned.json").read_text())
+    record = json.loads((models / "tiny-finetuned.json").read_text())
     assert record["phase_seconds"][0] == phase_one  # phase 1 not trained again: taken up from the checkpoint
-    assert len(_rows(artifacts)) == 2
+    rows = _rows(artifacts)
+    assert sorted(rows["method"]) == ["finetune", "frozen_dense"]
+    params = json.loads(rows.set_index("method").loc["finetune", "params"])
+    assert params["devices"] == {
+        "replicas": 2,
+        "strategy": "MultiWorkerMirroredStrategy over 2 Ray workers",
+        "global_batch": 8,
+        "workers": 2,
+    }
+    assert sorted(SearchRecord.from_params(params).rungs[0]) == ["0.001", "0.01"]  # searched on the workers too
+    assert (models / "tiny-finetuned.keras").exists()
+    assert sorted(p.name for p in models.iterdir() if "work" in p.name) == []  # every worker's folder removed
 
 
 def test_the_other_workers_start_from_a_copy_of_the_chiefs_folder(tmp_path):

@@ -44,7 +44,7 @@ OPENVINO_OFF = pytest.mark.xfail(
         if runtimes.available(r)
     ],
 )
-def test_each_runtime_gives_tensorflows_embeddings_and_taps(cfg, tmp_path, runtime):
+def test_each_runtime_gives_tensorflows_embeddings_and_taps(cfg, own_runtimes, tmp_path, runtime):
     cfg.extract.tap_grid = 2  # the portable pooling (crops + global averages) against AdaptivePool too
     tf_run, rt_run = _extract(cfg, tmp_path, "tf"), _extract(cfg, tmp_path, runtime)
     (used_tf, ref), (used, got) = _arrays(tf_run.path), _arrays(rt_run.path)
@@ -57,7 +57,7 @@ def test_each_runtime_gives_tensorflows_embeddings_and_taps(cfg, tmp_path, runti
 
 
 def test_the_converted_model_is_made_once_and_reused_and_its_converter_talks_to_a_log(
-    cfg, tmp_path, capfd, caplog, monkeypatch
+    cfg, own_runtimes, tmp_path, capfd, caplog, monkeypatch
 ):
     ref = _arrays(_extract(cfg, tmp_path, "onnx").path)[1]
     out = capfd.readouterr()
@@ -90,7 +90,9 @@ def test_a_conversion_that_fails_in_its_process_is_one_line_naming_its_log(cfg, 
     assert str(tmp_path / "m.log") in str(e.value) and "\n" not in str(e.value) and not path.exists()
 
 
-def test_a_model_that_fails_to_convert_falls_back_to_tensorflow_with_a_notice(cfg, tmp_path, monkeypatch, caplog):
+def test_a_model_that_fails_to_convert_falls_back_to_tensorflow_with_a_notice(
+    cfg, own_runtimes, tmp_path, monkeypatch, caplog
+):
     def broken(*a, **k):
         raise ValueError("op FancyOp has no ONNX equivalent")
 
@@ -155,3 +157,27 @@ def test_lite0s_portable_model_passes_savedmodels_name_rules(tmp_path):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
     portable.export(str(tmp_path / "saved_model"), format="tf_saved_model", verbose=False)
     assert (tmp_path / "saved_model" / "saved_model.pb").exists()
+
+
+def test_artifacts_folders_that_share_a_runtimes_dir_convert_each_model_once(cfg, tmp_path, monkeypatch, caplog):
+    from pipeline import backbones
+    from pipeline.cli import build_parser
+
+    store = tmp_path / "store"
+    cfg.extract.runtimes_dir = str(store)
+    first = _extract(cfg, tmp_path, "onnx")
+    assert "converted tiny_cnn to ONNX Runtime" in caplog.text and not (tmp_path / "onnx" / "runtimes").exists()
+    files = sorted(p.name for p in store.iterdir())
+    caplog.clear()
+    cfg.artifacts = str(tmp_path / "second")  # another artifacts folder, the same store: nothing converted or built
+    with monkeypatch.context() as m:
+        m.setattr(backbones, "build_backbone", lambda *a, **k: pytest.fail("built the Keras model"))
+        second = extract.run(cfg)
+    assert "converted" not in caplog.text and sorted(p.name for p in store.iterdir()) == files
+    assert all(
+        np.array_equal(a, b)
+        for s, arrs in _arrays(first.path)[1].items()
+        for a, b in zip(arrs, _arrays(second.path)[1][s], strict=True)
+    )
+    args = build_parser().parse_args(["extract", "--runtimes-dir", str(store)])
+    assert getattr(args, "extract.runtimes_dir") == str(store)

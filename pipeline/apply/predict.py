@@ -137,7 +137,7 @@ def _forward(method: methods.Method, cfg: Config):
         method.model,
         lambda: rebuild(method.cache_file, Path(cfg.artifacts), portable=True)[0],
         runtimes.model_key(method.cache),
-        Path(cfg.artifacts) / "runtimes",
+        runtimes.store(cfg.artifacts, cfg.extract.runtimes_dir),
     )
     log.info("features in %s", runtimes.NAMES[used])
     return forward

@@ -71,6 +71,11 @@ def model_key(cache_key: dict) -> dict:
     return {k: cache_key.get(k) for k in MODEL_KEY}
 
 
+def store(artifacts: str | Path, runtimes_dir: str = "") -> Path:
+    """The folder converted models live in: ``runtimes_dir`` when set, else the artifacts' own."""
+    return Path(runtimes_dir) if runtimes_dir else Path(artifacts) / "runtimes"
+
+
 def converted_path(folder: Path, key: dict, runtime: str) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(folder) / f"{key.get('backbone', 'model')}-{digest}.{'onnx' if runtime == 'onnx' else 'xml'}"

@@ -153,7 +153,7 @@ def _models(cfg: Config, spec, size: int, weights, key: dict) -> _Models:
     if cfg.extract.engine == "ray" and runtime == "openvino":
         log.warning("notice: the Ray engine runs tf or onnx; running the OpenVINO request in TensorFlow")
         runtime = "tf"
-    folder, model_key = Path(cfg.artifacts) / "runtimes", runtimes.model_key(key)
+    folder, model_key = runtimes.store(cfg.artifacts, cfg.extract.runtimes_dir), runtimes.model_key(key)
     forward, runtime = runtimes.forward_for(
         runtime, model, lambda: taps_mod.feature_model(spec, base, taps, portable=True), model_key, folder
     )
@@ -163,6 +163,12 @@ def _models(cfg: Config, spec, size: int, weights, key: dict) -> _Models:
     if runtime != "tf":  # what the converted model outputs, so that the next run need not build this one
         runtimes.write_outputs(runtimes.converted_path(folder, model_key, runtime), taps, dim)
     return _Models(model, forward, runtime, onnx, augmented, taps, dim, gpu)
+
+
+def _converted_path(cfg: Config, key: dict, runtime: str) -> Path:
+    return runtimes.converted_path(
+        runtimes.store(cfg.artifacts, cfg.extract.runtimes_dir), runtimes.model_key(key), runtime
+    )
 
 
 def _backbone(cfg: Config, spec, size: int, weights):
@@ -193,7 +199,7 @@ def _convert_apart(cfg: Config, spec, size: int, key: dict) -> bool | None:
     runtime = _lean_runtime(cfg)
     if runtime is None or "tensorflow" in sys.modules:
         return None
-    path = runtimes.converted_path(Path(cfg.artifacts) / "runtimes", runtimes.model_key(key), runtime)
+    path = _converted_path(cfg, key, runtime)
     path.parent.mkdir(parents=True, exist_ok=True)
     child = multiprocessing.get_context("fork").Process(  # safe: no TensorFlow (nor its threads) here yet
         target=_build_and_convert, args=(cfg, size, path, runtime), name="convert"
@@ -231,7 +237,7 @@ def _converted_only(cfg: Config, key: dict) -> _Models | None:
     runtime = _lean_runtime(cfg)
     if runtime is None:
         return None
-    path = runtimes.converted_path(Path(cfg.artifacts) / "runtimes", runtimes.model_key(key), runtime)
+    path = _converted_path(cfg, key, runtime)
     outputs = runtimes.read_outputs(path)
     if outputs is None:
         return None
