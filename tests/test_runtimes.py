@@ -44,7 +44,8 @@ OPENVINO_OFF = pytest.mark.xfail(
         if runtimes.available(r)
     ],
 )
-def test_each_runtime_gives_tensorflows_embeddings_and_taps(cfg, own_runtimes, tmp_path, runtime):
+@pytest.mark.usefixtures("own_runtimes")
+def test_each_runtime_gives_tensorflows_embeddings_and_taps(cfg, tmp_path, runtime):
     cfg.extract.tap_grid = 2  # the portable pooling (crops + global averages) against AdaptivePool too
     tf_run, rt_run = _extract(cfg, tmp_path, "tf"), _extract(cfg, tmp_path, runtime)
     (used_tf, ref), (used, got) = _arrays(tf_run.path), _arrays(rt_run.path)
@@ -56,8 +57,9 @@ def test_each_runtime_gives_tensorflows_embeddings_and_taps(cfg, own_runtimes, t
     assert len(list((tmp_path / runtime / "runtimes").iterdir())) >= 1
 
 
+@pytest.mark.usefixtures("own_runtimes")
 def test_the_converted_model_is_made_once_and_reused_and_its_converter_talks_to_a_log(
-    cfg, own_runtimes, tmp_path, capfd, caplog, monkeypatch
+    cfg, tmp_path, capfd, caplog, monkeypatch
 ):
     ref = _arrays(_extract(cfg, tmp_path, "onnx").path)[1]
     out = capfd.readouterr()
@@ -90,9 +92,8 @@ def test_a_conversion_that_fails_in_its_process_is_one_line_naming_its_log(cfg, 
     assert str(tmp_path / "m.log") in str(e.value) and "\n" not in str(e.value) and not path.exists()
 
 
-def test_a_model_that_fails_to_convert_falls_back_to_tensorflow_with_a_notice(
-    cfg, own_runtimes, tmp_path, monkeypatch, caplog
-):
+@pytest.mark.usefixtures("own_runtimes")
+def test_a_model_that_fails_to_convert_falls_back_to_tensorflow_with_a_notice(cfg, tmp_path, monkeypatch, caplog):
     def broken(*a, **k):
         raise ValueError("op FancyOp has no ONNX equivalent")
 

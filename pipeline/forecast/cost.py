@@ -61,8 +61,8 @@ class CostModel:
             log_c = float(np.mean(np.log(epochs) - d * np.log(n)))
         else:
             d, log_c = 0.0, float(np.mean(np.log(epochs)))
-        searched = per_epoch > 0
-        search_epochs = np.array([r.search_seconds for r in runs])[searched] / per_epoch[searched]
+        timed = per_epoch > 0  # runs whose phase-2 epochs took measurable time: the search's unit
+        search_epochs = np.array([r.search_seconds for r in runs])[timed] / per_epoch[timed]
         return cls(
             _linear(n, np.array([r.phase_one_seconds for r in runs])),
             float(np.median(search_epochs)) if len(search_epochs) else 0.0,
