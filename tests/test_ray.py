@@ -92,6 +92,40 @@ def test_an_interrupted_ray_run_resumes_to_the_same_result(cfg, tmp_path, ray_cl
     _same(ref, _read(extract.cache_path(cfg)))
 
 
+ACTOR = """
+import sys
+import numpy as np
+from pipeline.extract.engines.ray_data import Embed, decode
+embed = Embed(None, None, 1, 16, open({onnx!r}, "rb").read())
+out = embed({{"k": np.arange({n}), "path": np.array({paths!r})}})
+np.save({out!r}, np.hstack([out[f"out{{j}}"] for j in range(len(embed.widths))]))
+print(out["ok"].tolist(), "tensorflow imported:", "tensorflow" in sys.modules)
+"""
+
+
+def test_an_actor_on_the_converted_model_decodes_and_embeds_as_the_local_engine_without_tensorflow(
+    cfg, presplit, tmp_path
+):
+    """What each Ray actor runs when the model is converted (the CPU default), in a process of its own."""
+    import subprocess
+
+    from pipeline.extract import runtimes
+
+    key, splits, _ = _local_reference(cfg, tmp_path)
+    onnx = runtimes.converted_path(
+        runtimes.store(tmp_path / "local", cfg.extract.runtimes_dir), runtimes.model_key(key), "onnx"
+    )
+    ids, _, ref, _ = splits["test"]
+    paths = [str(presplit / i) for i in ids] + [str(tmp_path / "broken.png")]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    code = ACTOR.format(onnx=str(onnx), n=len(paths), paths=paths, out=str(tmp_path / "out.npy"))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == "False"  # tensorflow imported: False
+    assert run.stdout.startswith(str([True] * len(ids) + [False]))  # the unreadable file flagged, not dropped
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy")[: len(ids)], ref, atol=1e-5)
+
+
 def test_without_ray_the_engine_is_a_one_line_error(cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     cfg.extract.engine = "ray"

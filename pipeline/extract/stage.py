@@ -178,12 +178,15 @@ def _backbone(cfg: Config, spec, size: int, weights):
 
 
 def _lean_runtime(cfg: Config) -> str | None:
-    """The converted runtime a local CPU pass without views runs alone, None where the Keras model must run."""
+    """The converted runtime a CPU pass without views runs alone, None where the Keras model must run (the
+    Ray engine's actors run ONNX Runtime, not OpenVINO)."""
     ex = cfg.extract
-    if ex.engine != "local" or ex.views or backbones.gpu_visible():
+    if ex.views or backbones.gpu_visible():
         return None
     runtime = runtimes.resolve(ex.runtime, False)
-    return None if runtime == "tf" else runtime
+    if runtime == "tf" or (ex.engine == "ray" and runtime != "onnx"):
+        return None
+    return runtime
 
 
 def _convert_apart(cfg: Config, spec, size: int, key: dict) -> bool | None:

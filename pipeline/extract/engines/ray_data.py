@@ -1,14 +1,16 @@
 """Extraction on Ray Data: the model as a pool of actors (decoding in them or in CPU tasks), rows back to
 the driver.
 
-The (position, path) items still to do flow through ``decode`` (the local engine's own decoding ops,
-``data.load_image``, so pixels are identical; unreadable files come back flagged, not dropped) and
-``Embed``, a stateful class run as an ``ActorPoolStrategy`` pool (one GPU per actor when the cluster has
-GPUs; TensorFlow's thread pools and GPU memory growth set inside the actor). With GPUs, decoding is its
-own CPU stage, so the nodes' cores keep the GPUs fed; without them the forward pass needs every core and
-decoding is a small share of its cost, so each actor decodes its own batch (a separate stage would add a
-process importing TensorFlow and float32 images through the object store; benchmarks/NOTES.md).
-The model travels as its Keras config and weights, so workers need the package, not the weights file.
+The (position, path) items still to do flow through ``decode`` (the local engine's own decoding: lossless
+files with ``data.decode``, others with ``data.load_image``, so pixels are identical; unreadable files come
+back flagged, not dropped) and ``Embed``, a stateful class run as an ``ActorPoolStrategy`` pool (one GPU per
+actor when the cluster has GPUs; TensorFlow's thread pools and GPU memory growth set inside the actor).
+With GPUs, decoding is its own CPU stage, so the nodes' cores keep the GPUs fed; without them the forward
+pass needs every core and decoding is a small share of its cost, so each actor decodes its own batch (a
+separate stage would add a process and float32 images through the object store).
+The model travels as the converted ONNX model's bytes, which the actors run in ONNX Runtime without
+importing TensorFlow (lossless images), or as its Keras config and weights; either way workers need the
+package, not the weights file.
 Ray Data does not keep order: every row carries its position and a reorder buffer yields the contiguous
 prefix, which ``extract`` writes exactly as it writes the local engine's batches, so ``next_index`` stays
 a valid resume point and a killed Ray run resumes like a local one.
@@ -30,7 +32,7 @@ from pipeline.extract.engines import Batch
 
 log = logging.getLogger(__name__)
 # logged once per pass; benchmarks/extract_throughput.py reads its argument to split start-up from steady state
-FIRST_ROWS = "ray: first rows after %.1fs (the actors' start: TensorFlow import, model build, first trace)"
+FIRST_ROWS = "ray: first rows after %.1fs (the actors' start: the runtime's session or model, first batch)"
 
 
 def _init_ray():
@@ -87,28 +89,45 @@ def _loader(size: int):
 
 
 def decode(batch: dict, size: int) -> dict:
-    """Paths -> float32 RGB images, exactly as the local engine decodes them; unreadable ones flagged."""
-    import tensorflow as tf
+    """Paths -> float32 RGB images, exactly as the local engine decodes them (lossless files without
+    TensorFlow, so an actor running the converted model never imports it); unreadable ones flagged."""
+    from pipeline.data import decode as lean
 
-    load = _loader(size)
     paths = [str(p) for p in batch["path"]]
     images = np.zeros((len(paths), size, size, 3), np.float32)
     ok = np.zeros(len(paths), bool)
     for i, path in enumerate(paths):
-        try:
-            images[i] = load(tf.constant(path)).numpy()
-            ok[i] = True
-        except tf.errors.OpError:  # unreadable or not an image: flagged, as the local engine skips it
-            pass
+        if lean.lossless([path]):
+            ok[i] = lean.load(path, size, images[i]) is not None
+        else:
+            ok[i] = _tf_decode(path, size, images[i])
     return {"k": batch["k"], "ok": ok, "image": images}
+
+
+def _tf_decode(path: str, size: int, out: np.ndarray) -> bool:
+    """A lossy file through TensorFlow's decoder, as the local engine reads it (another decoder gives
+    other pixels)."""
+    import tensorflow as tf
+
+    try:
+        out[...] = _loader(size)(tf.constant(path)).numpy()
+    except tf.errors.OpError:  # unreadable or not an image: flagged, as the local engine skips it
+        return False
+    return True
 
 
 class Embed:
     """One model replica per actor; returns each readable image's outputs (embedding, taps...)."""
 
     def __init__(self, config: dict, weights: list, threads: int, size: int, onnx=None):
-        """The Keras model from its config and weights, or (``onnx``: the converted model's bytes) an
-        ONNX Runtime session, as the local engine's ``--runtime onnx`` runs it."""
+        """An ONNX Runtime session (``onnx``: the converted model's bytes), as the local engine's
+        ``--runtime onnx`` runs it, without TensorFlow; or the Keras model from its config and weights."""
+        import ray
+
+        self.size = size
+        if onnx is not None:
+            self._onnx(ray.get(onnx) if isinstance(onnx, ray.ObjectRef) else onnx, threads)
+            return
         import keras
         import tensorflow as tf
 
@@ -122,12 +141,6 @@ class Embed:
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(2)
-        import ray
-
-        self.size = size
-        if onnx is not None:
-            self._onnx(ray.get(onnx) if isinstance(onnx, ray.ObjectRef) else onnx, threads)
-            return
         self.model = keras.Model.from_config(config)
         self.model.set_weights(ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights)
         self.forward = tf.function(  # one trace, whatever the batch's length
@@ -162,7 +175,7 @@ def batches(paths: list[str], size: int, settings, model, onnx: Path | None = No
     """The items of ``paths`` through a pool of model actors, yielded as contiguous runs of positions (Ray
     Data does not keep order: a reorder buffer holds what arrives early). ``settings``: the extract
     section (batch size, actors, decoders). ``onnx``: the converted model, which the actors run in ONNX
-    Runtime (its bytes travel through the object store)."""
+    Runtime (its bytes travel through the object store); ``model``, the Keras one, is used only without it."""
     if not paths:
         return
     ray = _init_ray()
@@ -200,8 +213,8 @@ def _pipeline(ray, paths: list[str], size: int, bs: int, plan: Pool, model, onnx
     items = ray.data.from_items(
         [{"k": k, "path": p} for k, p in enumerate(paths)], override_num_blocks=-(-len(paths) // bs)
     )
-    weights = ray.put(model.get_weights())
     converted = ray.put(Path(onnx).read_bytes()) if onnx is not None else None
+    config, weights = (None, None) if onnx is not None else (model.get_config(), ray.put(model.get_weights()))
     pipe = items
     if plan.decoders:
         pipe = pipe.map_batches(
@@ -222,7 +235,7 @@ def _pipeline(ray, paths: list[str], size: int, bs: int, plan: Pool, model, onnx
     )
     return pipe.map_batches(
         Embed,
-        fn_constructor_args=(model.get_config(), weights, plan.threads, size, converted),
+        fn_constructor_args=(config, weights, plan.threads, size, converted),
         batch_size=None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
