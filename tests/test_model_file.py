@@ -114,3 +114,40 @@ def test_taps_work_on_a_model_file(model_cfg):
     extract.run(cfg)
     with h5py.File(extract.cache_path(cfg)) as f:
         assert f["test"]["taps"]["c1"].shape == (9, 8) and f["test"]["embeddings"].shape == (9, 12)
+
+
+def test_the_input_size_is_read_from_the_saved_config_without_loading_the_model(tmp_path, monkeypatch):
+    """What `heads` and `report` need of a model file, read as the loaded model would say it; where the file
+    does not say plainly the model is loaded instead (and gives its own clear error)."""
+    from pipeline.backbones import model_file
+
+    flexible = keras.Input((None, None, 3))
+    several = [keras.Input((16, 16, 3)), keras.Input((16, 16, 3))]
+    models = {
+        "functional.keras": _user_model(),
+        "functional.h5": _user_model(),
+        "sequential.keras": keras.Sequential([keras.Input((20, 20, 3)), keras.layers.Conv2D(2, 3)]),
+        "flexible.keras": keras.Model(flexible, keras.layers.GlobalAveragePooling2D()(flexible)),
+        "several.keras": keras.Model(several, keras.layers.Add()(several)),
+    }
+    for name, model in models.items():
+        model.save(tmp_path / name)
+    read = {name: model_file.declared_size(tmp_path / name) for name in models}
+    assert read == {
+        "functional.keras": (True, 16),
+        "functional.h5": (True, 16),
+        "sequential.keras": (True, 20),
+        "flexible.keras": (True, None),
+        "several.keras": (False, None),
+    }
+    for name in ("functional.keras", "functional.h5", "sequential.keras", "flexible.keras"):
+        assert read[name][1] == model_file.native_size(model_file.load(tmp_path / name))
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    assert model_file.declared_size(tmp_path / "broken.keras") == (False, None)
+    with pytest.raises(PipelineError, match="several inputs"):
+        model_file.native_size(model_file.load(tmp_path / "several.keras"))
+    from pipeline import backbones
+    from pipeline.config import BackboneConfig
+
+    monkeypatch.setattr(model_file, "load", lambda path: pytest.fail(f"{path.name} was loaded"))
+    assert backbones.from_config(BackboneConfig(backbone=str(tmp_path / "functional.h5"))).input_size == 16

@@ -80,8 +80,12 @@ def from_config(bc) -> BackboneSpec:
     pre = bc.preprocessing or "none"
     if pre not in model_file.PREPROCESSING:
         raise PipelineError(f"unknown --preprocessing '{pre}' (known: {', '.join(model_file.PREPROCESSING)})")
-    model = model_file.load(path)
-    size = model_file.native_size(model) or bc.input_size
+    if not path.exists():
+        raise PipelineError(f"backbone model {path} does not exist")
+    known, size = model_file.declared_size(path)
+    if not known:
+        size = model_file.native_size(model_file.load(path))
+    size = size or bc.input_size
     if size is None:
         raise PipelineError(f"{path.name} does not fix its input size: give --input-size")
     name = model_file.name_for(bc.backbone)

@@ -53,6 +53,39 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def declared_size(path: Path) -> tuple[bool, int | None]:
+    """``(known, size)``: the input size a ``.keras`` or ``.h5`` file's saved config declares (None: any
+    size), read without Keras, so that a stage that only names the backbone (heads, report) never imports
+    TensorFlow. ``known`` is False where the file does not say plainly (a SavedModel, a subclassed model,
+    several inputs, an unreadable file): then the model is loaded, which also gives the clear error."""
+    import json
+    import zipfile
+
+    try:
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(path) as z:
+                config = json.loads(z.read("config.json"))
+        elif path.suffix == ".h5":
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                config = json.loads(f.attrs["model_config"])
+        else:
+            return False, None
+        layers = config["config"]["layers"]
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
+        return False, None
+    if config.get("class_name") not in ("Functional", "Model", "Sequential"):
+        return False, None
+    inputs = [la["config"] for la in layers if isinstance(la, dict) and la.get("class_name") == "InputLayer"]
+    shapes = [c.get("batch_shape") or c.get("batch_input_shape") for c in inputs]
+    if not inputs and config["class_name"] == "Sequential":
+        shapes = [config["config"].get("build_input_shape")]
+    if len(shapes) != 1 or not isinstance(shapes[0], list) or len(shapes[0]) != 4:
+        return False, None
+    return True, shapes[0][1] if isinstance(shapes[0][1], int) else None
+
+
 def load(path: Path):
     """The model as a Keras model (a SavedModel becomes a one-layer model around its serving function)."""
     import keras
