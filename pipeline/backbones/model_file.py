@@ -54,24 +54,18 @@ def digest(path: Path) -> str:
 
 
 def declared_size(path: Path) -> tuple[bool, int | None]:
-    """``(known, size)``: the input size a ``.keras`` or ``.h5`` file's saved config declares (None: any
-    size), read without Keras, so that a stage that only names the backbone (heads, report) never imports
-    TensorFlow. ``known`` is False where the file does not say plainly (a SavedModel, a subclassed model,
+    """``(known, size)``: the input size a ``.keras`` file's saved config declares (None: any size), read
+    without Keras, so that a stage that only names the backbone (heads, report) never imports TensorFlow.
+    ``known`` is False where the file does not say plainly (an .h5 or SavedModel, a subclassed model,
     several inputs, an unreadable file): then the model is loaded, which also gives the clear error."""
     import json
     import zipfile
 
+    if path.suffix != ".keras":
+        return False, None
     try:
-        if path.suffix == ".keras":
-            with zipfile.ZipFile(path) as z:
-                config = json.loads(z.read("config.json"))
-        elif path.suffix == ".h5":
-            import h5py
-
-            with h5py.File(path, "r") as f:
-                config = json.loads(f.attrs["model_config"])
-        else:
-            return False, None
+        with zipfile.ZipFile(path) as z:
+            config = json.loads(z.read("config.json"))
         layers = config["config"]["layers"]
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
         return False, None
