@@ -74,6 +74,12 @@ def toy_config(base: Path) -> Config:
     return c
 
 
+def session_folder(tmp_path_factory) -> Path:
+    """A folder the whole session shares, both xdist workers included (their base temps are siblings)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def copy_of(built: Path, base: Path) -> Config:
     """A test's own copy of a tree that a module-scoped fixture built once (images and artifacts, their
     timestamps kept, so every cache and record stays up to date): the test may change it freely."""
@@ -114,8 +120,7 @@ def _shared_runtimes(tmp_path_factory):
     and its conversion is the same in every test that uses ``toy_config``. The tests of conversion itself
     use their artifacts' own folder (``own_runtimes``)."""
     global SHARED_RUNTIMES
-    base = tmp_path_factory.getbasetemp()
-    SHARED_RUNTIMES = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-runtimes"
+    SHARED_RUNTIMES = session_folder(tmp_path_factory) / "shared-runtimes"
     SHARED_RUNTIMES.mkdir(exist_ok=True)
     yield
     SHARED_RUNTIMES = None

@@ -198,6 +198,7 @@ def _row(method, n, acc):
 
 def _ladder_config(root, artifacts):
     """60 training images (20 a class), forecast from fine-tunes at 6 (two seeds), 12 and 24."""
+    import conftest
     from conftest import TINY
 
     from pipeline.config import Config
@@ -205,6 +206,7 @@ def _ladder_config(root, artifacts):
     c = Config()
     c.artifacts, c.data.dataset = str(artifacts), str(root)
     c.backbone.backbone, c.backbone.weights, c.extract.batch_size = TINY, "none", 4
+    c.extract.runtimes_dir = str(conftest.SHARED_RUNTIMES or "")
     c.heads.heads, c.heads.layers, c.heads.features = ("ridge", "logreg"), ("last",), ("image",)
     c.finetune.epochs_head = c.finetune.epochs_finetune = 1
     c.finetune.batch_size = 6
@@ -215,16 +217,26 @@ def _ladder_config(root, artifacts):
 
 @pytest.fixture(scope="module")
 def ladder_run(tmp_path_factory):
-    """The stage run once on the tiny backbone; tests that change its artifacts work on a copy."""
-    from conftest import write_images
+    """The stage run once on the tiny backbone for the whole session: the first xdist worker to get here
+    trains it under a lock, the other waits for it. Each works on its own copy, where the stage runs again
+    (every point reused) for its result; tests that change the artifacts work on a copy of that."""
+    from conftest import session_folder, write_images
 
+    from pipeline import lock
     from pipeline.extract import stage as extract
 
+    built = session_folder(tmp_path_factory) / "ladder-built"
+    with lock.exclusive(built):
+        if not (built / "done").exists():
+            for k, (split, n) in enumerate((("train", 20), ("val", 5), ("test", 10))):
+                write_images(built / "ladder" / split, n, seed=10 + k)
+            cfg = _ladder_config(built / "ladder", built / "artifacts")
+            extract.run(cfg)
+            stage.run(cfg)
+            (built / "done").touch()
     base = tmp_path_factory.mktemp("ladder")
-    for k, (split, n) in enumerate((("train", 20), ("val", 5), ("test", 10))):
-        write_images(base / "ladder" / split, n, seed=10 + k)
+    shutil.copytree(built, base, dirs_exist_ok=True, symlinks=True)  # timestamps kept: everything up to date
     cfg = _ladder_config(base / "ladder", base / "artifacts")
-    extract.run(cfg)
     return cfg, stage.run(cfg)
 
 
