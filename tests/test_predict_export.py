@@ -158,16 +158,17 @@ def test_exported_files_run_without_this_package_on_images_as_decoded(fitted, tm
     method = methods.load(fitted, "logreg@all")
     X = fs.with_layers(method.record["layer_names"]).splits["test"].X
     order = [list(fs.splits["test"].ids).index(i) for i in saved["id"]]
-    for source in (files, [str(tmp_path / "images.npy")]):
-        run = subprocess.run(
-            [sys.executable, WITHOUT_PIPELINE, str(ROOT / "examples" / "load_exported.py"), str(out), *source]
-            + ["--scores", str(tmp_path / "scores.npy")],
-            capture_output=True,
-            text=True,
-        )
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert run.stdout.split() == saved["pred"].tolist()
-        np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), _sklearn_scores(method, X[order]), atol=1e-5)
+    source = [*files, str(tmp_path / "images.npy")]  # the files one by one, then the same images as one stack
+    run = subprocess.run(
+        [sys.executable, WITHOUT_PIPELINE, str(ROOT / "examples" / "load_exported.py"), str(out), *source]
+        + ["--scores", str(tmp_path / "scores.npy")],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == saved["pred"].tolist() * 2
+    expected = _sklearn_scores(method, X[order])
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), np.vstack([expected, expected]), atol=1e-5)
 
 
 def test_an_rbf_head_exports_as_features_plus_head_and_refuses_onnx_in_one_line(fitted):
