@@ -24,11 +24,22 @@ def _user_model():
     return keras.Model(inputs, outputs, name="mine")
 
 
-@pytest.fixture
-def model_cfg(cfg, tmp_path):
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory):
+    """The user's model saved once: every test's copy has the same bytes, so its conversions are shared."""
     model = _user_model()
-    path = tmp_path / "my model.keras"
+    path = tmp_path_factory.mktemp("user_model") / "my model.keras"
     model.save(path)
+    return path, model
+
+
+@pytest.fixture
+def model_cfg(cfg, tmp_path, user_model):
+    import shutil
+
+    saved, model = user_model
+    path = tmp_path / saved.name
+    shutil.copyfile(saved, path)
     cfg.backbone.backbone = str(path)
     cfg.backbone.weights = "default"
     cfg.extract.taps = ("none",)
