@@ -199,13 +199,12 @@ def _row(method, n, acc):
 def _ladder_config(root, artifacts):
     """60 training images (20 a class), forecast from fine-tunes at 6 (two seeds), 12 and 24."""
     import conftest
-    from conftest import TINY
 
     from pipeline.config import Config
 
     c = Config()
     c.artifacts, c.data.dataset = str(artifacts), str(root)
-    c.backbone.backbone, c.backbone.weights, c.extract.batch_size = TINY, "none", 4
+    c.backbone.backbone, c.backbone.weights, c.extract.batch_size = conftest.TINY, "none", 4
     c.extract.runtimes_dir = str(conftest.SHARED_RUNTIMES or "")
     c.heads.heads, c.heads.layers, c.heads.features = ("ridge", "logreg"), ("last",), ("image",)
     c.finetune.epochs_head = c.finetune.epochs_finetune = 1

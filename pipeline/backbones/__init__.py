@@ -80,10 +80,8 @@ def from_config(bc) -> BackboneSpec:
     pre = bc.preprocessing or "none"
     if pre not in model_file.PREPROCESSING:
         raise PipelineError(f"unknown --preprocessing '{pre}' (known: {', '.join(model_file.PREPROCESSING)})")
-    if not path.exists():
-        raise PipelineError(f"backbone model {path} does not exist")
     known, size = model_file.declared_size(path)
-    if not known:
+    if not known:  # loading also gives the clear error for a missing or unreadable model
         size = model_file.native_size(model_file.load(path))
     size = size or bc.input_size
     if size is None:

@@ -129,7 +129,7 @@ class _Models:
     """What the passes run: the TensorFlow feature model, the runtime's forward, the augmentation."""
 
     model: object
-    forward: object
+    forward: object  # None on the lean Ray path: the actors run the converted model
     runtime: str
     onnx: Path | None  # the converted model the Ray actors run, when the runtime is ONNX Runtime
     augmented: object  # images -> [outputs] with the views' augmentation (TensorFlow), or None
@@ -234,9 +234,10 @@ def _build_and_convert(cfg: Config, size: int, path: Path, runtime: str) -> None
 
 
 def _converted_only(cfg: Config, key: dict) -> _Models | None:
-    """The lean path: a local CPU pass (no views) whose feature model is already converted runs it alone,
+    """The lean path: a CPU pass (no views) whose feature model is already converted runs it alone,
     without building the Keras model (the build would cost most of the command's own time and memory
-    around the loop). None: build as usual."""
+    around the loop); on the Ray engine the actors open the session, not this process. None: build as
+    usual."""
     runtime = _lean_runtime(cfg)
     if runtime is None:
         return None
@@ -245,7 +246,10 @@ def _converted_only(cfg: Config, key: dict) -> _Models | None:
     if outputs is None:
         return None
     taps = [taps_mod.Tap(layer, tuple(shape), grid) for layer, shape, grid in outputs["taps"]]
-    forward = runtimes.onnx_forward(path) if runtime == "onnx" else runtimes.openvino_forward(path)
+    if cfg.extract.engine == "ray":
+        forward = None
+    else:
+        forward = runtimes.onnx_forward(path) if runtime == "onnx" else runtimes.openvino_forward(path)
     return _Models(None, forward, runtime, path if runtime == "onnx" else None, None, taps, outputs["dim"], False)
 
 
