@@ -116,7 +116,8 @@ def test_an_interrupted_two_worker_run_resumes_from_the_chiefs_checkpoint_to_one
         "global_batch": 8,
         "workers": 2,
     }
-    assert sorted(SearchRecord.from_params(params).rungs[0]) == ["0.001", "0.01"]  # searched on the workers too
+    # searched on the workers too (a clear lead on the grid's edge may add the next rate beyond it)
+    assert {"0.001", "0.01"} <= set(SearchRecord.from_params(params).rungs[0])
     assert (models / "tiny-finetuned.keras").exists()
     assert sorted(p.name for p in models.iterdir() if "work" in p.name) == []  # every worker's folder removed
 

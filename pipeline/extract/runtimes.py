@@ -135,6 +135,21 @@ def convert_isolated(portable_model, path: Path, runtime: str) -> Path:
     return path
 
 
+CONVERT_HERE_BELOW = 1_000_000  # weights: a smaller model's build leaves too little memory to give back
+
+
+def convert_built(portable_model, outputs: dict, path: Path, runtime: str) -> None:
+    """The model a converting child has just built, converted at ``path`` and ``outputs`` recorded beside it
+    (last: the record says the conversion is complete). A large model is converted by a fresh interpreter
+    (``exec_convert``): its build leaves memory behind that the converter's peak would add to. A small one
+    is converted in this process: a second interpreter would cost a TensorFlow import to give back next
+    to nothing."""
+    if portable_model.count_params() >= CONVERT_HERE_BELOW:
+        exec_convert(portable_model, outputs, path, runtime)
+    convert(portable_model, path, runtime)
+    write_json_atomic(path.with_suffix(".outputs.json"), outputs)
+
+
 def exec_convert(portable_model, outputs: dict, path: Path, runtime: str) -> None:
     """Become the converting process: ``portable_model`` and ``outputs`` (``write_outputs``' record) saved
     in a folder beside ``path``, then this process replaced by a fresh interpreter that converts them

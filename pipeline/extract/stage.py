@@ -222,15 +222,15 @@ def _convert_apart(cfg: Config, spec, size: int, key: dict) -> bool | None:
 
 
 def _build_and_convert(cfg: Config, size: int, path: Path, runtime: str) -> None:
-    """In the child: the portable feature model built, then converted at ``path`` by the fresh process this
-    one becomes, which records its outputs beside it."""
+    """In the child: the portable feature model built, then converted at ``path`` with its outputs recorded
+    beside it (``runtimes.convert_built``)."""
     runtimes.output_to(path.with_suffix(".log"))
     spec = backbones.from_config(cfg.backbone)
     weights = backbones.resolve_weights(spec, cfg.backbone.weights, Path(cfg.artifacts), size)
     with backbones.device_policy(cfg.backbone.mixed_precision):
         base, taps = _backbone(cfg, spec, size, weights)
         portable = taps_mod.feature_model(spec, base, taps, portable=True)
-    runtimes.exec_convert(portable, runtimes.outputs_record(taps, int(base.output_shape[-1])), path, runtime)
+    runtimes.convert_built(portable, runtimes.outputs_record(taps, int(base.output_shape[-1])), path, runtime)
 
 
 def _converted_only(cfg: Config, key: dict) -> _Models | None:

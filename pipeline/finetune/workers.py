@@ -121,7 +121,7 @@ def run(cfg, work: Path, entry, *args):
         "fine-tune on %d Ray workers, %g CPU%s each: %s", n, cpus, " + 1 GPU" if gpus else "", ", ".join(addresses)
     )
     try:
-        ray.get([a.join.remote(addresses, i) for i, a in enumerate(actors)])
+        ray.get([a.join.remote(addresses, i, int(cpus)) for i, a in enumerate(actors)])
         results = ray.get([a.train.remote(entry, *args) for a in actors])
     finally:
         for a in actors:
@@ -150,8 +150,10 @@ class _Worker:
     def address(self) -> str:
         return _free_address()
 
-    def join(self, addresses: list[str], index: int) -> None:
-        """Only the chief talks: the others' Keras progress lines would repeat its own."""
+    def join(self, addresses: list[str], index: int, cpus: int) -> None:
+        """Only the chief talks: the others' Keras progress lines would repeat its own. TensorFlow's op
+        threads are the CPUs Ray gave this worker (its default is every core of the machine, which workers
+        sharing a machine would oversubscribe: a descheduled worker holds up every collective step)."""
         import sys
 
         os.environ["TF_CONFIG"] = tf_config(addresses, index)
@@ -161,6 +163,8 @@ class _Worker:
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")  # the collectives' per-step INFO lines and retracing notices, twice over
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(max(2, cpus))  # a waiting collective holds one
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
         self.index, self.workers = index, len(addresses)
 
