@@ -92,12 +92,27 @@ def test_a_conversion_that_fails_in_its_process_is_one_line_naming_its_log(cfg, 
     assert str(tmp_path / "m.log") in str(e.value) and "\n" not in str(e.value) and not path.exists()
 
 
+def test_a_large_model_converts_in_a_child_process_and_a_small_one_in_this_one(tmp_path, monkeypatch, capfd):
+    import keras
+
+    model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Conv2D(2, 3), keras.layers.Flatten()])
+    isolated = []
+    monkeypatch.setattr(runtimes, "convert_isolated", lambda m, path, r: isolated.append(path) or path)
+    runtimes.convert_first(model, tmp_path / "small.onnx", "onnx")
+    assert isolated == [] and (tmp_path / "small.onnx").exists()
+    out = capfd.readouterr()
+    assert "tf2onnx" not in out.out + out.err and "tf2onnx" in (tmp_path / "small.log").read_text()  # kept apart
+    monkeypatch.setattr(runtimes, "CONVERT_HERE_BELOW", model.count_params())
+    runtimes.convert_first(model, tmp_path / "large.onnx", "onnx")
+    assert isolated == [tmp_path / "large.onnx"]
+
+
 @pytest.mark.usefixtures("own_runtimes")
 def test_a_model_that_fails_to_convert_falls_back_to_tensorflow_with_a_notice(cfg, tmp_path, monkeypatch, caplog):
     def broken(*a, **k):
         raise ValueError("op FancyOp has no ONNX equivalent")
 
-    monkeypatch.setattr(runtimes, "convert_isolated", broken)
+    monkeypatch.setattr(runtimes, "convert", broken)
     res = _extract(cfg, tmp_path, "onnx")
     assert _arrays(res.path)[0] == "tf"
     assert "notice: tiny_cnn cannot be converted for onnx (op FancyOp has no ONNX equivalent)" in caplog.text

@@ -10,6 +10,7 @@ default (``auto``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -135,7 +136,49 @@ def convert_isolated(portable_model, path: Path, runtime: str) -> Path:
     return path
 
 
-CONVERT_HERE_BELOW = 1_000_000  # weights: a smaller model's build leaves too little memory to give back
+CONVERT_HERE_BELOW = 1_000_000  # weights: below this, a second process costs more than the memory it saves
+
+
+def convert_first(portable_model, path: Path, runtime: str) -> Path:
+    """A model's first conversion, the converter's output in ``<path>.log``: a large model in a child
+    process (``convert_isolated``), a small one in this process, where the converter's peak memory is
+    small and a child would cost a TensorFlow import of its own."""
+    if portable_model.count_params() >= CONVERT_HERE_BELOW:
+        return convert_isolated(portable_model, path, runtime)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _output_into(path.with_suffix(".log")):
+        return convert(portable_model, path, runtime)
+
+
+@contextlib.contextmanager
+def _output_into(log_path: Path):
+    """This process's output, the native libraries' included, and the converter's log records into
+    ``log_path`` for the duration, as a converting child's would be."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    converter = logging.getLogger("tf2onnx")
+    level, propagate = converter.level, converter.propagate
+    with open(log_path, "w") as out:
+        handler = logging.StreamHandler(out)
+        converter.addHandler(handler)
+        converter.setLevel(logging.INFO)
+        converter.propagate = False
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            converter.removeHandler(handler)
+            converter.setLevel(level)
+            converter.propagate = propagate
 
 
 def convert_built(portable_model, outputs: dict, path: Path, runtime: str) -> None:
@@ -269,7 +312,7 @@ def forward_for(runtime: str, model, build_portable: Callable, key: dict, folder
     path = converted_path(folder, key, runtime)
     try:
         if not path.exists():
-            convert_isolated(build_portable(), path, runtime)
+            convert_first(build_portable(), path, runtime)
             log.info("converted %s to %s (cached at %s)", key.get("backbone"), NAMES[runtime], path)
     except Exception as e:  # noqa: BLE001 - any exporter failure means: run it in TensorFlow instead
         log.warning(
