@@ -23,6 +23,17 @@ FLAGS = ["--epochs-head", "1", "--lr-grid", "0.001", "0.01", "--batch-size", "4"
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for the module, which each run joins through ``RAY_ADDRESS`` as it would join a
+    user's cluster (rather than starting and stopping one of its own)."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    ray.shutdown()
+
+
 @pytest.fixture
 def setup(tmp_path):
     from conftest import _build_tiny, write_images
@@ -54,7 +65,7 @@ def _rows(artifacts: Path):
     return pd.read_csv(artifacts / "results" / "toy.csv")
 
 
-def test_two_workers_train_like_one_device_at_the_same_global_batch(setup, tmp_path):
+def test_two_workers_train_like_one_device_at_the_same_global_batch(setup, cluster, tmp_path):
     """The equivalence the strategy promises: one device with 24 images a step against two workers with 12
     each, every step a whole epoch (so neither shuffle nor shard order matters), no augmentation or dropout;
     the same validation accuracy within 1 of 15 images and the same test predictions on 9 of 9 or 8 of 9
@@ -73,7 +84,7 @@ def test_two_workers_train_like_one_device_at_the_same_global_batch(setup, tmp_p
     for name, extra in (("one", ["--engine", "local", "--batch-size", "24"]), ("two", ["--batch-size", "12"])):
         artifacts = tmp_path / name
         command = [a for a in _command(data, artifacts, model, *same, *extra) if a not in ("--augment", "flip")]
-        run = subprocess.run(command, capture_output=True, text=True)
+        run = subprocess.run(command, capture_output=True, text=True, env=cluster)
         assert run.returncode == 0, run.stderr[-3000:]
         row = _rows(artifacts).set_index("method").loc["finetune"]
         preds = pd.read_csv(artifacts / "models" / "toy" / "tiny-finetuned.predictions.csv")["y_pred"]
@@ -84,15 +95,19 @@ def test_two_workers_train_like_one_device_at_the_same_global_batch(setup, tmp_p
     assert (out["one"][2] == out["two"][2]).sum() >= len(out["one"][2]) - 1
 
 
-def test_an_interrupted_two_worker_run_resumes_from_the_chiefs_checkpoint_to_one_model_and_one_row(setup):
+def test_an_interrupted_two_worker_run_resumes_from_the_chiefs_checkpoint_to_one_model_and_one_row(setup, cluster):
     """Cut short after phase 1, then resumed: the search (two rates, augmented) and phase 2 run on two workers,
     and the chief alone writes one model and one row, every worker's folder removed."""
     data, artifacts, model = setup
     models = artifacts / "models" / "toy"
     work = models / "tiny-finetuned.work"
-    long = ("--epochs-finetune", "6", "--patience", "6")  # a phase 2 to interrupt
+    long = ("--epochs-finetune", "3", "--patience", "3")  # a phase 2 to interrupt
     first = subprocess.Popen(
-        _command(data, artifacts, model, *long), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        _command(data, artifacts, model, *long),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cluster,
     )
     deadline = time.monotonic() + 300
     while not (work / "phase1.done.weights.h5").exists() and first.poll() is None and time.monotonic() < deadline:
@@ -102,7 +117,9 @@ def test_an_interrupted_two_worker_run_resumes_from_the_chiefs_checkpoint_to_one
     assert not (models / "tiny-finetuned.json").exists()  # it really was cut short
     phase_one = json.loads((work / "state.json").read_text())["phase_seconds"][0]
 
-    second = subprocess.run(_command(data, artifacts, model, *long, "--resume"), capture_output=True, text=True)
+    second = subprocess.run(
+        _command(data, artifacts, model, *long, "--resume"), capture_output=True, text=True, env=cluster
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "phase 1 already done" in second.stdout + second.stderr
     record = json.loads((models / "tiny-finetuned.json").read_text())
