@@ -41,8 +41,16 @@ def setup(tmp_path):
     data = tmp_path / "data" / "toy"
     for k, (split, n) in enumerate((("train", 9), ("val", 5), ("test", 3))):
         write_images(data / split, n, seed=k)
-    model = tmp_path / "tiny.keras"
-    _build_tiny(None, 16).save(model)
+    import keras
+
+    model, tiny = tmp_path / "tiny.keras", _build_tiny(None, 16)
+    # seeded kernels: drawn from Keras' global generator they depended on the tests this worker ran before
+    # (and the one-device run could saturate, leaving no difference to show)
+    weights = tiny.get_weights()
+    tiny.set_weights(
+        [keras.initializers.GlorotUniform(seed=i)(w.shape) if w.ndim > 1 else w for i, w in enumerate(weights)]
+    )
+    tiny.save(model)
     return data, tmp_path / "artifacts", model
 
 
