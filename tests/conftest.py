@@ -106,11 +106,17 @@ def cfg(tmp_path, presplit) -> Config:
     return toy_config(tmp_path)
 
 
+FIRST = ("test_finetune_workers.py", "test_forecast.py", "test_estimator_contract.py", "test_finetune.py")
+
+
 def pytest_collection_modifyitems(items):
-    """scikit-learn's contract checks of the Keras MLP train a network each: not in `make test-fast`."""
+    """scikit-learn's contract checks of the Keras MLP train a network each: not in `make test-fast`. The
+    modules with the longest tests run first (each kept whole, for its module fixtures), so that the many
+    short ones even out where the pytest workers finish."""
     for item in items:
         if "KerasMLP" in item.nodeid:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
 
 
 @pytest.fixture(scope="session", autouse=True)
