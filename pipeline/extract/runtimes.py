@@ -139,11 +139,16 @@ def convert_isolated(portable_model, path: Path, runtime: str) -> Path:
 CONVERT_HERE_BELOW = 1_000_000  # weights: below this, a second process costs more than the memory it saves
 
 
+def converts_apart(portable_model) -> bool:
+    """Whether a first conversion needs a process of its own: only a large model's memory is worth one."""
+    return portable_model.count_params() >= CONVERT_HERE_BELOW
+
+
 def convert_first(portable_model, path: Path, runtime: str) -> Path:
     """A model's first conversion, the converter's output in ``<path>.log``: a large model in a child
     process (``convert_isolated``), a small one in this process, where the converter's peak memory is
     small and a child would cost a TensorFlow import of its own."""
-    if portable_model.count_params() >= CONVERT_HERE_BELOW:
+    if converts_apart(portable_model):
         return convert_isolated(portable_model, path, runtime)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _output_into(path.with_suffix(".log")):
@@ -187,7 +192,7 @@ def convert_built(portable_model, outputs: dict, path: Path, runtime: str) -> No
     (``exec_convert``): its build leaves memory behind that the converter's peak would add to. A small one
     is converted in this process: a second interpreter would cost a TensorFlow import to give back next
     to nothing."""
-    if portable_model.count_params() >= CONVERT_HERE_BELOW:
+    if converts_apart(portable_model):
         exec_convert(portable_model, outputs, path, runtime)
     convert(portable_model, path, runtime)
     write_json_atomic(path.with_suffix(".outputs.json"), outputs)
