@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import heads
+from pipeline.errors import PipelineError
 from pipeline.extract import runtimes
 from pipeline.extract import stage as extract
 
@@ -105,6 +106,20 @@ def test_a_large_model_converts_in_a_child_process_and_a_small_one_in_this_one(t
     monkeypatch.setattr(runtimes, "CONVERT_HERE_BELOW", model.count_params())
     runtimes.convert_first(model, tmp_path / "large.onnx", "onnx")
     assert isolated == [tmp_path / "large.onnx"]
+
+
+def test_a_conversion_failing_in_this_process_leaves_its_error_in_the_log(tmp_path, capfd):
+    import keras
+
+    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten()])
+    with pytest.raises(PipelineError, match="no-such-runtime"):
+        runtimes.convert_first(model, tmp_path / "m.xml", "no-such-runtime")
+    log = (tmp_path / "m.log").read_text()
+    assert "Traceback" in log and "no-such-runtime" in runtimes.last_line(tmp_path / "m.log")
+    out = capfd.readouterr()
+    assert "Traceback" not in out.out + out.err  # kept in the log, as a child's would be
+    print("still here")  # this process's output is its own again
+    assert "still here" in capfd.readouterr().out
 
 
 @pytest.mark.usefixtures("own_runtimes")

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,6 +175,9 @@ def _output_into(log_path: Path):
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
                 yield
+        except BaseException:
+            traceback.print_exc(file=out)  # the log says why, as a child's uncaught error would
+            raise
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
