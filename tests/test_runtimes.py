@@ -108,6 +108,51 @@ def test_a_large_model_converts_in_a_child_process_and_a_small_one_in_this_one(t
     assert isolated == [tmp_path / "large.onnx"]
 
 
+class _Node:
+    def __init__(self, graph, i):
+        self.graph, self.attrs = graph, {"i": i}
+
+
+class _Graph:
+    def __init__(self, n):
+        self.nodes = [_Node(self, i) for i in range(n)]
+
+
+def test_a_conversion_frees_the_graph_copies_it_drops_as_it_goes(tmp_path, monkeypatch):
+    """tf2onnx's pattern: each optimisation pass deep-copies the graph (nodes pointing back at it: reference
+    cycles) and drops the old copy. Beside many long-lived objects CPython defers the full collections that
+    free such copies; the conversion must not let them pile up into its peak memory."""
+    import copy
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    alive, most = [0], [0]
+
+    def born(graph):
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(graph, lambda: alive.__setitem__(0, alive[0] - 1))
+
+    def exporter(model, tmp, fmt):
+        graph = _Graph(2000)
+        born(graph)
+        for _ in range(60):
+            graph = copy.deepcopy(graph)
+            born(graph)
+        tmp.write_bytes(b"converted")
+
+    long_lived = [[] for _ in range(400_000)]  # TensorFlow's and the model's objects, in a real conversion
+    gc.collect()
+    monkeypatch.setattr(runtimes, "keras_export", exporter)
+    threshold = gc.get_threshold()
+    runtimes.convert(SimpleNamespace(input_shape=(None, 8, 8, 3)), tmp_path / "m.onnx", "onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == b"converted"
+    assert most[0] <= 4, f"{most[0]} graph copies alive at once"
+    assert gc.get_threshold() == threshold and gc.get_freeze_count() == 0  # the collector as it was
+    del long_lived
+
+
 def test_a_conversion_failing_in_this_process_leaves_its_error_in_the_log(tmp_path, capfd):
     import keras
 

@@ -11,6 +11,7 @@ default (``auto``).
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import importlib.util
 import json
@@ -103,17 +104,37 @@ def convert(portable_model, path: Path, runtime: str) -> Path:
     if runtime not in ("onnx", "openvino"):
         raise PipelineError(f"nothing converts a model for the runtime '{runtime}'")
     size = portable_model.input_shape[1]
-    if runtime == "onnx":
-        with atomic_path(path, suffix=".onnx") as tmp:
-            keras_export(portable_model, tmp, "onnx")
-    else:
-        import openvino as ov
+    with collecting_early():
+        if runtime == "onnx":
+            with atomic_path(path, suffix=".onnx") as tmp:
+                keras_export(portable_model, tmp, "onnx")
+        else:
+            import openvino as ov
 
-        ov_model = ov.convert_model(portable_model, input=[(-1, size, size, 3)])
-        with atomic_path(path, suffix=".xml") as tmp:
-            ov.save_model(ov_model, str(tmp))
-            tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
+            ov_model = ov.convert_model(portable_model, input=[(-1, size, size, 3)])
+            with atomic_path(path, suffix=".xml") as tmp:
+                ov.save_model(ov_model, str(tmp))
+                tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
     return path
+
+
+@contextlib.contextmanager
+def collecting_early():
+    """A converter's discarded garbage freed as it goes, not at the end: the ONNX exporter (tf2onnx) copies
+    the whole graph before each optimisation pass and drops the old copy as a reference cycle, which only a
+    full garbage collection frees. CPython defers full collections while the long-lived objects (TensorFlow's,
+    the model's) outnumber the new ones, so the copies pile up and set the conversion's peak memory.
+    Everything alive now is frozen out of the collector's view (the full collections stay cheap) and they
+    run every other young one."""
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.collect()
+    gc.set_threshold(threshold[0], 2, 2)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 def convert_isolated(portable_model, path: Path, runtime: str) -> Path:
