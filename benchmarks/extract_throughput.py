@@ -168,30 +168,14 @@ def pipeline_extract(
 
 
 def peak_rss_mb(folder: Path, artifacts: Path, backbone: str, batch: int, size: int) -> float:
-    """Peak RSS of a fresh `python -m pipeline extract` process, in MiB."""
-    argv = [
-        "extract",
-        "--dataset",
-        str(folder),
-        "--artifacts",
-        str(artifacts),
-        "--backbone",
-        backbone,
-        "--batch-size",
-        str(batch),
-        "--input-size",
-        str(size),
-        "--val-fraction",
-        "0.1",
-        "--test-fraction",
-        "0.1",
-    ]
-    code = (
-        "import resource; from pipeline.cli import main; "
-        f"main({argv!r}); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    """Peak RSS of a fresh `python -m pipeline extract` process (or its conversion child), in MiB, measured
+    from a small parent (``_PEAK``): a process started from this one would inherit this one's peak, since
+    Linux carries a process's peak RSS across exec."""
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--dataset", str(folder), "--artifacts", str(artifacts)]
+    cmd += ["--backbone", backbone, "--batch-size", str(batch), "--input-size", str(size)]
+    cmd += ["--val-fraction", "0.1", "--test-fraction", "0.1"]
+    run = subprocess.run([sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True, check=True)
+    return int(run.stdout.strip().splitlines()[-1].split()[-1]) / 1024
 
 
 _PEAK = (

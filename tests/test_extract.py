@@ -93,6 +93,35 @@ def test_interrupted_extraction_resumes_to_the_same_cache(cfg, tmp_path, monkeyp
         np.testing.assert_allclose(got[s]["embeddings"], reference[s]["embeddings"], rtol=1e-5, atol=1e-6)
 
 
+def test_the_writer_writes_a_chunk_at_a_time_and_a_killed_run_resumes_from_the_last_chunk(tmp_path):
+    """Batches are held until a storage chunk's worth has come, then written with their resume point: a run
+    killed without closing (no ``abort``) keeps every written chunk and nothing past it; ``abort`` (an
+    interrupt, an error) writes what it holds."""
+    out = tmp_path / "c.h5"
+
+    def batch(k):
+        ids = [f"train/x/{k * 4 + i}.png" for i in range(4)]
+        return np.full((4, 3), k, np.float32), np.zeros(4, np.int64), ids, (k + 1) * 4
+
+    w = CacheWriter(out, {"backbone": "b"}, 3, [], ("train",), chunk_rows=8)
+    w.append("train", *batch(0))
+    w.add_seconds(1.0)
+    assert w.f["train"]["embeddings"].shape[0] == 0 and w.next_index("train") == 0  # held, resume point kept
+    w.append("train", *batch(1))
+    w.add_seconds(1.0)
+    w.append("train", *batch(2))
+    assert w.f["train"]["embeddings"].shape[0] == 8 and w.next_index("train") == 8  # one chunk, then its point
+    w.f.close()  # killed: batch 2 was held, never written
+
+    w = CacheWriter(out, {"backbone": "b"}, 3, [], ("train",), chunk_rows=8)
+    assert w.next_index("train") == 8 and w.rows_written() == 8
+    w.append("train", *batch(2))
+    w.abort()  # an interrupt: the held batch is written before the file is closed
+    with h5py.File(out.with_name(out.name + ".partial")) as f:
+        assert f["train"].attrs["rows"] == 12 and f["train"].attrs["next_index"] == 12
+        assert f["train"]["embeddings"][:, 0].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
 def test_corrupt_image_is_skipped_and_recorded_or_fails_with_strict(cfg, presplit, caplog):
     victim = presplit / "val" / "green" / "green_001.png"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated mid-stream

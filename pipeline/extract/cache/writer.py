@@ -1,8 +1,10 @@
-"""Writing a cache: rows appended batch by batch to ``<name>.h5.partial`` and flushed, each group's resume
-point (``next_index``) advanced only after its rows are on disk, the file renamed into place when
-complete. An interrupted run resumes from its last complete batch; a full disk is met *before* a write
-(HDF5 turns a write that fails half way into a file it can no longer open), so the partial file stays
-whole and resumes once space is freed.
+"""Writing a cache: rows appended to ``<name>.h5.partial`` a storage chunk at a time and flushed, each
+group's resume point (``next_index``) advanced only after its rows are on disk, the file renamed into place
+when complete. Batches are held until a chunk's worth has come (one HDF5 write per dataset per chunk, not
+per batch: those writes run between forward passes, on the cores the model needs), and an interrupted run
+writes what it holds before it stops, so it resumes from its last batch; a killed one loses at most the
+chunk in hand. A full disk is met *before* a batch is taken (HDF5 turns a write that fails half way into a
+file it can no longer open), so the partial file stays whole and resumes once space is freed.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ class CacheWriter:
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.groups = groups
         self.f = self._open(key, dim, taps)
+        self._held: dict[str, list[list]] = {g: [] for g in groups}  # batches not yet written, by group
+        self._next: dict[str, int] = {}  # each group's resume point once its held batches are written
+        self._seconds = 0.0  # extraction seconds not yet recorded
 
     def _open(self, key: dict, dim: int, taps: list) -> h5py.File:
         if self.partial.exists():
@@ -143,29 +148,57 @@ class CacheWriter:
         self.f.attrs.update(attrs)
 
     def add_seconds(self, seconds: float) -> None:
-        self.f.attrs["extract_seconds"] = float(self.f.attrs["extract_seconds"]) + seconds
+        self._seconds += seconds
 
     def append(self, group: str, embeddings, labels, ids: list[str], next_index: int, taps=()) -> None:
-        """Append one batch (and its taps) and only then advance the resume point (crash-consistent order)."""
-        g = self.f[group]
-        rows, n = int(g.attrs["rows"]), len(ids)
+        """Take one batch (and its taps); its rows are written, and only then the resume point advanced
+        (crash-consistent order), once the group holds a storage chunk's worth."""
         columns = [embeddings, labels, np.asarray(ids, dtype=object), *taps]
-        # a new storage chunk per dataset at worst, the batch itself, and HDF5's slack
+        # room for everything held, this batch, a new storage chunk per dataset at worst, and HDF5's slack
         chunk_bytes = sum(self.chunk_rows * int(np.prod(c.shape[1:])) * 4 for c in (embeddings, *taps))
-        ensure_room(self.partial, chunk_bytes + sum(len(i) + 16 for i in ids) + n * 8 + SLACK)
-        for name, values in zip(_row_datasets(g), columns, strict=True):
-            g[name].resize(rows + n, axis=0)
-            g[name][rows:] = values
-        self.f.flush()
-        g.attrs.update(rows=rows + n, next_index=next_index)
-        self.f.flush()
+        held = sum(c.nbytes for batches in self._held.values() for b in batches for c in b)
+        ensure_room(self.partial, held + chunk_bytes + sum(len(i) + 16 for i in ids) + len(ids) * 8 + SLACK)
+        self._held[group].append(columns)
+        self._next[group] = next_index
+        if sum(len(b[0]) for b in self._held[group]) >= self.chunk_rows:
+            self._write(group)
 
     def advance(self, group: str, next_index: int) -> None:
         """Move the resume point past items that gave no row (unreadable files)."""
-        self.f[group].attrs["next_index"] = next_index
+        if self._held[group]:
+            self._next[group] = next_index
+        else:
+            self.f[group].attrs["next_index"] = next_index
+
+    def _write(self, group: str) -> None:
+        """The group's held batches written as one block, then its resume point and the seconds recorded."""
+        batches, self._held[group], next_index = self._held[group], [], self._next.pop(group)
+        g = self.f[group]
+        rows = int(g.attrs["rows"])
+        n = sum(len(b[0]) for b in batches)
+        for k, name in enumerate(_row_datasets(g)):
+            g[name].resize(rows + n, axis=0)
+            g[name][rows:] = np.concatenate([b[k] for b in batches])
+        self.f.flush()
+        g.attrs.update(rows=rows + n, next_index=next_index)
+        self._record_seconds()
+        self.f.flush()
+
+    def _record_seconds(self) -> None:
+        self.f.attrs["extract_seconds"] = float(self.f.attrs["extract_seconds"]) + self._seconds
+        self._seconds = 0.0
+
+    def write_held(self) -> None:
+        """Every held batch written (the room for them was checked when each was taken)."""
+        for group in self.groups:
+            if self._held[group]:
+                self._write(group)
+        self._record_seconds()
+        self.f.flush()
 
     def finish_pass(self, sources: dict[str, list[str]]) -> None:
         """Every id of ``sources`` ({group: ids}) is done: record the resume point and the skipped ids."""
+        self.write_held()
         for group, ids in sources.items():
             g = self.f[group]
             g.attrs["next_index"] = len(ids)
@@ -183,6 +216,7 @@ class CacheWriter:
     def complete(self, **attrs) -> Contents:
         """Mark the cache complete, close it and rename it into place. A failure of the last flush
         propagates: the partial file is never renamed into place."""
+        self.write_held()
         self.f.attrs.update(complete=True, **attrs)
         contents = _contents(self.f)
         self.f.close()
@@ -190,7 +224,10 @@ class CacheWriter:
         return contents
 
     def abort(self) -> None:
-        """Close after a failure; a failed write may fail the close too: the first error is the one said."""
+        """Close after a failure, the held batches written first (an interrupted run keeps every batch it
+        computed); a failed write may fail these too: the first error is the one said."""
+        with contextlib.suppress(RuntimeError, OSError):
+            self.write_held()
         with contextlib.suppress(RuntimeError, OSError):
             self.f.close()
 
@@ -200,6 +237,8 @@ class CacheWriter:
         code = getattr(e, "errno", None)
         if code not in DISK_FULL and not any(f"errno = {c}" in str(e) for c in DISK_FULL):
             return None
+        with contextlib.suppress(RuntimeError, OSError):
+            self.write_held()  # their room was checked when they were taken: they are kept
         done = self.rows_written()
         need = (total - done) * (width * 4 + 64)
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
