@@ -124,8 +124,8 @@ def collecting_early():
     the whole graph before each optimisation pass and drops the old copy as a reference cycle, which only a
     full garbage collection frees. CPython defers full collections while the long-lived objects (TensorFlow's,
     the model's) outnumber the new ones, so the copies pile up and set the conversion's peak memory.
-    Everything alive now is frozen out of the collector's view (the full collections stay cheap) and they
-    run every other young one."""
+    Everything alive now is frozen out of the collector's view, so that a full collection is cheap, and one
+    runs every few young ones."""
     threshold = gc.get_threshold()
     gc.freeze()
     gc.collect()
