@@ -103,7 +103,7 @@ def _setup_logging(debug: bool) -> None:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so every ``finally`` runs: temporary files are removed, the cache's
-    partial file is closed at its last complete batch, nothing half-written is left in place."""
+    partial file is closed with every batch it holds written, nothing half-written is left in place."""
 
 
 def _terminate(signum, frame):

@@ -4,7 +4,7 @@ A hit (``pipeline.extract.cache.key``: same backbone, weights hash, input size, 
 taps, views, precision) does no forward pass; a miss never reuses stale features. An engine
 (``pipeline.extract.engines``) runs the feature model in the chosen runtime (``pipeline.extract.runtimes``) and yields
 batches; this stage alone writes them through the cache writer (``pipeline.extract.cache.writer``), which makes
-an interrupted run resume from its last complete batch.
+an interrupted run resume from its last batch (a killed one from its last written chunk).
 
 Taps (``pipeline.backbones.taps``) add one dataset per tapped layer under each split's ``taps/`` group, written
 with the final embedding from the same forward pass. ``--views K`` adds a ``views`` group: K augmented
