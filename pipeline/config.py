@@ -175,7 +175,9 @@ class FinetuneConfig:
         "those within the val noise of the best train the next rung, 3x longer, from their own weights; the chosen "
         "one (a tie after the last rung: the larger) continues to early stopping; search seconds charged. One: none",
     )
-    search_epochs: float = _opt(1.0, "phase 2 epochs each rate trains in the search's first rung (below 1: that share)")
+    search_epochs: float = _opt(
+        1.0, "phase 2 epochs each rate trains in the search's first rung (below 1: that share; at least 30 steps)"
+    )
     search_rungs: int = _opt(3, "most rungs of the learning-rate search (3x longer each, within half the epoch cap)")
     schedule: str = _opt(
         "plateau",

@@ -8,6 +8,7 @@ import pytest
 from conftest import copy_of, toy_config, toy_presplit
 
 from pipeline import finetune, results
+from pipeline.finetune import search
 from pipeline.finetune.record import TIE_TO_LARGER, SearchRecord
 
 pytestmark = pytest.mark.slow  # trains models, starts Ray or runs subprocesses: not in `make test-fast`
@@ -353,9 +354,14 @@ def test_two_devices_under_mirrored_strategy_train_like_one_at_the_same_global_b
     assert abs(out["all"]["val"] - out["one"]["val"]) <= 2 / 30 + 1e-9
 
 
-def test_a_search_of_a_fraction_of_an_epoch_trains_that_share_of_the_batches(ft_cfg, monkeypatch):
+@pytest.mark.parametrize("min_steps, search_steps", [(1, 1), (search.MIN_FIRST_RUNG_STEPS, None)])
+def test_a_search_of_a_fraction_of_an_epoch_trains_that_share_of_the_batches(
+    ft_cfg, monkeypatch, min_steps, search_steps
+):
     """`--search-epochs 0.34` (the demo's search budget): each rate sees a third of an epoch's batches
-    (18 images, batch 6: 1 of 3), the winner then trains whole epochs."""
+    (18 images, batch 6: 1 of 3), the winner then trains whole epochs — unless that share is under the
+    first rung's floor of steps, as on this tiny set: then each rate trains a whole epoch (every batch)."""
+    monkeypatch.setattr(search, "MIN_FIRST_RUNG_STEPS", min_steps)
     seen = []
     real = finetune.phases.fit_phase
 
@@ -368,7 +374,7 @@ def test_a_search_of_a_fraction_of_an_epoch_trains_that_share_of_the_batches(ft_
     ft_cfg.finetune.lr_grid, ft_cfg.finetune.search_epochs, ft_cfg.finetune.epochs_finetune = (1e-3, 1e-2), 0.34, 2
     finetune.run(ft_cfg)
     searches = [s for s in seen if s[0].startswith("search")]
-    assert len(searches) >= 2 and all(s[1:] == (1, 1) for s in searches)
+    assert len(searches) >= 2 and all(s[1:] == (1, search_steps) for s in searches)
     assert [s for s in seen if not s[0]][-1][2] is None  # the continuation: every batch
 
 

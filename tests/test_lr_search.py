@@ -45,6 +45,17 @@ def test_the_rungs_grow_three_fold_and_stay_within_half_the_epoch_cap():
     assert search.rung_budgets(1.0, 3, 1) == [1.0] and search.rung_budgets(2.0, 1, 30) == [2.0]
 
 
+def test_the_first_rung_trains_at_least_its_floor_of_steps_and_never_less_than_asked():
+    """The demo's third of an epoch on 3,000 images (94 steps an epoch: 32 steps) is kept; on a forecast's
+    500-image ladder point (16 steps) it would be 5 steps, so rung 1 trains the whole epoch; in between the
+    floor's share of an epoch; a larger budget is never cut."""
+    floor = search.MIN_FIRST_RUNG_STEPS
+    assert search.first_rung(0.34, 94) == 0.34
+    assert search.first_rung(0.34, 16) == 1.0
+    assert search.first_rung(0.34, 63) == pytest.approx(floor / 63) and round(search.first_rung(0.34, 63) * 63) == floor
+    assert search.first_rung(1.0, 16) == 1.0 and search.first_rung(2.0, 5) == 2.0
+
+
 def test_a_short_run_leader_that_trains_worse_loses_to_the_better_full_run():
     """The demo's case at 750 and 1,500 images: after a third of an epoch 1e-5 leads 1e-4 inside the noise
     (1.3 pt over 1,000 val images), and 1e-5 would be 4-5 pt worse fully trained. The rungs grow until the

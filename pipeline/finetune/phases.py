@@ -214,7 +214,7 @@ def _search_rate(job: Job, model, data, steps: int, work: Path, state: RunState,
     shuffled batches), its weights and the record kept in the work folder so a kill resumes the search."""
     ft = job.cfg.finetune
     start = work / "phase2.start.weights.h5"
-    budgets = search.rung_budgets(ft.search_epochs, ft.search_rungs, ft.epochs_finetune)
+    budgets = search.rung_budgets(search.first_rung(ft.search_epochs, steps), ft.search_rungs, ft.epochs_finetune)
 
     record = state.search
 

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 MAX_EXTENSIONS = 2  # log steps tried beyond an edge before the search gives up and says so
 ETA = 3  # each rung trains its rates this many times longer than the rung before
+MIN_FIRST_RUNG_STEPS = 30  # fewer steps rank rates by how little their first steps disturbed the weights
 
 
 def weights_file(work: Path, lr: float, rung: int = 1) -> Path:
@@ -37,6 +38,14 @@ def weights_file(work: Path, lr: float, rung: int = 1) -> Path:
 def noise(acc: float, n_val: int) -> float:
     """The standard error of a validation accuracy over ``n_val`` images: a lead smaller than this is luck."""
     return math.sqrt(max(acc * (1 - acc), 0.0) / max(n_val, 1))
+
+
+def first_rung(search_epochs: float, steps: int) -> float:
+    """Rung 1's epochs: ``search_epochs``, but at least ``MIN_FIRST_RUNG_STEPS`` optimiser steps (one epoch
+    where an epoch is shorter). A share of an epoch sized for a large training set leaves a small one (a
+    forecast's ladder, a curve's first points) a handful of steps, after which the smallest rate leads only
+    because it has moved the phase-1 weights least: the short-horizon bias at its strongest."""
+    return max(search_epochs, min(1.0, MIN_FIRST_RUNG_STEPS / max(steps, 1)))
 
 
 def rung_budgets(first: float, rungs: int, cap: int) -> list[float]:
