@@ -167,22 +167,31 @@ def pipeline_extract(
     return res.n_images / wall, res.n_images / res.seconds
 
 
-def peak_rss_mb(folder: Path, artifacts: Path, backbone: str, batch: int, size: int) -> float:
-    """Peak RSS of a fresh `python -m pipeline extract` process (or its conversion child), in MiB, measured
-    from a small parent (``_PEAK``): a process started from this one would inherit this one's peak, since
-    Linux carries a process's peak RSS across exec."""
-    cmd = [sys.executable, "-m", "pipeline", "extract", "--dataset", str(folder), "--artifacts", str(artifacts)]
-    cmd += ["--backbone", backbone, "--batch-size", str(batch), "--input-size", str(size)]
-    cmd += ["--val-fraction", "0.1", "--test-fraction", "0.1"]
-    run = subprocess.run([sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True, check=True)
-    return int(run.stdout.strip().splitlines()[-1].split()[-1]) / 1024
-
-
 _PEAK = (
     "import resource, subprocess, sys; run = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
     "sys.stdout.write(run.stdout); sys.stderr.write(run.stderr); "
     "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(run.returncode)"
 )
+
+
+def extract_command(folder: Path, artifacts: Path, backbone: str, batch: int, size: int) -> list[str]:
+    """A fresh `python -m pipeline extract` as a user runs it (a tenth of the images each for val and test)."""
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--dataset", str(folder), "--artifacts", str(artifacts)]
+    cmd += ["--backbone", backbone, "--batch-size", str(batch), "--input-size", str(size)]
+    return cmd + ["--val-fraction", "0.1", "--test-fraction", "0.1"]
+
+
+def run_with_peak(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """``cmd`` run from a small parent (``_PEAK``), and the peak RSS in MiB of the largest process it ran
+    (itself or a conversion child): a process started from this one would inherit this one's peak, since
+    Linux carries a process's peak RSS across exec."""
+    run = subprocess.run([sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True, check=True)
+    return run, int(run.stdout.strip().splitlines()[-1].split()[-1]) / 1024
+
+
+def peak_rss_mb(folder: Path, artifacts: Path, backbone: str, batch: int, size: int) -> float:
+    """Peak RSS of a fresh `extract` command, in MiB."""
+    return run_with_peak(extract_command(folder, artifacts, backbone, batch, size))[1]
 
 
 def whole_command(folder: Path, artifacts: Path, backbone: str, batch: int, size: int) -> dict:
@@ -191,22 +200,19 @@ def whole_command(folder: Path, artifacts: Path, backbone: str, batch: int, size
     the peak RSS of the largest process the command ran (itself, or its conversion child)."""
     import h5py
 
-    cmd = [sys.executable, "-m", "pipeline", "extract", "--dataset", str(folder), "--artifacts", str(artifacts)]
-    cmd += ["--backbone", backbone, "--batch-size", str(batch), "--val-fraction", "0.1", "--test-fraction", "0.1"]
-    cmd += ["--input-size", str(size)]
+    cmd = extract_command(folder, artifacts, backbone, batch, size)
     out = {}
     for name, extra in (("uncached_conversion", []), ("cached_conversion", ["--force"])):
         t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, "-c", _PEAK, *cmd, *extra], capture_output=True, text=True, check=True)
+        run, peak_mb = run_with_peak([*cmd, *extra])
         wall = time.perf_counter() - t0
-        peak_kb = int(run.stdout.strip().splitlines()[-1].split()[-1])
         cache = next((artifacts / "features").rglob("*.h5"))
         with h5py.File(cache, "r") as f:
             loop = float(f.attrs["extract_seconds"])
         printed = run.stdout + run.stderr
         chatter = [w for w in ("tf2onnx", "After optimization", "constant folding", "FutureWarning") if w in printed]
         out[name] = {"wall_s": round(wall, 1), "loop_s": round(loop, 1), "loop_over_wall": round(loop / wall, 3)}
-        out[name]["peak_rss_mb"] = round(peak_kb / 1024, 1)
+        out[name]["peak_rss_mb"] = round(peak_mb, 1)
         out[name]["converter_output_printed"] = chatter
     return out
 
